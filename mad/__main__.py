@@ -1,0 +1,3 @@
+from mad.cli import main
+
+main()

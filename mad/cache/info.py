@@ -1,0 +1,90 @@
+"""`mad info`: what a cache holds, and (with --verify) whether every chunk reads back intact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mad.cache.store import DONE, Store, StoreError
+
+
+class InfoError(Exception):
+    pass
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def verify_store(store: Store) -> list[dict]:
+    """Read every block of every array; return [{array, videos, reason}] for those that fail.
+
+    Chunks carry crc32c checksums, so flipped bytes fail to decode instead of
+    reading back as plausible numbers.
+    """
+    problems = []
+    S, V = store.shard_size, store.num_videos
+    arrays = [(f"layers/{layer}", store.layer_array(layer)) for layer in store.layers]
+    arrays += [(name, store.group[name]) for name in ("label", "path", "frame_index", "num_frames", "status")]
+    for name, array in arrays:
+        for start in range(0, V, S):
+            stop = min(start + S, V)
+            try:
+                array[start:stop]
+            except Exception as e:  # zarr raises codec-specific errors on bad checksums
+                problems.append({"array": name, "videos": [start, stop], "reason": f"{type(e).__name__}: {e}"})
+    return problems
+
+
+def show_info(location: str, verify: bool = False, console: Console | None = None) -> bool:
+    """Print the manifest, counts, per-layer shape and bytes; return False if verification found damage."""
+    console = console or Console()
+    try:
+        store = Store.open(location)
+    except StoreError as e:
+        raise InfoError(str(e)) from None
+    m = store.manifest
+    counts = store.counts()
+    console.print(f"[bold]{location}[/bold]  mad cache format {m['format_version']}, created {m.get('created')}")
+    table = Table(show_header=False, box=None)
+    for key in ("model", "pretrained", "pretrained_sha256", "layers", "frames", "clips", "crops", "image_size",
+                "grid", "pool", "tokens", "width", "precision", "dtype", "sampling", "shard_size", "videos_root"):
+        if m.get(key) is not None:
+            table.add_row(key, json.dumps(m[key]) if isinstance(m[key], (list, dict)) else str(m[key]))
+    names = m.get("class_names") or []
+    table.add_row("classes", f"{len(names)}: " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
+    table.add_row("versions", ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()))
+    console.print(table)
+    console.print(f"videos {counts['videos']}: [green]{counts['done']} done[/green], "
+                  f"[red]{counts['failed']} failed[/red], {counts['pending']} pending")
+    if counts["failed"]:
+        console.print(f"failure reasons: {store.errors_location}")
+    layers = Table("layer", "shape [V, views, T, N, D]", "dtype", "on disk", "per done video")
+    on_disk = store.bytes_on_disk()
+    for layer in store.layers:
+        array = store.layer_array(layer)
+        per_video = on_disk[layer] / counts["done"] if counts["done"] else 0
+        layers.add_row(str(layer), str(list(array.shape)), str(array.dtype), _human(on_disk[layer]), _human(per_video))
+    console.print(layers)
+    labels = store.labels()[store.status() == DONE]
+    if labels.size and (labels >= 0).any():
+        per_class = np.bincount(labels[labels >= 0], minlength=len(names))
+        console.print("done per class: " + ", ".join(
+            f"{names[i] if i < len(names) else i} {n}" for i, n in enumerate(per_class)))
+    if not verify:
+        return True
+    problems = verify_store(store)
+    if not problems:
+        console.print("[green]verify: every chunk read back and matched its checksum[/green]")
+        return True
+    for p in problems:
+        console.print(f"[red]damaged[/red] {location}/{p['array']} videos {p['videos'][0]}..{p['videos'][1] - 1}: "
+                      f"{p['reason']}")
+    return False

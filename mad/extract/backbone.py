@@ -1,0 +1,210 @@
+"""The frozen pre-trained image model: open_clip loading and per-layer token taps.
+
+Layers are 1-based block numbers everywhere in mad (12 = last block of ViT-B);
+open_clip's `forward_intermediates` takes 0-based indices, converted here only.
+A tapped level is the block's residual-stream output before `ln_post`, CLS first:
+[B, 1 + H*W, D].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mad._compat import import_open_clip
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class BackboneError(Exception):
+    """A model, checkpoint or layer request that cannot be served (message says why)."""
+
+
+def parse_layers(spec: str | list[int], depth: int) -> list[int]:
+    """'4,8,12' / '-1' / 'all' -> sorted unique 1-based block numbers within [1, depth]."""
+    if isinstance(spec, str) and spec.strip().lower() == "all":
+        return list(range(1, depth + 1))
+    items = spec if isinstance(spec, list) else [s for s in str(spec).replace(" ", "").split(",") if s]
+    if not items:
+        raise BackboneError("no layers given (use e.g. --layers 4,8,12, -1 or all)")
+    layers = []
+    for item in items:
+        try:
+            n = int(item)
+        except ValueError:
+            raise BackboneError(f"layer {item!r} is not a block number (use e.g. 4,8,12, -1 or all)") from None
+        block = n + depth + 1 if n < 0 else n
+        if not 1 <= block <= depth or n == 0:
+            raise BackboneError(f"layer {n} is out of range: the model has blocks 1..{depth} (or -1..-{depth})")
+        layers.append(block)
+    return sorted(set(layers))
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def register_model_config(model: str, config: dict | None = None) -> str:
+    """Return an open_clip model name for `model`, registering a config JSON path or dict.
+
+    `model` is an open_clip name (ViT-B-16, hf-hub:...) or a path to a model-config
+    JSON; a config dict (from a cache manifest) re-registers a custom architecture.
+    """
+    open_clip = import_open_clip()
+    if config is not None:
+        name = Path(model).stem if model.endswith(".json") else model
+        if name not in open_clip.list_models():
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"{name}.json"
+                path.write_text(json.dumps(config))
+                open_clip.add_model_config(path)
+        return name
+    if model.endswith(".json"):
+        if not os.path.isfile(model):
+            raise BackboneError(f"{model}: model config file not found")
+        try:
+            json.loads(Path(model).read_text())
+        except json.JSONDecodeError as e:
+            raise BackboneError(f"{model}: not a valid model-config JSON ({e})") from None
+        open_clip.add_model_config(model)
+        return Path(model).stem
+    if not model.startswith(("hf-hub:", "local-dir:")) and model not in open_clip.list_models():
+        raise BackboneError(f"unknown model {model!r}: not an open_clip model name or a config .json path")
+    return model
+
+
+def model_config_of(model: str) -> dict | None:
+    """The architecture config to store in a manifest (None for open_clip's built-in names)."""
+    if model.endswith(".json"):
+        return json.loads(Path(model).read_text())
+    return None
+
+
+@dataclass
+class BackboneInfo:
+    """What a cache needs to know about the model that produced it."""
+
+    model: str
+    pretrained: str
+    pretrained_sha256: str | None
+    depth: int
+    width: int
+    image_size: int
+    patch_size: int
+    grid: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class Backbone(nn.Module):
+    """open_clip's visual tower, truncated after the deepest requested block, frozen."""
+
+    def __init__(self, visual: nn.Module, layers: list[int], info: BackboneInfo, dtype: torch.dtype, pool: int = 1):
+        super().__init__()
+        self.visual = visual
+        self.layers = layers
+        self.info = info
+        self.dtype = dtype
+        self.pool = pool
+        self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def tokens(self) -> int:
+        h, w = self.info.grid
+        return 1 + (h // self.pool) * (w // self.pool)
+
+    @torch.no_grad()
+    def forward(self, frames: torch.Tensor) -> list[torch.Tensor]:
+        """uint8 frames [B, 3, S, S] -> one [B, N, D] tensor per requested layer (model dtype)."""
+        x = (frames.float() / 255.0 - self.mean) / self.std
+        out = self.visual.forward_intermediates(
+            x.to(self.dtype),
+            indices=[layer - 1 for layer in self.layers],  # open_clip is 0-based
+            stop_early=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,  # else CLS is dropped
+        )
+        levels = []
+        for cls, patches in zip(out["image_intermediates_prefix"], out["image_intermediates"]):
+            if self.pool > 1:
+                B, L, D = patches.shape
+                h, w = self.info.grid
+                grid = patches.transpose(1, 2).reshape(B, D, h, w)
+                patches = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # [B, h*w/pool^2, D]
+            levels.append(torch.cat([cls, patches], dim=1))  # [B, 1 + H*W, D]
+        return levels
+
+
+def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] = "-1", device: str = "cpu",
+                  precision: str = "bf16", pool: int = 1, model_config: dict | None = None) -> Backbone:
+    """Build the frozen visual tower. `pretrained`: a tag (openai, laion2b_...), a local
+    checkpoint file (its sha256 is recorded), or 'none' for random weights."""
+    open_clip = import_open_clip()
+    name = register_model_config(model, model_config)
+    if precision not in PRECISIONS:
+        raise BackboneError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    pretrained = pretrained or "none"
+    sha = None
+    if pretrained == "none":
+        warnings.warn(f"{model}: random weights (--pretrained none); features are not pre-trained", stacklevel=2)
+        weights = None
+    elif os.path.isfile(pretrained):
+        sha = sha256_file(pretrained)
+        weights = pretrained
+    else:
+        if pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or os.sep in pretrained:
+            raise BackboneError(f"{pretrained}: checkpoint file not found")
+        tags = open_clip.list_pretrained_tags_by_model(name) if not name.startswith("hf-hub:") else []
+        if tags and pretrained not in tags:
+            raise BackboneError(f"{model}: no pretrained tag {pretrained!r} (known: {', '.join(tags)})")
+        weights = pretrained
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+    try:
+        clip = open_clip.create_model(name, pretrained=weights, device="cpu")
+    except RuntimeError as e:  # open_clip raises RuntimeError for bad or missing weights
+        raise BackboneError(f"{model} with pretrained={pretrained}: {str(e).splitlines()[0]}") from None
+    visual = clip.visual
+    del clip  # drop the text tower
+    depth = len(visual.transformer.resblocks)
+    blocks = parse_layers(layers, depth)
+    visual.transformer.resblocks = visual.transformer.resblocks[: max(blocks)]  # nothing deeper is ever run
+    pcfg = open_clip.get_model_preprocess_cfg(visual)
+    image_size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    patch = visual.patch_size if isinstance(visual.patch_size, int) else visual.patch_size[0]
+    grid = tuple(visual.grid_size)
+    if pool > 1 and (grid[0] % pool or grid[1] % pool):
+        raise BackboneError(f"--pool {pool} does not divide the {grid[0]}x{grid[1]} patch grid")
+    info = BackboneInfo(
+        model=model, pretrained=pretrained, pretrained_sha256=sha, depth=depth, width=visual.transformer.width,
+        image_size=image_size, patch_size=patch, grid=grid,
+        mean=tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD)),
+    )
+    dtype = PRECISIONS[precision]
+    visual = visual.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return Backbone(visual, blocks, info, dtype, pool).to(device)
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackboneError(f"--device {device}: CUDA is not available on this machine")
+    return device
