@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +13,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="M-adapter video action recognition from a cached frozen open_clip ViT.")
 bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (print figures and ratios).")
 app.add_typer(bench_app, name="bench")
+# Warnings meant for users (random weights, ...) as one plain line, not a source excerpt.
+warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -163,7 +163,8 @@ def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] 
     pretrained = pretrained or "none"
     sha = None
     if pretrained == "none":
-        warnings.warn(f"{model}: random weights (--pretrained none); features are not pre-trained", stacklevel=2)
+        warnings.warn(f"{model}: random weights (--pretrained none, seed 0): the features are not pre-trained",
+                      stacklevel=2)
         weights = None
     elif os.path.isfile(pretrained):
         sha = sha256_file(pretrained)
@@ -175,9 +176,15 @@ def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] 
         if tags and pretrained not in tags:
             raise BackboneError(f"{model}: no pretrained tag {pretrained!r} (known: {', '.join(tags)})")
         weights = pretrained
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
     try:
-        clip = open_clip.create_model(name, pretrained=weights, device="cpu")
+        # Random weights are seeded, so a resumed extraction matches an uninterrupted one.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            logging.disable(logging.WARNING)  # open_clip logs its own "initialized randomly" warning
+            try:
+                clip = open_clip.create_model(name, pretrained=weights, device="cpu")
+            finally:
+                logging.disable(logging.NOTSET)
     except RuntimeError as e:  # open_clip raises RuntimeError for bad or missing weights
         raise BackboneError(f"{model} with pretrained={pretrained}: {str(e).splitlines()[0]}") from None
     visual = clip.visual
