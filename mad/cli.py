@@ -77,6 +77,27 @@ def info(
         raise typer.Exit(1)
 
 
+@bench_app.command("extract")
+def bench_extract(
+    videos: Path = typer.Option(..., "--videos", help="Folder of videos (e.g. ../shared/data/k2/train)."),
+    model: str = typer.Option("ViT-B-16", help="open_clip model name (random weights)."),
+    layers: str = typer.Option("4,8,12"),
+    frames: int = typer.Option(8),
+    limit: int = typer.Option(24, help="Number of clips to use."),
+    batch_size: int = typer.Option(4),
+    workers: int = typer.Option(-1),
+    device: str = typer.Option("auto"),
+    precision: str = typer.Option("bf16"),
+    long_clip: Optional[Path] = typer.Option(None, help="Clip for the short-vs-long decode test (default: longest)."),
+    out: Optional[Path] = typer.Option(None, help="Write the figures as JSON into this folder."),
+):
+    """Decode-only, model-only and full extraction throughput, and the ratios between them."""
+    from mad.bench.extract import bench_extract as run
+
+    run(str(videos), model, layers, frames, limit, batch_size, workers, device, precision,
+        str(long_clip) if long_clip else None, str(out) if out else None)
+
+
 def main() -> None:  # `python -m mad`
     app(prog_name="mad")
 

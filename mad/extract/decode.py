@@ -6,11 +6,12 @@ resized (short side to the model's image size, bicubic) and centre-cropped as
 open_clip's own preprocessing does; `crops=3` takes left/centre/right (or
 top/centre/bottom) squares along the long side.
 
-Decoding seeks to the keyframe before each wanted frame when the gap from the
-current position is large, and decodes forward otherwise, so the cost of T
-frames is bounded by T keyframe intervals, not by the video's length. Where a
-seek lands no further than where decoding already was (sparse keyframes), seeking
-is switched off for that file and decoding simply runs forward.
+Decoding reads the keyframe positions first (demuxing packets, no decoding),
+then for each wanted frame seeks to its keyframe only when that keyframe lies
+ahead of the decoder, and decodes forward otherwise. The cost of T frames is
+bounded by T keyframe intervals, not by the video's length. Files whose frame
+index cannot be derived from timestamps (variable frame rate, packed B-frames)
+are decoded forward from the start, counting frames.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
-# Seek when the next wanted frame is further ahead than this many frames.
-SEEK_GAP_FRAMES = 32
 # While the wanted frame is further ahead than this, the decoder skips frames no
 # other frame references (about half of an H.264 stream); the margin covers
 # B-frame reordering, so the wanted frame itself is always decoded.
@@ -91,49 +90,42 @@ def _to_rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
 class _FrameReader:
     """Decode wanted frame indices from one open stream, seeking where it pays."""
 
-    def __init__(self, container, stream, fps: float, by_timestamp: bool = True):
+    def __init__(self, container, stream, fps: float, keyframes: list[tuple[int, int]]):
         self.container, self.stream, self.fps = container, stream, fps
         self.time_base = float(stream.time_base) if stream.time_base else None
         self.start = stream.start_time or 0
+        self.keyframes = keyframes  # [(frame index, pts)], empty: decode forward, counting
+        self.by_timestamp = bool(keyframes)
         self.frames = None        # iterator over decoded frames
         self.position = -1        # index of the last decoded frame
         self.last = None
-        self.counter = -1         # fallback index for frames without timestamps
-        # Timestamps give frame indices only at a constant frame rate; otherwise count
-        # frames from the start, which rules out seeking.
-        nominal = float(stream.base_rate or 0)
-        self.by_timestamp = by_timestamp and self.time_base is not None and fps > 0 and abs(nominal / fps - 1) < 1e-3
-        self.seeking = self.by_timestamp
+        self.counter = -1         # index by counting, for files without usable timestamps
         self.seeked = False       # the next frame is the first after a seek
         self.skip_mode = "DEFAULT"
 
+    def index_of(self, pts: int) -> int:
+        return int(round((pts - self.start) * self.time_base * self.fps))
+
     def _index(self, frame) -> int:
         self.counter += 1
-        if not self.by_timestamp or frame.pts is None:
-            self.by_timestamp = self.seeking = False
+        if not self.by_timestamp:
             return self.counter
-        return int(round((frame.pts - self.start) * self.time_base * self.fps))
-
-    def _seek(self, target: int) -> None:
-        pts = self.start + int(target / self.fps / self.time_base)
-        self.container.seek(pts, stream=self.stream, backward=True, any_frame=False)
-        self.frames = self.container.decode(self.stream)
-        self.seeked = True
+        if frame.pts is None:
+            raise _TimestampsUnreliable
+        return self.index_of(frame.pts)
 
     def read(self, target: int):
         """The first frame at or after `target` (or the last frame of the stream)."""
-        if self.frames is None and not (self.seeking and target > SEEK_GAP_FRAMES):
+        if self.by_timestamp:
+            index, pts = max((k for k in self.keyframes if k[0] <= target), default=self.keyframes[0])
+            if self.frames is None and index == self.keyframes[0][0]:
+                self.frames = self.container.decode(self.stream)
+            elif self.frames is None or index > self.position:  # the keyframe is ahead: jump to it
+                self.container.seek(pts, stream=self.stream, backward=True, any_frame=False)
+                self.frames = self.container.decode(self.stream)
+                self.seeked = True
+        elif self.frames is None:
             self.frames = self.container.decode(self.stream)
-        elif self.frames is None or (self.seeking and target - self.position > SEEK_GAP_FRAMES):
-            before = self.position
-            self._seek(target)
-            frame = self._next()
-            if frame is None:
-                return self.last
-            if self.position <= before:
-                self.seeking = False  # keyframes too sparse to help: decode forward from here
-            if self.position >= target:
-                return frame
         while True:
             self._skip_unreferenced(self.by_timestamp and target - self.position > SKIP_MARGIN_FRAMES)
             frame = self._next()
@@ -175,13 +167,17 @@ def decode_clip(path: str, frames: int = 8, clips: int = 1, crops: int = 1, size
         if num_frames <= 0:  # unknown length: count by decoding once (rare)
             num_frames = _count_frames(path)
         index = sample_frame_indices(num_frames, frames, clips)
+        keyframes = _keyframes(container, stream, fps)
+        container.close()  # demuxing consumed it: decode from a fresh one
+        container = av.open(str(path), metadata_errors="ignore")
+        stream = container.streams.video[0]
         try:
-            images, decoded_index = _read_frames(container, stream, fps, index, size, by_timestamp=True)
+            images, decoded_index = _read_frames(container, stream, fps, index, size, keyframes)
         except _TimestampsUnreliable:
             container.close()  # start again from the first frame, counting
             container = av.open(str(path), metadata_errors="ignore")
             stream = container.streams.video[0]
-            images, decoded_index = _read_frames(container, stream, fps, index, size, by_timestamp=False)
+            images, decoded_index = _read_frames(container, stream, fps, index, size, [])
         if not images:
             raise DecodeError("no decodable video frames")
         known = sorted(images)
@@ -201,9 +197,30 @@ def decode_clip(path: str, frames: int = 8, clips: int = 1, crops: int = 1, size
     )
 
 
-def _read_frames(container, stream, fps, index, size, by_timestamp):
+def _keyframes(container, stream, fps: float) -> list[tuple[int, int]]:
+    """[(frame index, pts)] of the keyframes, or [] where timestamps can't give frame indices.
+
+    Only packets are read (no decoding): milliseconds even for long files.
+    """
+    nominal = float(stream.base_rate or 0)
+    if not stream.time_base or fps <= 0 or abs(nominal / fps - 1) > 1e-3:
+        return []  # variable frame rate: count frames instead
+    start, time_base = stream.start_time or 0, float(stream.time_base)
+    keyframes = []
+    try:
+        for packet in container.demux(stream):
+            if packet.is_keyframe and packet.size:
+                if packet.pts is None:
+                    return []
+                keyframes.append((int(round((packet.pts - start) * time_base * fps)), packet.pts))
+    except av.error.FFmpegError:
+        pass  # a damaged tail: the keyframes before it still help
+    return sorted(keyframes)
+
+
+def _read_frames(container, stream, fps, index, size, keyframes):
     """{wanted index: rgb image} and {wanted index: decoded index}, for what decodes."""
-    reader = _FrameReader(container, stream, fps, by_timestamp)
+    reader = _FrameReader(container, stream, fps, keyframes)
     images, decoded_index = {}, {}
     try:
         for target in sorted(set(index.ravel().tolist())):

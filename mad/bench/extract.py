@@ -1,0 +1,206 @@
+"""`mad bench extract`: where extraction time goes, and how close the pipeline gets to its bound.
+
+Measured side by side in one process on the same videos:
+- decode only: the decoding workers alone (same worker count as a real run);
+- model only: the frozen model on frames decoded beforehand;
+- full: `mad extract` into a fresh store (worker start-up, writes and bookkeeping included).
+On a CPU the decoder and the model share the cores, so the bound is the serial one,
+1 / (1/decode + 1/model): the full run should reach 0.9 of it (writes hidden). On a
+GPU they overlap, and the full run should reach 0.85 of min(decode, model).
+Also: the decode time of T frames from a short and a long clip of the same
+encoding (the short one is the long one's first seconds, stream-copied).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import torch
+
+from mad.extract.backbone import load_backbone, resolve_device
+from mad.extract.decode import decode_clip
+from mad.extract.run import ExtractConfig, VideoDecodeDataset, _decoded_items, extract
+from mad.extract.videos import find_videos
+
+
+def _cut(source: Path, dest: Path, seconds: float) -> None:
+    """Copy the first `seconds` of a video stream without re-encoding (same encoding, shorter)."""
+    with av.open(str(source)) as src, av.open(str(dest), "w") as out:
+        stream = src.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        for packet in src.demux(stream):
+            if packet.dts is None:
+                continue
+            if packet.pts is not None and float(packet.pts * stream.time_base) > seconds:
+                break
+            packet.stream = copy
+            out.mux(packet)
+
+
+def _decode_all(path: Path) -> None:
+    with av.open(str(path)) as container:
+        for _ in container.decode(video=0):
+            pass
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm the file cache
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def short_vs_long_decode(long_clip: Path, frames: int, size: int, cuts=(5.0, 10.0, 20.0), repeats: int = 5) -> dict:
+    """Decode time of T sampled frames from cuts of one clip (same encoding) and from the whole clip.
+
+    The cost is bounded by T keyframe intervals; a cut shorter than that costs
+    less simply because it has fewer frames in all. `decode_all` is the naive
+    baseline: every frame of the whole clip.
+    """
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seconds in cuts:
+            clip = Path(tmp) / f"cut{seconds:g}{long_clip.suffix}"
+            _cut(long_clip, clip, seconds)
+            rows.append((f"first {seconds:g} s", clip))
+        rows.append(("whole clip", long_clip))
+        curve = []
+        for name, clip in rows:
+            decoded = decode_clip(str(clip), frames, 1, 1, size)
+            seconds = _median_seconds(lambda: decode_clip(str(clip), frames, 1, 1, size), repeats)
+            curve.append({"clip": name, "frames_in_video": decoded.num_frames, "seconds": seconds})
+    decode_all = _median_seconds(lambda: _decode_all(long_clip), max(1, repeats // 2))
+    return {"curve": curve, "decode_all_frames_seconds": decode_all,
+            "ratio_long_over_short": curve[-1]["seconds"] / curve[0]["seconds"],
+            "ratio_long_over_decode_all": curve[-1]["seconds"] / decode_all}
+
+
+def bench_extract(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", frames: int = 8,
+                  limit: int = 24, batch_size: int = 4, workers: int = -1, device: str = "auto",
+                  precision: str = "bf16", long_clip: str | None = None, out: str | None = None) -> dict:
+    device = resolve_device(device)
+    workers = workers if workers >= 0 else (1 if device == "cpu" else min(8, os.cpu_count() or 1))
+    video_list = find_videos(videos)
+    paths = video_list.paths[:limit]
+    backbone = load_backbone(model, "none", layers, device, precision)
+    size = backbone.info.image_size
+
+    # 1. decode only, through the same worker pool a real run uses
+    dataset = VideoDecodeDataset(videos, paths, list(range(len(paths))), frames, 1, 1, size)
+    started = time.perf_counter()
+    decoded = [item for item in _decoded_items(dataset, workers)]
+    decode_seconds = time.perf_counter() - started
+    decode_rate = len(paths) / decode_seconds
+
+    # 2. model only, on those frames, in the batches a real run uses
+    clips = [item["frames"] for item in decoded if item["error"] is None]
+    backbone(clips[0].flatten(0, 1).to(device))  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i in range(0, len(clips), batch_size):
+        levels = backbone(torch.cat([c.flatten(0, 1) for c in clips[i:i + batch_size]]).to(device))
+        [level.to(torch.float16).cpu() for level in levels]
+    model_seconds = time.perf_counter() - started
+    model_rate = len(clips) / model_seconds
+
+    # 3. the full pipeline into a fresh store, start-up included
+    with tempfile.TemporaryDirectory() as tmp:
+        link_root = Path(tmp) / "videos"
+        for path in paths:  # the same subset of videos, without copying them
+            (link_root / path).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(Path(videos).resolve() / path, link_root / path)
+        cfg = ExtractConfig(videos=str(link_root), out=str(Path(tmp) / "cache"), layers=layers, model=model,
+                            pretrained="none", frames=frames, batch_size=batch_size, workers=workers,
+                            device=device, precision=precision, progress=False)
+        started = time.perf_counter()
+        summary = extract(cfg)
+        full_seconds = time.perf_counter() - started
+    full_rate = summary["done_now"] / full_seconds
+
+    serial_bound = 1.0 / (1.0 / decode_rate + 1.0 / model_rate)
+    result = {
+        "machine": _machine(device), "date": datetime.date.today().isoformat(),
+        "settings": {"videos": videos, "clips": len(paths), "model": model, "weights": "random", "layers": layers,
+                     "frames": frames, "batch_size": batch_size, "workers": workers, "device": device,
+                     "precision": precision},
+        "decode_clips_per_s": decode_rate, "model_clips_per_s": model_rate, "full_clips_per_s": full_rate,
+        "serial_bound_clips_per_s": serial_bound, "full_over_serial_bound": full_rate / serial_bound,
+        "full_over_min_decode_model": full_rate / min(decode_rate, model_rate),
+    }
+    if long_clip is None:
+        lengths = {p: _duration(Path(videos) / p) for p in paths}
+        long_clip = str(Path(videos) / max(lengths, key=lengths.get))
+    result["short_vs_long"] = {"clip": long_clip, "max_keyframe_interval": _max_keyframe_interval(Path(long_clip)),
+                               **short_vs_long_decode(Path(long_clip), frames, size)}
+    _print(result)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        name = f"extract_{'gpu' if device.startswith('cuda') else 'cpu'}_{model}.json"
+        (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _max_keyframe_interval(path: Path) -> int:
+    with av.open(str(path)) as c:
+        keys = [i for i, p in enumerate(p for p in c.demux(video=0) if p.size) if p.is_keyframe]
+    return max((b - a for a, b in zip(keys, keys[1:])), default=0)
+
+
+def _duration(path: Path) -> float:
+    with av.open(str(path)) as c:
+        return float(c.duration or 0) / 1e6
+
+
+def _machine(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "av": av.__version__}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _print(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = r["settings"]
+    table = Table(title=f"mad bench extract: {s['clips']} clips, {s['model']} ({s['precision']}, random weights), "
+                        f"T={s['frames']}, {s['device']}, {s['workers']} decode worker(s)")
+    table.add_column("stage")
+    table.add_column("clips/s", justify="right")
+    table.add_row("decode only", f"{r['decode_clips_per_s']:.2f}")
+    table.add_row("model only", f"{r['model_clips_per_s']:.2f}")
+    table.add_row("serial bound 1/(1/decode+1/model)", f"{r['serial_bound_clips_per_s']:.2f}")
+    table.add_row("full extract", f"{r['full_clips_per_s']:.2f}")
+    console = Console()
+    console.print(table)
+    console.print(f"full / serial bound = {r['full_over_serial_bound']:.2f} (CPU target >= 0.90); "
+                  f"full / min(decode, model) = {r['full_over_min_decode_model']:.2f} (GPU target >= 0.85)")
+    sl = r["short_vs_long"]
+    keyframe_note = f"keyframe interval {sl['max_keyframe_interval']} frames" if sl.get("max_keyframe_interval") else ""
+    console.print(f"decode {s['frames']} sampled frames from cuts of {sl['clip']} ({keyframe_note}):")
+    for row in sl["curve"]:
+        console.print(f"  {row['clip']:>12}: {row['frames_in_video']:5d} frames in video, "
+                      f"{row['seconds'] * 1000:6.0f} ms")
+    console.print(f"  whole clip / shortest cut = {sl['ratio_long_over_short']:.2f} (target < 2); "
+                  f"whole clip / decoding every frame ({sl['decode_all_frames_seconds'] * 1000:.0f} ms) = "
+                  f"{sl['ratio_long_over_decode_all']:.2f}")
