@@ -199,15 +199,16 @@ def _trajectory(
     cy = rng.uniform(0.4, 0.6) * size + drift[1] * t
 
     if forward == "moving_right":
-        travel = rng.uniform(0.35, 0.5) * size
+        travel = rng.uniform(0.45, 0.6) * size
         start = rng.uniform(half[0], size - half[0] - travel)
         cx = start + travel * t / steps
     elif forward == "growing":
         small, large = rng.uniform(0.07, 0.10), rng.uniform(0.19, 0.23)
         half = size * small * (large / small) ** (t / steps)  # geometric: constant rate
     elif forward == "rotating_clockwise":
-        # <= 30 deg/frame, well below the 90 deg symmetry of a square, so no aliasing.
-        angle = angle + np.deg2rad(rng.uniform(12, 30)) * t
+        # <= 15 deg/frame: sampling every other frame still stays well below the
+        # 45 deg at which a square's outline turning one way looks like the other.
+        angle = angle + np.deg2rad(rng.uniform(8, 15)) * t
     else:
         raise ValueError(f"not a forward class: {forward}")
     return cx, cy, half, angle

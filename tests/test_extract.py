@@ -266,3 +266,25 @@ def test_info_counts_and_verify_detects_flipped_bytes(tmp_path):
     shard.write_bytes(bytes(data))
     problems = verify_store(Store.open(tmp_path / "cache"))
     assert [(p["array"], p["videos"]) for p in problems] == [("layers/4", [2, 4])]
+
+
+def test_second_extraction_on_the_same_store_is_refused(tmp_path):
+    videos = _demo_videos(tmp_path, per_class=1)
+    command = [sys.executable, "-m", "mad", "extract", "--videos", str(videos), "--out", str(tmp_path / "cache"),
+               "--model", TINY_MODEL, "--pretrained", "none", "--layers", "2,4", "--workers", "0"]
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time, pathlib; p = pathlib.Path(sys.argv[1]); p.mkdir(); "
+        "f = open(p / '.mad-lock', 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 1 on test'); f.flush(); "
+        "print('locked', flush=True); time.sleep(60)"), str(tmp_path / "cache")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 2
+        assert "another extraction is writing to this store (pid 1 on test)" in result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # The lock dies with its holder (even on SIGKILL): the next run goes ahead.
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (Store.open(tmp_path / "cache").status() == DONE).all()

@@ -211,6 +211,40 @@ def _manifest(cfg: ExtractConfig, backbone, class_names: list[str], videos_root:
     }
 
 
+class _StoreLock:
+    """An exclusive lock on a local store for the length of a run.
+
+    flock, not a pid file: the kernel releases it when the process dies, SIGKILL
+    included, so a crashed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, out: str):
+        self.file = None
+        if "://" in out:
+            return  # remote stores: one writer per shard block is the caller's contract
+        import fcntl
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        self.file = open(Path(out) / ".mad-lock", "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise ExtractError(f"{out}: another extraction is writing to this store ({holder}); "
+                               "wait for it to finish or use another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing drops the flock
+            self.file = None
+
+
 def _open_or_create(cfg: ExtractConfig, manifest: dict, video_list) -> Store:
     out = cfg.out
     if Store.exists(out) and cfg.overwrite:
@@ -220,9 +254,9 @@ def _open_or_create(cfg: ExtractConfig, manifest: dict, video_list) -> Store:
             fs, path = fsspec.core.url_to_fs(out)
             fs.rm(path, recursive=True)
         else:
-            shutil.rmtree(out)
-    elif not Store.exists(out) and "://" not in out and Path(out).exists() and any(Path(out).iterdir()):
-        raise ExtractError(f"{out}: exists and is not a mad cache; choose another --out")
+            for entry in Path(out).iterdir():  # everything but the lock this run holds
+                if entry.name != ".mad-lock":
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     if not Store.exists(out):
         return Store.create(out, manifest, video_list.paths, video_list.labels)
     try:
@@ -259,6 +293,17 @@ def extract(cfg: ExtractConfig) -> dict:
         raise ExtractError(str(e)) from None
     manifest = _manifest(cfg, backbone, video_list.class_names, str(Path(cfg.videos).resolve()),
                          video_list.labelled_by)
+    if not Store.exists(cfg.out) and "://" not in cfg.out and Path(cfg.out).exists() and \
+            any(p.name != ".mad-lock" for p in Path(cfg.out).iterdir()):
+        raise ExtractError(f"{cfg.out}: exists and is not a mad cache; choose another --out")
+    lock = _StoreLock(cfg.out)
+    try:
+        return _extract_locked(cfg, manifest, video_list, backbone, device)
+    finally:
+        lock.release()
+
+
+def _extract_locked(cfg: ExtractConfig, manifest: dict, video_list, backbone, device: str) -> dict:
     store = _open_or_create(cfg, manifest, video_list)
 
     status = store.status()
