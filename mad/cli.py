@@ -40,6 +40,8 @@ def extract(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     precision: str = typer.Option("bf16", help="bf16, fp16 or fp32 backbone weights."),
     shard_size: int = typer.Option(32, help="Videos per Zarr shard (one writer per shard)."),
+    shard: Optional[str] = typer.Option(None, help="I/N: extract only slice I of N of the store's shard blocks "
+                                        "(Slurm arrays; under torchrun each rank takes its own slice)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry videos that failed before."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store and start over."),
     limit: Optional[int] = typer.Option(None, help="Process at most this many pending videos (then stop)."),
@@ -50,7 +52,7 @@ def extract(
     cfg = ExtractConfig(
         videos=str(videos), out=out, layers=layers, model=model, pretrained=pretrained, frames=frames,
         clips=clips, crops=crops, labels=str(labels) if labels else None, pool=pool, batch_size=batch_size,
-        workers=workers, device=device, precision=precision, shard_size=shard_size,
+        workers=workers, device=device, precision=precision, shard_size=shard_size, shard=shard,
         retry_failed=retry_failed, overwrite=overwrite, limit=limit,
     )
     try:
@@ -77,6 +79,142 @@ def info(
         raise typer.Exit(1)
 
 
+def _stage_two_errors():
+    """The exceptions stage two raises for things a user can cause (each message names the file)."""
+    from mad.adapt.evaluate import EvalError
+    from mad.adapt.madapter import CheckpointError
+    from mad.adapt.train import TrainError
+    from mad.cache.store import StoreError
+
+    return (TrainError, EvalError, CheckpointError, StoreError)
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    cache: str = typer.Option("cache", "--cache", help="Training cache (made by `mad extract`)."),
+    val: Optional[str] = typer.Option(None, "--val", help="Validation cache (same model, layers and frames)."),
+    arch: str = typer.Option("madapter", help="madapter, meanpool or linear."),
+    width: int = typer.Option(384, help="Branch width."),
+    depth: int = typer.Option(1, help="Fusion/temporal blocks."),
+    heads: int = typer.Option(6, help="Attention heads."),
+    temporal: str = typer.Option("conv", help="Temporal module: conv, attn or none."),
+    motion: bool = typer.Option(True, "--motion/--no-motion", help="Feed the blocks frame-to-frame token changes."),
+    epochs: int = typer.Option(30),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(0.05),
+    warmup_epochs: float = typer.Option(2.0),
+    batch_size: int = typer.Option(32),
+    label_smoothing: float = typer.Option(0.1),
+    clip_grad: float = typer.Option(1.0, help="Max gradient norm (0: off)."),
+    dropout: float = typer.Option(0.1),
+    seed: int = typer.Option(0),
+    out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/<arch>, numbered if taken)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    workers: int = typer.Option(2, help="Reader processes when the cache is streamed."),
+    in_ram: str = typer.Option("auto", "--in-ram", help="Hold the cache in RAM: auto, yes or no."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
+):
+    """Train the M-adapter branch (or a baseline) from cached tokens; no image model is loaded."""
+    import dataclasses
+
+    from mad.adapt.train import TrainConfig, config_from_run, train as run_train
+
+    options = {k: v for k, v in ctx.params.items()}
+    errors = _stage_two_errors()
+    try:
+        if resume and out:
+            # Resume with the run's own settings; options given on this command line override them.
+            given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+            cfg = dataclasses.replace(config_from_run(out), **given)
+        else:
+            cfg = TrainConfig(**options)
+        run_train(cfg)
+    except errors as e:
+        fail(str(e))
+
+
+@app.command("eval")
+def evaluate_command(
+    run: Path = typer.Argument(..., help="Run folder (or its model.safetensors)."),
+    cache: str = typer.Option(..., "--cache", help="Cache to score (e.g. the test split's)."),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto"),
+    in_ram: str = typer.Option("auto", "--in-ram", help="auto, yes or no."),
+    workers: int = typer.Option(2),
+):
+    """Top-1, top-5 and mean class accuracy, single view and all views; writes eval-<cache>.json in the run."""
+    from mad.adapt.evaluate import evaluate
+
+    try:
+        result = evaluate(run, cache, batch_size, device, in_ram, workers)
+    except _stage_two_errors() as e:
+        fail(str(e))
+    typer.echo(f"{result['videos']} videos, {result['views']} views each")
+    for view in ("single_view", "multi_view"):
+        typer.echo(f"{view:11s} " + "  ".join(f"{k} {v:.4f}" for k, v in result[view].items()))
+
+
+@app.command()
+def sweep(
+    grid: str = typer.Argument(..., help="e.g. 'lr=1e-3,3e-4 width=256,384 arch=madapter,linear'."),
+    cache: str = typer.Option("cache", "--cache", help="Training cache."),
+    val: Optional[str] = typer.Option(None, "--val", help="Validation cache (ranks the runs)."),
+    out: str = typer.Option("runs/sweep", "--out", help="Folder for the runs and leaderboard.csv."),
+    epochs: int = typer.Option(30),
+    batch_size: int = typer.Option(32),
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+    in_ram: str = typer.Option("auto", "--in-ram", help="auto, yes or no."),
+):
+    """Train every combination of a grid from one read of the cache; print and save a leaderboard."""
+    from mad.adapt.sweep import sweep as run_sweep
+    from mad.adapt.train import TrainConfig
+
+    base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram)
+    try:
+        run_sweep(cache, val, grid, out, base)
+    except _stage_two_errors() as e:
+        fail(str(e))
+
+
+@app.command()
+def predict(
+    videos: list[Path] = typer.Argument(..., help="Video files."),
+    run: Path = typer.Option(..., "--run", help="A training run folder (or its model.safetensors)."),
+    top: int = typer.Option(5, help="How many classes to print per video."),
+    pretrained: Optional[str] = typer.Option(None, help="Backbone checkpoint file, when the cache was made from one."),
+    device: str = typer.Option("auto"),
+):
+    """Classify new videos end to end: decode, frozen backbone (as in the run's cache), trained branch."""
+    from mad.adapt.predict import PredictError, predict_videos
+
+    try:
+        results = predict_videos([str(v) for v in videos], str(run), top, pretrained, device)
+    except PredictError as e:
+        fail(str(e))
+    for result in results:
+        if "error" in result:
+            typer.echo(f"{result['path']}: error: {result['error']}", err=True)
+            continue
+        typer.echo(f"{result['path']}: " + ", ".join(f"{name} {p:.3f}" for name, p in result["top"]))
+    if all("error" in r for r in results):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo"), help="Folder for the demo's videos, caches and runs."),
+    epochs: int = typer.Option(30),
+    seed: int = typer.Option(0),
+):
+    """The embedded default: synthetic temporal-order videos -> extract -> train madapter and linear."""
+    from mad.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=str(out), epochs=epochs, seed=seed))
+
+
 @bench_app.command("extract")
 def bench_extract(
     videos: Path = typer.Option(..., "--videos", help="Folder of videos (e.g. ../shared/data/k2/train)."),
@@ -96,6 +234,59 @@ def bench_extract(
 
     run(str(videos), model, layers, frames, limit, batch_size, workers, device, precision,
         str(long_clip) if long_clip else None, str(out) if out else None)
+
+
+@bench_app.command("memory")
+def bench_memory(
+    model: str = typer.Option("ViT-B-16", help="open_clip model name or config .json (random weights)."),
+    frames: int = typer.Option(8, help="Frames per clip (T)."),
+    batch: int = typer.Option(8, help="Clips per training step."),
+    layers: str = typer.Option("4,8,12", help="Blocks tapped for the M-adapter (1-based)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    precision: str = typer.Option("bf16", help="Backbone weights (CPU) / autocast dtype (CUDA): bf16, fp16, fp32."),
+    steps: int = typer.Option(5, help="Timed training steps per mode (after one warm-up step)."),
+    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="Also find each mode's largest batch within this many GiB."),
+    out: Path = typer.Option(Path("benchmarks/results"), help="Folder for the JSON and PNG."),
+    classes: int = typer.Option(174, help="Classes of the linear heads (174: SSv2)."),
+    branch_width: int = typer.Option(384, help="M-adapter branch width."),
+    threads: int = typer.Option(0, help="torch CPU threads per mode process (0: torch's default)."),
+):
+    """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter online, M-adapter from the cache."""
+    from mad.bench.memory import BenchError, run_benchmark
+
+    try:
+        run_benchmark(model=model, frames=frames, batch=batch, layers=layers, device=device, precision=precision,
+                      steps=steps, budget_gb=budget_gb, out=out, classes=classes, branch_width=branch_width,
+                      threads=threads, command=" ".join(["mad", *sys.argv[1:]]))
+    except BenchError as e:
+        fail(str(e))
+
+
+@bench_app.command("train")
+def bench_train(
+    videos: Path = typer.Option(Path("../shared/data/k2/train"), "--videos", help="Folder of videos (class folders)."),
+    model: str = typer.Option("ViT-B-16", help="open_clip model name or config .json (random weights)."),
+    layers: str = typer.Option("4,8,12"),
+    frames: int = typer.Option(8),
+    batch_size: int = typer.Option(8, help="Clips per training step (every mode)."),
+    epochs: int = typer.Option(2, help="Cached epochs to time (the first warms up when there are more)."),
+    width: int = typer.Option(384, help="M-adapter branch width."),
+    online_steps: int = typer.Option(3, help="Online steps to time (after one warm-up), extrapolated to an epoch."),
+    workers: int = typer.Option(2, help="Reader processes for the streamed mode."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N videos (smoke runs)."),
+    cache: Optional[str] = typer.Option(None, help="Existing cache of --videos (default: extract one now, timed)."),
+    device: str = typer.Option("auto"),
+    precision: str = typer.Option("bf16", help="Backbone precision for extraction and online mode."),
+    out: Optional[Path] = typer.Option(None, help="Write the figures as JSON into this folder."),
+):
+    """Epoch time training from the cache vs online (frozen ViT every step); streamed vs in-RAM cache."""
+    from mad.bench.train import BenchTrainError, bench_train as run
+
+    try:
+        run(str(videos), model, layers, frames, batch_size, epochs, width, online_steps, workers, limit, device,
+            precision, cache, str(out) if out else None)
+    except (BenchTrainError, *_stage_two_errors()) as e:
+        fail(str(e))
 
 
 def main() -> None:  # `python -m mad`

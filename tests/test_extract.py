@@ -288,3 +288,27 @@ def test_second_extraction_on_the_same_store_is_refused(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (Store.open(tmp_path / "cache").status() == DONE).all()
+
+
+@pytest.mark.parametrize("launcher", ["shards", "torchrun"])
+def test_two_processes_give_the_same_store_as_one(tmp_path, launcher):
+    """Two slices (--shard 0/2 + 1/2 side by side, or torchrun with 2 ranks) equal a one-process run."""
+    videos = _demo_videos(tmp_path, per_class=2)  # 12 videos, 6 blocks of 2
+    extract(extract_config(videos, tmp_path / "one", shard_size=2))
+    options = ["extract", "--videos", str(videos), "--out", str(tmp_path / "two"), "--model", TINY_MODEL,
+               "--pretrained", "none", "--layers", "2,4", "--precision", "fp32", "--workers", "0",
+               "--shard-size", "2"]
+    if launcher == "shards":
+        processes = [subprocess.Popen([sys.executable, "-m", "mad", *options, "--shard", f"{i}/2"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+        outputs = [p.communicate()[0] for p in processes]
+        assert [p.returncode for p in processes] == [0, 0], outputs
+    else:
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                 "--master-port", "0", "-m", "mad", *options], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    one, two = Store.open(tmp_path / "one"), Store.open(tmp_path / "two")
+    assert two.paths() == one.paths() and (two.status() == DONE).all()
+    for layer in one.layers:
+        assert np.array_equal(two.read_layer(layer), one.read_layer(layer))
+    assert np.array_equal(two.frame_index(), one.frame_index())

@@ -51,6 +51,7 @@ class ExtractConfig:
     shard_size: int = 32         # videos per shard file (and per block of the small arrays)
     retry_failed: bool = False
     overwrite: bool = False
+    shard: str | None = None     # "I/N": only slice I of N (whole shard blocks); torchrun sets it itself
     limit: int | None = None     # process at most this many pending videos
     progress: bool = True
 
@@ -211,38 +212,85 @@ def _manifest(cfg: ExtractConfig, backbone, class_names: list[str], videos_root:
     }
 
 
-class _StoreLock:
-    """An exclusive lock on a local store for the length of a run.
+class _StoreLocks:
+    """flock-based locks on a local store for the length of a run.
 
-    flock, not a pid file: the kernel releases it when the process dies, SIGKILL
-    included, so a crashed run never leaves a stale lock behind.
+    A whole-store run holds `.mad-lock` exclusively; a slice of a sharded run holds
+    it shared plus `.mad-lock-I-of-N` exclusively, so slices run side by side but
+    never beside a whole-store run or a twin of themselves. Creating or extending
+    the store happens under `.mad-create`, one process at a time. flock, not pid
+    files: the kernel drops a lock when its process dies, SIGKILL included.
     """
 
-    def __init__(self, out: str):
-        self.file = None
+    def __init__(self, out: str, index: int, count: int):
+        self.out, self.files = out, []
         if "://" in out:
             return  # remote stores: one writer per shard block is the caller's contract
+        Path(out).mkdir(parents=True, exist_ok=True)
+        if count == 1:
+            self._take(".mad-lock", exclusive=True)
+        else:
+            self._take(".mad-lock", exclusive=False)
+            self._take(f".mad-lock-{index}-of-{count}", exclusive=True)
+
+    def _take(self, name: str, exclusive: bool, wait: bool = False):
         import fcntl
 
-        Path(out).mkdir(parents=True, exist_ok=True)
-        self.file = open(Path(out) / ".mad-lock", "a+")
+        file = open(Path(self.out) / name, "a+")
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(file, mode)
         except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise ExtractError(f"{out}: another extraction is writing to this store ({holder}); "
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            self.release()
+            raise ExtractError(f"{self.out}: another extraction is writing to this store ({holder}); "
                                "wait for it to finish or use another --out") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        self.file.flush()
+        if exclusive:
+            file.seek(0)
+            file.truncate()
+            file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            file.flush()
+        self.files.append(file)
+        return file
+
+    def creating(self):
+        """A context in which this process alone creates or extends the store."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def held():
+            if "://" in self.out:
+                yield
+                return
+            file = self._take(".mad-create", exclusive=True, wait=True)
+            try:
+                yield
+            finally:
+                self.files.remove(file)
+                file.close()
+
+        return held()
 
     def release(self) -> None:
-        if self.file is not None:
-            self.file.close()  # closing drops the flock
-            self.file = None
+        for file in self.files:
+            file.close()  # closing drops the flock
+        self.files = []
+
+
+def _slice(cfg: ExtractConfig) -> tuple[int, int]:
+    """(index, count) of this process's slice: --shard I/N, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if cfg.shard:
+        try:
+            index, count = (int(x) for x in cfg.shard.split("/"))
+        except ValueError:
+            raise ExtractError(f"--shard {cfg.shard!r}: expected I/N, e.g. 0/4") from None
+        if not 0 <= index < count:
+            raise ExtractError(f"--shard {cfg.shard}: I must be in 0..N-1")
+        return index, count
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
 def _open_or_create(cfg: ExtractConfig, manifest: dict, video_list) -> Store:
@@ -254,8 +302,8 @@ def _open_or_create(cfg: ExtractConfig, manifest: dict, video_list) -> Store:
             fs, path = fsspec.core.url_to_fs(out)
             fs.rm(path, recursive=True)
         else:
-            for entry in Path(out).iterdir():  # everything but the lock this run holds
-                if entry.name != ".mad-lock":
+            for entry in Path(out).iterdir():  # everything but the locks this run holds
+                if not entry.name.startswith(".mad-"):
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     if not Store.exists(out):
         return Store.create(out, manifest, video_list.paths, video_list.labels)
@@ -285,29 +333,39 @@ def _open_or_create(cfg: ExtractConfig, manifest: dict, video_list) -> Store:
 def extract(cfg: ExtractConfig) -> dict:
     """Extract (or resume extracting) every video under cfg.videos into cfg.out."""
     _check_config(cfg)
+    index, count = _slice(cfg)
+    if count > 1 and cfg.overwrite:
+        raise ExtractError("--overwrite cannot be combined with a sharded run: start over with one process first")
     try:
         video_list = find_videos(cfg.videos, cfg.labels)
         device = resolve_device(cfg.device)
+        if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         backbone = load_backbone(cfg.model, cfg.pretrained, cfg.layers, device, cfg.precision, cfg.pool)
     except (VideoListError, BackboneError) as e:
         raise ExtractError(str(e)) from None
     manifest = _manifest(cfg, backbone, video_list.class_names, str(Path(cfg.videos).resolve()),
                          video_list.labelled_by)
     if not Store.exists(cfg.out) and "://" not in cfg.out and Path(cfg.out).exists() and \
-            any(p.name != ".mad-lock" for p in Path(cfg.out).iterdir()):
+            any(not p.name.startswith(".mad-") for p in Path(cfg.out).iterdir()):
         raise ExtractError(f"{cfg.out}: exists and is not a mad cache; choose another --out")
-    lock = _StoreLock(cfg.out)
+    locks = _StoreLocks(cfg.out, index, count)
     try:
-        return _extract_locked(cfg, manifest, video_list, backbone, device)
+        with locks.creating():
+            store = _open_or_create(cfg, manifest, video_list)
+        return _extract_slice(cfg, store, backbone, device, index, count)
     finally:
-        lock.release()
+        locks.release()
 
 
-def _extract_locked(cfg: ExtractConfig, manifest: dict, video_list, backbone, device: str) -> dict:
-    store = _open_or_create(cfg, manifest, video_list)
-
+def _extract_slice(cfg: ExtractConfig, store: Store, backbone, device: str, index: int, count: int) -> dict:
+    """Extract the pending videos of slice `index` of `count`: whole shard blocks, so one writer each."""
     status = store.status()
     wanted = (status == PENDING) | ((status == FAILED) if cfg.retry_failed else False)
+    blocks = -(-store.num_videos // store.shard_size)
+    first, last = index * blocks // count, (index + 1) * blocks // count  # this slice's blocks
+    block_of = np.arange(store.num_videos) // store.shard_size
+    wanted &= (block_of >= first) & (block_of < last)
     scheduled = np.flatnonzero(wanted).tolist()
     if cfg.limit is not None:
         scheduled = scheduled[: cfg.limit]
@@ -319,7 +377,7 @@ def _extract_locked(cfg: ExtractConfig, manifest: dict, video_list, backbone, de
                "errors": store.errors_location, "out": cfg.out}
     started = time.perf_counter()
     writer = BlockWriter(store, scheduled)
-    progress = _Progress(len(scheduled), cfg.progress)
+    progress = _Progress(len(scheduled), cfg.progress, f"extract [{index}/{count}]" if count > 1 else "extract")
     try:
         batch: list[dict] = []
         for item in _decoded_items(dataset, workers):
@@ -369,7 +427,7 @@ def _run_batch(backbone, batch: list[dict], writer: BlockWriter, device: str) ->
 class _Progress:
     """rich progress: videos done/total, clips/s, ETA, failures so far."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, label: str = "extract"):
         self.progress = None
         self.failed = 0
         if not enabled:
@@ -377,7 +435,7 @@ class _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("extract"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} clips/s"),
+            TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} clips/s"),
             TimeRemainingColumn(), TextColumn("[red]{task.fields[failed]} failed"),
         )
         self.task = self.progress.add_task("extract", total=total, rate="-", failed=0)
