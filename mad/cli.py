@@ -243,15 +243,17 @@ def bench_memory(
     batch: int = typer.Option(8, help="Clips per training step."),
     layers: str = typer.Option("4,8,12", help="Blocks tapped for the M-adapter (1-based)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
-    precision: str = typer.Option("bf16", help="Backbone weights (CPU) / autocast dtype (CUDA): bf16, fp16, fp32."),
+    precision: str = typer.Option("bf16", help="Backbone weight dtype (every mode); on CUDA also the autocast "
+                                  "dtype: bf16, fp16, fp32."),
     steps: int = typer.Option(5, help="Timed training steps per mode (after one warm-up step)."),
-    budget_gb: Optional[float] = typer.Option(None, "--budget-gb", help="Also find each mode's largest batch within this many GiB."),
+    budget_gb: Optional[float] = typer.Option(None, "--budget-gb",
+                                              help="Also find each mode's largest batch within this many GiB."),
     out: Path = typer.Option(Path("benchmarks/results"), help="Folder for the JSON and PNG."),
     classes: int = typer.Option(174, help="Classes of the linear heads (174: SSv2)."),
     branch_width: int = typer.Option(384, help="M-adapter branch width."),
     threads: int = typer.Option(0, help="torch CPU threads per mode process (0: torch's default)."),
 ):
-    """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter online, M-adapter from the cache."""
+    """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter online and cached."""
     from mad.bench.memory import BenchError, run_benchmark
 
     try:
