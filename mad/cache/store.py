@@ -52,6 +52,10 @@ class StoreError(Exception):
     """A store that cannot be used for the requested operation (message says why)."""
 
 
+class IncompleteStoreError(StoreError):
+    """A store whose creation was interrupted: it holds no data and can be made again."""
+
+
 def manifest_differences(a: dict, b: dict, keys=IDENTITY_KEYS) -> list[str]:
     """Human-readable differences between two manifests on the given keys."""
     return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
@@ -88,6 +92,8 @@ class Store:
         if not cls.exists(location):
             raise StoreError(f"{location}: no mad cache here (no zarr.json)")
         group = zarr.open_group(location, mode=mode)
+        if "mad" not in group.attrs and group.attrs.get("mad_creating"):
+            raise IncompleteStoreError(f"{location}: its creation was interrupted (no data in it yet)")
         if "mad" not in group.attrs:
             raise StoreError(f"{location}: a Zarr group, but not a mad cache (no 'mad' manifest)")
         version = group.attrs["mad"].get("format_version")
@@ -105,7 +111,9 @@ class Store:
         S = int(manifest["shard_size"])
         views, T, N, D = manifest["clips"] * manifest["crops"], manifest["frames"], manifest["tokens"], manifest["width"]
         V = len(paths)
-        group = zarr.open_group(location, mode="w")
+        # Marked as being created until the manifest lands, so an interrupted creation
+        # is recognised as ours (and empty) rather than as a foreign Zarr group.
+        group = zarr.open_group(location, mode="w", attributes={"mad_creating": True})
         layers = group.create_group("layers")
         for layer in manifest["layers"]:
             layers.create_array(
@@ -122,7 +130,7 @@ class Store:
         if V:
             group["label"][:] = np.asarray(labels, dtype=np.int32)
             group["path"][:] = np.asarray(paths, dtype=object)
-        group.attrs["mad"] = manifest  # last: a store without a manifest is not a store
+        group.attrs.put({"mad": manifest})  # last, replacing the creation mark: now it is a store
         return cls(group, location)
 
     def append_videos(self, paths: list[str], labels: list[int]) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mad.cache.store import DONE, FAILED, IDENTITY_KEYS, PENDING, Store, StoreError, manifest_differences
+from mad.cache.store import (DONE, FAILED, IDENTITY_KEYS, PENDING, IncompleteStoreError, Store, StoreError,
+                             manifest_differences)
 from mad.extract.backbone import BackboneError, load_backbone, model_config_of, resolve_device
 from mad.extract.decode import DecodeError, decode_clip
 from mad.extract.videos import VideoListError, find_videos
@@ -295,6 +296,12 @@ def _slice(cfg: ExtractConfig) -> tuple[int, int]:
 
 def _open_or_create(cfg: ExtractConfig, manifest: dict, video_list) -> Store:
     out = cfg.out
+    try:
+        Store.open(out) if Store.exists(out) else None
+    except IncompleteStoreError:
+        return Store.create(out, manifest, video_list.paths, video_list.labels)  # killed while creating: again
+    except StoreError:
+        pass  # reported below, unless --overwrite
     if Store.exists(out) and cfg.overwrite:
         if "://" in out:
             import fsspec
