@@ -137,7 +137,7 @@ def train(
 
 @app.command("eval")
 def evaluate_command(
-    run: Path = typer.Argument(..., help="Run folder (or its model.safetensors)."),
+    run: Path = typer.Option(..., "--run", help="Run folder (or its model.safetensors)."),
     cache: str = typer.Option(..., "--cache", help="Cache to score (e.g. the test split's)."),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("auto"),
@@ -158,7 +158,7 @@ def evaluate_command(
 
 @app.command()
 def sweep(
-    grid: str = typer.Argument(..., help="e.g. 'lr=1e-3,3e-4 width=256,384 arch=madapter,linear'."),
+    grid: str = typer.Option(..., "--grid", help="e.g. 'lr=1e-3,3e-4 width=256,384 arch=madapter,linear'."),
     cache: str = typer.Option("cache", "--cache", help="Training cache."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation cache (ranks the runs)."),
     out: str = typer.Option("runs/sweep", "--out", help="Folder for the runs and leaderboard.csv."),
@@ -279,6 +279,7 @@ def bench_train(
     cache: Optional[str] = typer.Option(None, help="Existing cache of --videos (default: extract one now, timed)."),
     device: str = typer.Option("auto"),
     precision: str = typer.Option("bf16", help="Backbone precision for extraction and online mode."),
+    pool: int = typer.Option(1, help="Average the patch grid by this factor (cache and online alike)."),
     out: Optional[Path] = typer.Option(None, help="Write the figures as JSON into this folder."),
 ):
     """Epoch time training from the cache vs online (frozen ViT every step); streamed vs in-RAM cache."""
@@ -286,7 +287,7 @@ def bench_train(
 
     try:
         run(str(videos), model, layers, frames, batch_size, epochs, width, online_steps, workers, limit, device,
-            precision, cache, str(out) if out else None)
+            precision, cache, pool, str(out) if out else None)
     except (BenchTrainError, *_stage_two_errors()) as e:
         fail(str(e))
 

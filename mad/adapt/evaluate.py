@@ -1,0 +1,141 @@
+"""Scoring a trained branch on a cache: top-1, top-5, mean class accuracy, single- and multi-view.
+
+Keys follow MMAction2: `acc/top1`, `acc/top5`, `acc/mean1` (mean of per-class
+recall over the classes present). Single view = the first cached view of each
+video; multi-view = softmax averaged over every cached view (clips x crops).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mad.adapt.madapter import load_model
+from mad.cache.dataset import CachedTokens, open_tokens
+from mad.cache.store import TRAINING_KEYS, Store, StoreError, manifest_differences
+
+
+class EvalError(Exception):
+    """An evaluation request that cannot be served (message names the file and says why)."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: CachedTokens, batch_size: int, device: torch.device,
+            all_views: bool = False) -> torch.Tensor:
+    """Softmax probabilities, float32 [V, views, C] (views = 1 unless `all_views`)."""
+    model.eval()
+    views_used = data.num_views if all_views else 1
+    probs = None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for levels, _, positions, views in data.eval_batches(batch_size, all_views):
+        with autocast:
+            logits = model([x.to(device, non_blocking=True).float() for x in levels])
+        p = logits.float().softmax(dim=-1).cpu()
+        if probs is None:
+            probs = torch.zeros(data.num_videos, views_used, p.shape[1])
+        probs[positions, views] = p
+    return probs
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """acc/top1, acc/top5 (top-k with k = min(5, classes)), acc/mean1 from [V, C] probabilities."""
+    k = min(5, probs.shape[1])
+    topk = probs.topk(k, dim=1).indices  # [V, k]
+    correct = topk == labels[:, None]
+    top1 = correct[:, 0].float()
+    per_class = [top1[labels == c].mean().item() for c in labels.unique()]
+    return {"acc/top1": top1.mean().item(), "acc/top5": correct.any(dim=1).float().mean().item(),
+            "acc/mean1": float(np.mean(per_class))}
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """int64 [C, C]: rows are true classes, columns predicted ones."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels.numpy(), predictions.numpy()), 1)
+    return matrix
+
+
+def plot_confusion(matrix: np.ndarray, class_names: list[str], path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(matrix)
+    names = class_names if len(class_names) == n else [str(i) for i in range(n)]
+    size = min(4 + 0.35 * n, 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # colour: recall per true class
+    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        ax.set_xticks(range(n), names, rotation=90)
+        ax.set_yticks(range(n), names)
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                            color="white" if rows[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def evaluate(run_dir, cache, batch_size: int = 64, device: str = "auto", in_ram: str = "auto",
+             workers: int = 2, progress: bool = True) -> dict:
+    """Score `run_dir/model.safetensors` on `cache`; write eval-<cache>.json and confusion-<cache>.png there."""
+    run_dir = Path(run_dir)
+    model_path = run_dir / "model.safetensors" if run_dir.is_dir() else run_dir
+    run_dir = model_path.parent
+    device = resolve_device(device)
+    model, info = load_model(model_path, device)
+    try:
+        store = Store.open(cache)
+    except StoreError as e:
+        raise EvalError(str(e)) from None
+    trained_on = info.get("manifest") or {}
+    differences = manifest_differences(trained_on, store.manifest, TRAINING_KEYS)
+    if differences:
+        raise EvalError(f"{cache}: cache does not match the one {model_path} was trained on "
+                        f"({'; '.join(differences)})")
+    if info.get("class_names") and store.class_names and info["class_names"] != store.class_names:
+        raise EvalError(f"{cache}: class names differ from those {model_path} was trained with")
+    try:
+        data = open_tokens(store, in_ram, workers, progress=progress)
+    except StoreError as e:
+        raise EvalError(str(e)) from None
+    try:
+        num_classes = info["model_args"]["num_classes"]
+        if int(data.labels.max()) >= num_classes:
+            raise EvalError(f"{cache}: label {int(data.labels.max())} is outside the model's {num_classes} classes")
+        probs = predict(model, data, batch_size, device, all_views=True)  # [V, views, C]
+    finally:
+        data.close()
+    labels = data.labels
+    multi = probs.mean(dim=1)
+    matrix = confusion_matrix(multi.argmax(dim=1), labels, num_classes)
+    result = {
+        "model": str(model_path), "cache": str(cache), "videos": data.num_videos, "views": data.num_views,
+        "single_view": accuracy(probs[:, 0], labels),
+        "multi_view": accuracy(multi, labels),
+        "confusion": matrix.tolist(),
+        "class_names": info.get("class_names") or store.class_names,
+    }
+    name = Path(str(cache).rstrip("/")).name or "cache"
+    (run_dir / f"eval-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_confusion(matrix, result["class_names"], run_dir / f"confusion-{name}.png",
+                   f"{name}: multi-view top-1 {result['multi_view']['acc/top1']:.3f}")
+    return result

@@ -1,0 +1,333 @@
+"""The M-adapter branch over cached levels of a frozen image model, and two baselines.
+
+M-adapter (Li et al., CVIU 2024) trains a small branch *beside* a frozen image
+model: it reads the outputs of several of its layers and never backpropagates
+into it. Here those outputs come from the cache. Input: K levels, shallow to
+deep, each [B, T, N, D] (N = 1 + H*W tokens, CLS first). Output: logits [B, C].
+
+    madapter   per-level projection -> hierarchical gated fusion -> + motion -> + time embedding
+               -> depth x Block(attention within a frame, temporal module, MLP)
+               -> mean over tokens and time + deepest CLS -> head
+    meanpool   every level averaged over time and tokens -> projection + fusion -> head
+    linear     deepest level's CLS averaged over time -> head
+
+The temporal module is a residual depthwise convolution over T ("conv", the
+paper's choice) or attention over T ("attn"), per token; attention within the
+frame comes first so each token also knows its neighbourhood.
+
+"Motion" is our addition: the normalised frame-to-frame change of every token,
+added before the blocks. Without it the branch could not learn the direction of
+motion on the demo's time-reversed class pairs (val top-1 at chance, 0.15 of 6
+classes); with it, 0.44-0.52. A per-channel temporal filter has to dig a small
+change out from under the static appearance that fills most of each token, and
+whether a change comes before or after another shows only in products across
+channels and time, which the depthwise filter does not form on its own.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = ("madapter", "meanpool", "linear")
+TEMPORAL = ("conv", "attn", "none")
+
+
+class LevelProjection(nn.Module):
+    """P_k = Linear(D -> d) . LayerNorm(D): puts one cached level into the branch's width."""
+
+    def __init__(self, in_width: int, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_width)
+        self.proj = nn.Linear(in_width, width)
+
+    def forward(self, x):
+        return self.proj(self.norm(x))
+
+
+class GatedFusion(nn.Module):
+    """h_1 = P_1(x_1); h_k = g_k * h_{k-1} + (1 - g_k) * P_k(x_k), shallow to deep.
+
+    g_k = sigmoid(gate_k) is learned per channel and starts at 0.5. Works on any
+    leading shape ([B, T, N, D] tokens or [B, D] pooled vectors).
+    """
+
+    def __init__(self, num_levels: int, in_width: int, width: int):
+        super().__init__()
+        self.projections = nn.ModuleList(LevelProjection(in_width, width) for _ in range(num_levels))
+        self.gates = nn.Parameter(torch.zeros(num_levels - 1, width))
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        h = self.projections[0](levels[0])
+        for k in range(1, len(levels)):
+            g = torch.sigmoid(self.gates[k - 1])
+            h = g * h + (1 - g) * self.projections[k](levels[k])
+        return h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the middle axis of [B, L, d]."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        assert width % heads == 0, f"width {width} is not divisible by heads {heads}"
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.dropout = dropout
+
+    def forward(self, x):
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, L, C/h]
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, L, C)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+class Motion(nn.Module):
+    """Frame-to-frame change of every token, normalised and projected: LayerNorm(h_t - h_{t-1}) -> Linear.
+
+    Within a clip, appearance (colours, background, texture) is nearly constant and
+    makes up most of each token; what moves is a small change on top of it. The
+    LayerNorm puts that change at unit scale, so the blocks see motion as clearly as
+    appearance. Zero at t = 0.
+    """
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, h):  # [B, T, N, d]
+        change = h - torch.cat([h[:, :1], h[:, :-1]], dim=1)  # h_t - h_{t-1}; 0 at t = 0
+        return self.proj(self.norm(change))
+
+
+class TemporalConv(nn.Module):
+    """Residual depthwise convolution over T, per token and channel.
+
+    LayerNorm -> depthwise Conv1d over T -> GELU -> Linear. The GELU matters: a
+    purely linear filter followed by mean pooling over time is (up to the borders)
+    blind to the order of frames. The output Linear starts at zero, so the module
+    starts as the identity and the branch starts as a per-frame model.
+    """
+
+    def __init__(self, width: int, kernel_size: int = 3):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.conv = nn.Conv1d(width, width, kernel_size, padding=kernel_size // 2, groups=width)
+        self.proj = nn.Linear(width, width)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):  # [B, T, N, d]
+        B, T, N, C = x.shape
+        y = self.norm(x).permute(0, 2, 3, 1).reshape(B * N, C, T)  # one sequence over time per token
+        y = self.conv(y)
+        y = y.view(B, N, C, T).permute(0, 3, 1, 2)  # [B, T, N, d]
+        return x + self.proj(F.gelu(y))
+
+
+class TemporalAttention(nn.Module):
+    """Residual attention over T, per token (zero-initialised output, like TemporalConv)."""
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, dropout)
+        nn.init.zeros_(self.attn.proj.weight)
+        nn.init.zeros_(self.attn.proj.bias)
+
+    def forward(self, x):  # [B, T, N, d]
+        B, T, N, C = x.shape
+        y = self.norm(x).transpose(1, 2).reshape(B * N, T, C)  # one sequence over time per token
+        y = self.attn(y).view(B, N, T, C).transpose(1, 2)  # [B, T, N, d]
+        return x + y
+
+
+class Block(nn.Module):
+    """Attention among the tokens of each frame, then the temporal module, then an MLP."""
+
+    def __init__(self, width: int, heads: int, temporal: str = "conv", kernel_size: int = 3,
+                 mlp_ratio: float = 4.0, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        if temporal == "conv":
+            self.temporal = TemporalConv(width, kernel_size)
+        elif temporal == "attn":
+            self.temporal = TemporalAttention(width, heads)
+        else:
+            self.temporal = nn.Identity()
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = Mlp(width, int(width * mlp_ratio), dropout)
+
+    def forward(self, x):  # [B, T, N, d]
+        B, T, N, C = x.shape
+        x = x + self.attn(self.norm1(x).view(B * T, N, C)).view(B, T, N, C)
+        x = self.temporal(x)
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class Head(nn.Module):
+    """LayerNorm -> Dropout -> Linear(num_classes)."""
+
+    def __init__(self, width: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.dropout(self.norm(x)))
+
+
+class MAdapter(nn.Module):
+    """The M-adapter branch: fuse K levels, mix tokens within and across frames, classify."""
+
+    def __init__(self, num_levels: int, in_width: int, num_frames: int, num_classes: int, width: int = 384,
+                 depth: int = 1, heads: int = 6, dropout: float = 0.1, temporal: str = "conv",
+                 kernel_size: int = 3, mlp_ratio: float = 4.0, motion: bool = True):
+        super().__init__()
+        self.num_frames = num_frames
+        self.fusion = GatedFusion(num_levels, in_width, width)
+        self.motion = Motion(width) if motion else None
+        self.time_embed = nn.Parameter(torch.zeros(num_frames, width))
+        nn.init.trunc_normal_(self.time_embed, std=0.02)
+        self.blocks = nn.ModuleList(Block(width, heads, temporal, kernel_size, mlp_ratio) for _ in range(depth))
+        self.cls_proj = LevelProjection(in_width, width)
+        self.head = Head(width, num_classes, dropout)
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        h = self.fusion(levels)  # [B, T, N, d]
+        if self.motion is not None:
+            h = h + self.motion(h)
+        h = h + self.time_embed[:, None, :]  # same embedding for every token of frame t
+        for block in self.blocks:
+            h = block(h)
+        pooled = h.mean(dim=(1, 2))  # [B, d]
+        cls = self.cls_proj(levels[-1][:, :, 0].mean(dim=1))  # deepest CLS averaged over time: [B, d]
+        return self.head(pooled + cls)
+
+
+class MeanPool(nn.Module):
+    """Baseline: every level averaged over time and tokens, then projection and fusion. No temporal module."""
+
+    def __init__(self, num_levels: int, in_width: int, num_classes: int, width: int = 384, dropout: float = 0.1):
+        super().__init__()
+        self.fusion = GatedFusion(num_levels, in_width, width)
+        self.head = Head(width, num_classes, dropout)
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        pooled = [x.mean(dim=(1, 2)) for x in levels]  # K x [B, D]
+        return self.head(self.fusion(pooled))
+
+
+class LinearProbe(nn.Module):
+    """Baseline: the deepest level's CLS token averaged over time, LayerNorm, Linear."""
+
+    def __init__(self, in_width: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.head = Head(in_width, num_classes, dropout)
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        return self.head(levels[-1][:, :, 0].mean(dim=1))  # [B, D] -> [B, C]
+
+
+def build_model(arch: str, num_levels: int, in_width: int, num_tokens: int, num_frames: int, num_classes: int,
+                width: int = 384, depth: int = 1, heads: int = 6, dropout: float = 0.1, **kw) -> nn.Module:
+    """The branch named `arch` for K=num_levels cached levels of [T, N, D] tokens.
+
+    Extra keywords (madapter only): temporal ("conv", "attn", "none"), kernel_size,
+    mlp_ratio. `num_tokens` is accepted for a uniform signature: every arch works
+    on any grid size.
+    """
+    if num_levels < 1:
+        raise ValueError("the model needs at least one cached level")
+    if arch == "madapter":
+        temporal = kw.get("temporal", "conv")
+        if temporal not in TEMPORAL:
+            raise ValueError(f"temporal module {temporal!r}: use one of {', '.join(TEMPORAL)}")
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        return MAdapter(num_levels, in_width, num_frames, num_classes, width, depth, heads, dropout,
+                        temporal=temporal, kernel_size=kw.get("kernel_size", 3), mlp_ratio=kw.get("mlp_ratio", 4.0),
+                        motion=kw.get("motion", True))
+    if arch == "meanpool":
+        return MeanPool(num_levels, in_width, num_classes, width, dropout)
+    if arch == "linear":
+        return LinearProbe(in_width, num_classes, dropout)
+    raise ValueError(f"unknown arch {arch!r}: use one of {', '.join(ARCHS)}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointError(Exception):
+    """A model file that cannot be used (message names the file and says why)."""
+
+
+def save_model(model: nn.Module, path, model_args: dict, info: dict | None = None) -> None:
+    """Weights as safetensors, with what `load_model` needs to rebuild the model in its metadata."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    save_file(state, str(path), metadata={"mad": json.dumps({"format": 1, "model_args": model_args, **(info or {})})})
+
+
+def load_model(path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode, metadata) from a file written by `save_model`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such model file") from None
+    except Exception as e:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    if "mad" not in metadata:
+        raise CheckpointError(f"{path}: not a mad model (no 'mad' metadata)")
+    info = json.loads(metadata["mad"])
+    try:
+        model = build_model(**info["model_args"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot rebuild the model ({e})") from None
+    load_state(model, load_file(str(path)), path)
+    return model.to(device).eval(), info
+
+
+def load_state(model: nn.Module, state: dict, path) -> None:
+    """`model.load_state_dict(state)`, refusing (with names and shapes) a state that does not fit."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = ([f"shapes differ: {', '.join(wrong[:3])}"] if wrong else []) + \
+               ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
+               ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
+    if problems:
+        raise CheckpointError(f"{path}: checkpoint does not match the model ({'; '.join(problems)})")
+    model.load_state_dict(state)

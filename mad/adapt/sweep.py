@@ -1,0 +1,130 @@
+"""Train every configuration of a grid from one read of the cache; rank them.
+
+    sweep("cache/train", "cache/val", "lr=1e-3,3e-4 width=256,384 arch=madapter,linear", "runs/sweep")
+
+reads both caches once (into RAM when they fit), trains the 8 combinations into
+runs/sweep/<NN>-<setting>=<value>-..., prints a leaderboard and writes
+runs/sweep/leaderboard.csv (best val top-1 first).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mad.adapt.train import TrainConfig, TrainError, check_pair, open_store, train_on
+from mad.cache.dataset import open_tokens
+from mad.cache.store import StoreError
+
+# Settings a grid may not vary: they name the data and the run, not the training.
+FIXED = ("cache", "val", "out", "resume", "overwrite")
+
+
+def parse_grid(grid: str) -> dict[str, list]:
+    """'lr=1e-3,3e-4 arch=madapter,linear' -> {'lr': [0.001, 0.0003], 'arch': ['madapter', 'linear']}."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig()
+    parsed = {}
+    for item in grid.split():
+        name, sep, values = item.partition("=")
+        name = name.replace("-", "_")
+        if not sep or not values:
+            raise TrainError(f"grid item {item!r}: write setting=value1,value2")
+        if name not in fields or name in FIXED:
+            allowed = ", ".join(n for n in fields if n not in FIXED)
+            raise TrainError(f"grid item {item!r}: {name!r} is not a setting a sweep can vary ({allowed})")
+        kind = type(getattr(defaults, name)) if getattr(defaults, name) is not None else str
+        try:
+            parsed[name] = [_cast(value, kind) for value in values.split(",")]
+        except ValueError:
+            raise TrainError(f"grid item {item!r}: {name} takes {kind.__name__} values") from None
+    if not parsed:
+        raise TrainError("empty grid: write e.g. 'lr=1e-3,3e-4 arch=madapter,linear'")
+    return parsed
+
+
+def _cast(value: str, kind: type):
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(value)
+        return value.lower() in ("true", "1", "yes")
+    return kind(value)
+
+
+def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | None = None,
+          quiet: bool = False) -> list[dict]:
+    """Train every combination of `grid` (on top of `base`); return the summaries, best val top-1 first."""
+    options = parse_grid(grid)
+    base = base or TrainConfig()
+    combinations = [dict(zip(options, values)) for values in itertools.product(*options.values())]
+    console = Console(quiet=quiet, highlight=False)
+    train_store = open_store(cache)
+    val_store = open_store(val) if val else None
+    if val_store is not None:
+        check_pair(train_store, val_store)
+    out = Path(out)
+    train_data = val_data = None
+    results = []
+    try:
+        train_data = open_tokens(train_store, base.in_ram, base.workers, progress=not quiet)
+        val_data = open_tokens(val_store, base.in_ram, base.workers, progress=not quiet) if val_store else None
+        for i, setting in enumerate(combinations, 1):
+            name = f"{i:02d}-" + "-".join(f"{k}={v}" for k, v in setting.items())
+            cfg = dataclasses.replace(base, cache=cache, val=val, out=str(out / name), resume=False, **setting)
+            console.print(f"[bold]{i}/{len(combinations)}[/] {name}")
+            summary = train_on(cfg, train_data, val_data, quiet=True)
+            results.append({**setting, **summary})
+            console.print("  " + _brief(summary))
+    except StoreError as e:
+        raise TrainError(str(e)) from None
+    finally:
+        for data in (train_data, val_data):
+            if data is not None:
+                data.close()
+
+    key = "val/acc/top1" if val else "train/acc"
+    results.sort(key=lambda row: -row[key])
+    write_leaderboard(results, list(options), out / "leaderboard.csv")
+    console.print(leaderboard_table(results, list(options), key))
+    return results
+
+
+def _brief(summary: dict) -> str:
+    shown = {k: summary[k] for k in ("val/acc/top1", "val/acc/mean1", "train/loss") if k in summary}
+    return ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f", {summary['seconds']:.1f}s"
+
+
+COLUMNS = ("val/acc/top1", "val/acc/top5", "val/acc/mean1", "train/acc", "train/loss", "best_epoch", "parameters",
+           "seconds", "run")
+
+
+def write_leaderboard(results: list[dict], settings: list[str], path: Path) -> None:
+    columns = settings + [c for c in COLUMNS if c in results[0]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+
+
+TABLE = {"val/acc/top1": "top1", "val/acc/top5": "top5", "val/acc/mean1": "mean1", "train/acc": "train acc",
+         "train/loss": "train loss", "parameters": "params", "seconds": "s"}
+
+
+def leaderboard_table(results: list[dict], settings: list[str], key: str) -> Table:
+    columns = [c for c in TABLE if c in results[0]]
+    table = Table(title=f"sweep leaderboard (by {key})")
+    table.add_column("#", justify="right")
+    for name in settings + [TABLE[c] for c in columns]:
+        table.add_column(name, justify="right")
+    for rank, row in enumerate(results, 1):
+        cells = [str(row[name]) for name in settings]
+        for c in columns:
+            cells.append(f"{row[c]:,}" if c == "parameters" else f"{row[c]:.1f}" if c == "seconds" else f"{row[c]:.3f}")
+        table.add_row(str(rank), *cells)
+    return table

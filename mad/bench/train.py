@@ -1,0 +1,245 @@
+"""`mad bench train`: what the cache buys per training epoch, and what streaming it costs.
+
+Same branch (M-adapter), frames, batch and training step in every mode:
+
+    cache (RAM)     tokens read from the cache into RAM once; an epoch is branch steps only
+    cache (stream)  the same epoch with tokens read from disk by spawned DataLoader workers
+    online          every step decodes the batch's videos, runs the frozen ViT (random
+                    weights, `precision`) under no_grad, then the same branch step
+
+Online training is timed for a few steps (after a warm-up step) and extrapolated
+to a whole epoch (steps per epoch x median step time): a whole online epoch takes
+too long to be worth running. The one-time cost of building the cache (`mad
+extract` on the same videos) is measured too, so the number of epochs after which
+the cache pays for itself can be read off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class BenchTrainError(Exception):
+    """The benchmark cannot run with these options (message says why)."""
+
+
+@contextlib.contextmanager
+def random_weights_expected():
+    """Silence the random-weights warning: timings do not depend on weight values."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*random weights.*")
+        yield
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step(branch, optimizer, levels, labels, device) -> None:
+    """One training step, as mad.adapt.train takes it."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        logits = branch([x.to(device, non_blocking=True).float() for x in levels])
+    loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=0.1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
+    optimizer.step()
+
+
+def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device) -> tuple[float, int]:
+    """(seconds, steps) of one training epoch over `data`."""
+    _sync(device)
+    started = time.perf_counter()
+    steps = 0
+    for levels, labels, _, _ in data.train_batches(batch_size, seed=0, epoch=epoch):
+        _step(branch, optimizer, levels, labels, device)
+        steps += 1
+    _sync(device)
+    return time.perf_counter() - started, steps
+
+
+def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", frames: int = 8, batch_size: int = 8,
+                epochs: int = 2, width: int = 384, online_steps: int = 3, workers: int = 2, limit: int | None = None,
+                device: str = "auto", precision: str = "bf16", cache: str | None = None, pool: int = 1,
+                out: str | None = None) -> dict:
+    """Time a cached epoch (RAM and streamed) against online training on `videos`; print and return the figures."""
+    from mad.adapt.madapter import build_model, count_parameters
+    from mad.cache.dataset import InMemoryTokens, StreamingTokens, usable_videos
+    from mad.cache.store import Store, StoreError
+    from mad.extract.backbone import load_backbone, resolve_device
+    from mad.extract.decode import decode_clip
+    from mad.extract.run import ExtractConfig, extract
+
+    device = torch.device(resolve_device(device))
+    tmp = tempfile.TemporaryDirectory(prefix="mad-bench-train-")
+    try:
+        # 0. the cache: given, or extracted now from the same videos (one-time cost, measured)
+        extract_seconds = None
+        root = Path(videos)  # the store's paths are relative to this
+        if cache is None:
+            if limit is not None:  # a subset without copying: symlink the first `limit` videos
+                from mad.extract.videos import find_videos
+
+                root = Path(tmp.name) / "videos"
+                for path in find_videos(videos).paths[:limit]:
+                    (root / path).parent.mkdir(parents=True, exist_ok=True)
+                    os.symlink(Path(videos).resolve() / path, root / path)
+            cache = str(Path(tmp.name) / "cache")
+            started = time.perf_counter()
+            with random_weights_expected():
+                extract(ExtractConfig(videos=str(root), out=cache, layers=layers, model=model, pretrained="none",
+                                      frames=frames, precision=precision, pool=pool, device=str(device),
+                                      progress=False))
+            extract_seconds = time.perf_counter() - started
+        try:
+            store = Store.open(cache)
+            selected = usable_videos(store)
+        except StoreError as e:
+            raise BenchTrainError(str(e)) from None
+        m = store.manifest
+        frames = m["frames"]  # a given cache decides
+        num_classes = max(len(store.class_names), int(store.labels().max()) + 1)
+        in_ram = InMemoryTokens(store, selected, progress=False)
+
+        def new_branch():
+            torch.manual_seed(0)
+            branch = build_model("madapter", len(store.layers), m["width"], m["tokens"], m["frames"], num_classes,
+                                 width=width, heads=next(h for h in (6, 4, 2, 1) if width % h == 0)).to(device)
+            return branch, torch.optim.AdamW(branch.parameters(), lr=1e-3, weight_decay=0.05)
+
+        # 1. epochs from RAM (the first one warms the allocator up and is not counted when there are more)
+        branch, optimizer = new_branch()
+        ram_epochs = [_cached_epoch(branch, optimizer, in_ram, batch_size, e, device) for e in range(max(epochs, 1))]
+        steps_per_epoch = ram_epochs[0][1]
+        ram_seconds = statistics.median(s for s, _ in (ram_epochs[1:] or ram_epochs))
+
+        # 2. the same epochs streamed from disk (the first pass also spawns the workers)
+        streamed = StreamingTokens(store, selected, workers=workers)
+        try:
+            branch, optimizer = new_branch()
+            stream_epochs = [_cached_epoch(branch, optimizer, streamed, batch_size, e, device)
+                             for e in range(max(epochs, 1) + 1)]
+        finally:
+            streamed.close()
+        stream_seconds = statistics.median(s for s, _ in stream_epochs[1:])
+
+        # 3. online: decode + frozen ViT + branch every step, a few steps, extrapolated to an epoch
+        with random_weights_expected():  # taps shaped as the cache's tokens
+            backbone = load_backbone(m["model"], "none", store.layers, str(device), precision,
+                                     pool=m.get("pool") or 1, model_config=m.get("model_config"))
+        size = backbone.info.image_size
+        branch, optimizer = new_branch()
+        paths, labels = store.paths(), store.labels()
+        order = [int(v) for v in selected]
+        decode_times, backbone_times, step_times = [], [], []
+        for step in range(online_steps + 1):  # step 0 is the warm-up
+            batch = [order[(step * batch_size + i) % len(order)] for i in range(batch_size)]
+            started = time.perf_counter()
+            clips = [decode_clip(str(root / paths[v]), frames, 1, 1, size).frames[0] for v in batch]
+            frames_batch = torch.from_numpy(np.stack(clips)).flatten(0, 1).to(device)  # [B*T, 3, S, S]
+            decoded = time.perf_counter()
+            taps = backbone(frames_batch)  # K x [B*T, N, D]
+            levels = [x.view(len(batch), frames, *x.shape[1:]) for x in taps]
+            _sync(device)
+            encoded = time.perf_counter()
+            _step(branch, optimizer, levels, torch.as_tensor(labels[batch], dtype=torch.long), device)
+            _sync(device)
+            finished = time.perf_counter()
+            if step:
+                decode_times.append(decoded - started)
+                backbone_times.append(encoded - decoded)
+                step_times.append(finished - started)
+        online_step = statistics.median(step_times)
+        online_seconds = online_step * steps_per_epoch
+
+        result = {
+            "machine": _machine(device), "date": datetime.date.today().isoformat(),
+            "settings": {"videos": videos, "clips": len(order), "model": m["model"], "weights": "random",
+                         "layers": store.layers, "frames": frames, "batch_size": batch_size, "branch_width": width,
+                         "branch_parameters": count_parameters(branch), "device": str(device),
+                         "precision": precision, "pool": m.get("pool") or 1, "tokens": m["tokens"],
+                         "stream_workers": workers, "online_steps_timed": online_steps,
+                         "threads": torch.get_num_threads()},
+            "steps_per_epoch": steps_per_epoch,
+            "extract_seconds": extract_seconds,
+            "cache_epoch_seconds": ram_seconds,
+            "stream_epoch_seconds": stream_seconds,
+            "online_epoch_seconds_extrapolated": online_seconds,
+            "online_step_seconds": {"decode": statistics.median(decode_times),
+                                    "backbone": statistics.median(backbone_times), "total": online_step},
+            "cache_step_seconds": ram_seconds / steps_per_epoch,
+            "stream_step_seconds": stream_seconds / steps_per_epoch,
+            "online_over_cache": online_seconds / ram_seconds,
+            "stream_over_ram": stream_seconds / ram_seconds,
+        }
+        if extract_seconds is not None:
+            # epochs after which extract-once + cached epochs beat online epochs
+            saved_per_epoch = online_seconds - ram_seconds
+            result["break_even_epochs"] = extract_seconds / saved_per_epoch if saved_per_epoch > 0 else None
+        _print(result)
+        if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            kind = "gpu" if device.type == "cuda" else "cpu"
+            name = f"train_{kind}_{Path(m['model']).stem}_pool{m.get('pool') or 1}.json"
+            (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
+        return result
+    finally:
+        tmp.cleanup()
+
+
+def _machine(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _print(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = r["settings"]
+    table = Table(title=f"mad bench train: {s['clips']} clips, {s['model']} ({s['precision']}, random weights), "
+                        f"T={s['frames']}, {s['tokens']} tokens (pool {s['pool']}), batch {s['batch_size']}, "
+                        f"M-adapter width {s['branch_width']}, {s['device']}")
+    for column in ("mode", "s / step", "s / epoch", "vs cache (RAM)"):
+        table.add_column(column, justify="right" if column != "mode" else "left")
+    n = r["steps_per_epoch"]
+    table.add_row("cache, in RAM", f"{r['cache_step_seconds']:.3f}", f"{r['cache_epoch_seconds']:.2f}", "1.00x")
+    table.add_row(f"cache, streamed ({s['stream_workers']} workers)", f"{r['stream_step_seconds']:.3f}",
+                  f"{r['stream_epoch_seconds']:.2f}", f"{r['stream_over_ram']:.2f}x")
+    o = r["online_step_seconds"]
+    table.add_row(f"online (decode {o['decode']:.2f} s + ViT {o['backbone']:.2f} s + branch)", f"{o['total']:.3f}",
+                  f"{r['online_epoch_seconds_extrapolated']:.1f}*", f"{r['online_over_cache']:.1f}x")
+    console = Console()
+    console.print(table)
+    console.print(f"* online epoch = {n} steps x median of {s['online_steps_timed']} timed steps (extrapolated, "
+                  f"not run). Targets: online / cache >= 20x on CPU, streamed / RAM <= 1.10x.")
+    if r.get("extract_seconds") is not None:
+        even = r.get("break_even_epochs")
+        console.print(f"building the cache took {r['extract_seconds']:.1f} s once"
+                      + (f"; it pays for itself after {math.ceil(even)} epoch(s)" if even else ""))

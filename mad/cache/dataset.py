@@ -1,0 +1,226 @@
+"""Cached tokens as training batches: RAM-resident when they fit, streamed from the store when not.
+
+Both sources hold the done, labelled videos of one store and yield the same
+batches in the same order for the same (seed, epoch), so a run gives the same
+numbers whichever is used:
+
+    training   every video once per epoch, shuffled, with one of its cached views
+               (clips x crops) drawn at random
+    eval       the first view of every video, or every view of every video
+
+A batch is (levels, labels, positions, views): `levels` one float16 tensor
+[B, T, N, D] per cached layer (shallow to deep), `positions` the videos' indices
+within the source (0..num_videos-1), `views` the view of each item.
+
+Streaming reads one (video, view) chunk per layer per item in DataLoader workers
+started with `spawn`: zarr v3 runs an event-loop thread, and a forked copy of a
+process that holds one can deadlock. Each worker opens the store itself.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mad.cache.store import DONE, Store, StoreError
+
+Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable; free pages where there is no /proc)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def usable_videos(store: Store) -> np.ndarray:
+    """Store indices of the videos that are extracted (status done) and labelled."""
+    status, labels = store.status(), store.labels()
+    videos = np.flatnonzero((status == DONE) & (labels >= 0))
+    if videos.size == 0:
+        raise StoreError(f"{store.location}: no extracted, labelled videos "
+                         f"({int((status == DONE).sum())} of {status.size} done, {int((labels >= 0).sum())} labelled)")
+    return videos
+
+
+def cache_bytes(store: Store, num_videos: int) -> int:
+    """Bytes that `num_videos` videos of every layer take as float16 in memory."""
+    m = store.manifest
+    per_video = m["clips"] * m["crops"] * m["frames"] * m["tokens"] * m["width"] * 2
+    return per_video * num_videos * len(store.layers)
+
+
+def epoch_order(num_videos: int, num_views: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, views) for one training epoch: a shuffle and one random view per video."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    positions = torch.randperm(num_videos, generator=generator)
+    views = torch.randint(num_views, (num_videos,), generator=generator)
+    return positions, views
+
+
+def eval_order(num_videos: int, num_views: int, all_views: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, views) for evaluation: video by video, view 0 only or every view."""
+    views_used = num_views if all_views else 1
+    positions = torch.arange(num_videos).repeat_interleave(views_used)
+    views = torch.arange(views_used).repeat(num_videos)
+    return positions, views
+
+
+class CachedTokens:
+    """What both sources share: which videos, their labels, and the batch order."""
+
+    def __init__(self, store: Store, videos: np.ndarray):
+        self.location = store.location
+        self.manifest = dict(store.manifest)
+        self.layers = store.layers
+        self.videos = videos  # store indices
+        self.labels = torch.from_numpy(store.labels()[videos].astype(np.int64))
+        paths = store.paths()
+        self.paths = [paths[v] for v in videos]
+        self.class_names = store.class_names
+        self.num_views = self.manifest["clips"] * self.manifest["crops"]
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.videos)
+
+    def train_batches(self, batch_size: int, seed: int, epoch: int) -> Iterator[Batch]:
+        return self._batches(*epoch_order(self.num_videos, self.num_views, seed, epoch), batch_size)
+
+    def eval_batches(self, batch_size: int, all_views: bool = False) -> Iterator[Batch]:
+        return self._batches(*eval_order(self.num_videos, self.num_views, all_views), batch_size)
+
+    def _batches(self, positions, views, batch_size) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class InMemoryTokens(CachedTokens):
+    """Every layer of the selected videos read once into one float16 tensor [V, views, T, N, D]."""
+
+    def __init__(self, store: Store, videos: np.ndarray | None = None, progress: bool = True):
+        super().__init__(store, usable_videos(store) if videos is None else videos)
+        m = self.manifest
+        shape = (self.num_videos, self.num_views, m["frames"], m["tokens"], m["width"])
+        self.levels = [torch.empty(shape, dtype=torch.float16) for _ in self.layers]
+        # Read whole shards (one request per shard file) and keep the selected rows.
+        step = store.shard_size
+        blocks = [(start, min(start + step, store.num_videos)) for start in range(0, store.num_videos, step)]
+        blocks = [(a, b) for a, b in blocks if np.any((self.videos >= a) & (self.videos < b))]
+        rows = {v: i for i, v in enumerate(self.videos.tolist())}
+        from rich.console import Console
+        from rich.progress import Progress
+
+        with Progress(transient=True, disable=not (progress and Console().is_terminal)) as bar:
+            name = os.path.basename(self.location.rstrip("/"))
+            task = bar.add_task(f"reading {name}", total=len(blocks) * len(self.layers))
+            for level, layer in zip(self.levels, self.layers):
+                for start, stop in blocks:
+                    chunk = store.read_layer(layer, slice(start, stop))  # [stop-start, views, T, N, D]
+                    wanted = self.videos[(self.videos >= start) & (self.videos < stop)]
+                    level[[rows[v] for v in wanted.tolist()]] = torch.from_numpy(chunk[wanted - start])
+                    bar.advance(task)
+
+    def _batches(self, positions, views, batch_size) -> Iterator[Batch]:
+        for i in range(0, len(positions), batch_size):
+            p, v = positions[i:i + batch_size], views[i:i + batch_size]
+            yield [level[p, v] for level in self.levels], self.labels[p], p, v
+
+
+class StreamingTokens(CachedTokens):
+    """Reads each batch's chunks from the store in `workers` spawned DataLoader processes."""
+
+    def __init__(self, store: Store, videos: np.ndarray | None = None, workers: int = 2):
+        super().__init__(store, usable_videos(store) if videos is None else videos)
+        self.workers = workers
+        self._reader = ChunkReader(self.location, self.layers, self.videos)
+        self._sampler = _ListSampler()
+        self._loader = None
+
+    def _batches(self, positions, views, batch_size) -> Iterator[Batch]:
+        self._sampler.batches = [list(zip(positions[i:i + batch_size].tolist(), views[i:i + batch_size].tolist()))
+                                 for i in range(0, len(positions), batch_size)]
+        if self._loader is None:  # persistent workers: spawn them once, not once an epoch
+            self._loader = DataLoader(
+                self._reader, batch_sampler=self._sampler, num_workers=self.workers, collate_fn=_collate,
+                multiprocessing_context="spawn" if self.workers else None, persistent_workers=self.workers > 0,
+                prefetch_factor=4 if self.workers else None,
+                generator=torch.Generator(),  # its own: seeding workers must not draw from the global RNG
+            )
+        for levels, p, v in self._loader:
+            yield levels, self.labels[p], p, v
+
+    def close(self) -> None:
+        if self._loader is not None and self._loader._iterator is not None:
+            self._loader._iterator._shutdown_workers()
+        self._loader = None
+
+
+class ChunkReader(Dataset):
+    """Item (position, view) -> one float16 [T, N, D] tensor per layer. Opens the store lazily, per process."""
+
+    def __init__(self, location: str, layers: list[int], videos: np.ndarray):
+        self.location, self.layers, self.videos = location, layers, videos
+        self._arrays = None
+
+    def __getstate__(self):  # what a spawned worker receives: no open store
+        return {**self.__dict__, "_arrays": None}
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, item):
+        if self._arrays is None:
+            store = Store.open(self.location)
+            self._arrays = [store.layer_array(layer) for layer in self.layers]
+        position, view = item
+        video = int(self.videos[position])
+        return [torch.from_numpy(array[video, view]) for array in self._arrays], position, view
+
+
+class _ListSampler(Sampler):
+    """Yields the batches the source set for the current pass (set before each iteration)."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def _collate(items):
+    levels = [torch.stack(level) for level in zip(*(item[0] for item in items))]  # K x [B, T, N, D]
+    positions = torch.tensor([item[1] for item in items])
+    views = torch.tensor([item[2] for item in items])
+    return levels, positions, views
+
+
+def open_tokens(store: Store | str, in_ram: str = "auto", workers: int = 2, reserve: float = 0.5,
+                progress: bool = True) -> CachedTokens:
+    """The store's done, labelled videos as batches: in RAM ('yes'), streamed ('no'), or
+    in RAM when they take less than `reserve` of the available memory ('auto')."""
+    if isinstance(store, str):
+        store = Store.open(store)
+    if in_ram not in ("auto", "yes", "no"):
+        raise StoreError(f"in_ram {in_ram!r}: use auto, yes or no")
+    videos = usable_videos(store)
+    if in_ram == "auto":
+        in_ram = "yes" if cache_bytes(store, len(videos)) < reserve * available_memory() else "no"
+    if in_ram == "yes":
+        return InMemoryTokens(store, videos, progress=progress)
+    return StreamingTokens(store, videos, workers=workers)

@@ -1,0 +1,95 @@
+"""The M-adapter branch and its baselines: shapes, parameters, temporal order, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mad.adapt.madapter import (ARCHS, CheckpointError, TemporalConv, build_model, count_parameters, load_model,
+                                load_state, save_model)
+
+SMALL = dict(width=16, heads=2, dropout=0.0)
+
+
+def levels_for(num_levels, batch=2, frames=4, tokens=17, width=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, frames, tokens, width, generator=g) for _ in range(num_levels)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+@pytest.mark.parametrize("grid", [(1, 1), (2, 3), (4, 4)])
+def test_shapes_every_arch_levels_and_grid(arch, num_levels, grid):
+    tokens = 1 + grid[0] * grid[1]
+    model = build_model(arch, num_levels, 24, tokens, 4, 5, **SMALL)
+    logits = model(levels_for(num_levels, tokens=tokens))
+    assert logits.shape == (2, 5)
+    logits.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("options", [dict(temporal="attn"), dict(temporal="none"), dict(motion=False),
+                                     dict(depth=2, kernel_size=5)])
+def test_madapter_variants(options):
+    model = build_model("madapter", 2, 24, 10, 4, 3, **SMALL, **options)
+    assert model(levels_for(2, tokens=10)).shape == (2, 3)
+
+
+def test_parameter_counts_grow_with_the_branch():
+    counts = {arch: count_parameters(build_model(arch, 3, 768, 197, 8, 400)) for arch in ARCHS}
+    assert counts["linear"] == 768 * 400 + 400 + 2 * 768  # LayerNorm + Linear
+    assert counts["linear"] < counts["meanpool"] < counts["madapter"]
+    assert counts["madapter"] < 6_000_000  # a small branch beside an 86M-parameter ViT-B
+
+
+def test_temporal_conv_starts_as_identity():
+    module = TemporalConv(16)
+    x = torch.randn(2, 5, 7, 16)
+    assert torch.equal(module(x), x)
+
+
+def test_madapter_sees_frame_order_and_linear_does_not():
+    levels = levels_for(2)
+    reversed_levels = [x.flip(1) for x in levels]
+    torch.manual_seed(0)
+    madapter = build_model("madapter", 2, 24, 17, 4, 3, **SMALL).eval()
+    linear = build_model("linear", 2, 24, 17, 4, 3, **SMALL).eval()
+    assert not torch.allclose(madapter(levels), madapter(reversed_levels))
+    assert torch.allclose(linear(levels), linear(reversed_levels), atol=1e-6)
+
+
+def test_unknown_arch_and_bad_heads_are_refused():
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_model("resnet", 1, 8, 5, 4, 2)
+    with pytest.raises(ValueError, match="divisible"):
+        build_model("madapter", 1, 8, 5, 4, 2, width=10, heads=3)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    args = dict(arch="madapter", num_levels=2, in_width=24, num_tokens=17, num_frames=4, num_classes=3, **SMALL)
+    model = build_model(**args).eval()
+    save_model(model, tmp_path / "model.safetensors", args, {"class_names": ["a", "b", "c"]})
+    loaded, info = load_model(tmp_path / "model.safetensors")
+    assert info["class_names"] == ["a", "b", "c"] and info["model_args"] == args
+    levels = levels_for(2)
+    assert torch.equal(model(levels), loaded(levels))
+
+
+def test_checkpoint_with_other_shapes_is_refused(tmp_path):
+    small = build_model("madapter", 2, 24, 17, 4, 3, **SMALL)
+    wider = build_model("madapter", 2, 24, 17, 4, 3, width=32, heads=2)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: checkpoint does not match the model \(shapes"):
+        load_state(wider, small.state_dict(), "model.safetensors")
+
+
+def test_foreign_files_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match="plain.safetensors: not a mad model"):
+        load_model(tmp_path / "plain.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        load_model(tmp_path / "junk.safetensors")
+    with pytest.raises(CheckpointError, match="no such model file"):
+        load_model(tmp_path / "missing.safetensors")

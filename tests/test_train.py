@@ -1,0 +1,238 @@
+"""Stage two from synthetic caches: data sources, training, resume, evaluation, sweep, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from helpers_cache import make_cache
+
+from mad.adapt.evaluate import EvalError, evaluate
+from mad.adapt.sweep import parse_grid, sweep
+from mad.adapt.train import TrainConfig, TrainError, train
+from mad.cache.dataset import InMemoryTokens, StreamingTokens, open_tokens
+from mad.cache.store import Store
+
+# Tiny branch: the whole file stays within a few CPU-seconds per test.
+TINY = dict(width=32, heads=2, batch_size=16, lr=3e-3, warmup_epochs=1, workers=0)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """Direction task (class = left-to-right or right-to-left motion): train 48, val 32, val with 2 clips."""
+    root = tmp_path_factory.mktemp("caches")
+    make_cache(root / "train", videos_per_class=24, seed=0)
+    make_cache(root / "val", videos_per_class=16, seed=1)
+    make_cache(root / "val2", videos_per_class=8, seed=2, clips=2)
+    return {name: str(root / name) for name in ("train", "val", "val2")}
+
+
+def config(caches, out, **overrides):
+    options = dict(cache=caches["train"], val=caches["val"], epochs=2, out=str(out), **TINY)
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def metric_rows(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "clips_per_second")} for row in rows]
+
+
+# ---- data ------------------------------------------------------------------------------
+
+
+def test_only_done_labelled_videos_are_used(tmp_path):
+    store = make_cache(tmp_path / "c", videos_per_class=4, failed=(1,), unlabelled=(2,))
+    data = open_tokens(store, "yes", progress=False)
+    assert isinstance(data, InMemoryTokens)
+    assert data.videos.tolist() == [0, 3, 4, 5, 6, 7]
+    assert data.levels[0].shape == (6, 1, 8, 17, 32) and data.levels[0].dtype == torch.float16
+    assert torch.equal(data.levels[1][1], torch.from_numpy(store.read_layer(4, slice(3, 4))[0]))
+
+
+def test_streaming_gives_the_same_batches_as_ram(caches):
+    store = Store.open(caches["val2"])
+    in_ram = open_tokens(store, "yes", progress=False)
+    streamed = open_tokens(store, "no", workers=1)  # one spawned reader process
+    assert isinstance(streamed, StreamingTokens)
+    try:
+        for epoch in (1, 2):  # persistent workers serve a second pass
+            pairs = zip(in_ram.train_batches(5, seed=3, epoch=epoch), streamed.train_batches(5, seed=3, epoch=epoch))
+            for a, b in pairs:
+                assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+                assert torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])
+        views = torch.cat([v for *_, v in in_ram.train_batches(16, seed=0, epoch=1)])
+        assert set(views.tolist()) == {0, 1}  # one random view of the two per video
+        assert sum(len(b[1]) for b in streamed.eval_batches(8, all_views=True)) == 2 * in_ram.num_videos
+    finally:
+        streamed.close()
+
+
+# ---- training --------------------------------------------------------------------------
+
+
+def test_madapter_learns_temporal_order_that_linear_cannot(caches, tmp_path):
+    madapter = train(config(caches, tmp_path / "madapter", epochs=20), quiet=True)
+    linear = train(config(caches, tmp_path / "linear", arch="linear", epochs=20), quiet=True)
+    assert madapter["val/acc/top1"] >= 0.9
+    # Classes are exact time reversals: chance is 0.5 (the best of 20 noisy epochs may pick a lucky one).
+    assert linear["last/val/acc/top1"] <= 0.65 and linear["val/acc/top1"] <= 0.75
+    rows = metric_rows(tmp_path / "madapter")
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.2  # training lowers the loss
+    run = tmp_path / "madapter"
+    for name in ("config.json", "metrics.jsonl", "model.safetensors", "last.pt", "curves.png", "confusion.png",
+                 "summary.json"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["cache_manifest"]["layers"] == [2, 4] and saved["train"]["arch"] == "madapter"
+    assert set(rows[0]) == {"epoch", "lr", "train/loss", "train/acc", "val/acc/top1", "val/acc/top5", "val/acc/mean1"}
+    print(f"\nsynthetic direction task, val top-1: madapter {madapter['val/acc/top1']:.3f}, "
+          f"linear {linear['val/acc/top1']:.3f}")
+
+
+def test_same_seed_same_metrics(caches, tmp_path):
+    first = train(config(caches, tmp_path / "a"), quiet=True)
+    second = train(config(caches, tmp_path / "b"), quiet=True)
+    assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
+    assert first["train/loss"] == second["train/loss"]
+
+
+def test_resume_matches_an_uninterrupted_run(caches, tmp_path):
+    whole = train(config(caches, tmp_path / "whole", epochs=4), quiet=True)
+
+    def crash_after_two(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config(caches, tmp_path / "cut", epochs=4), on_epoch_end=crash_after_two, quiet=True)
+    with pytest.raises(TrainError, match="a run already exists here; pass --resume"):
+        train(config(caches, tmp_path / "cut", epochs=4), quiet=True)
+    resumed = train(config(caches, tmp_path / "cut", epochs=4, resume=True), quiet=True)
+    assert metric_rows(tmp_path / "cut") == metric_rows(tmp_path / "whole")
+    assert resumed["val/acc/top1"] == whole["val/acc/top1"] and resumed["train/loss"] == whole["train/loss"]
+    with pytest.raises(TrainError, match=r"cannot resume with different settings \(width 32 -> 64"):
+        train(config(caches, tmp_path / "cut", epochs=4, width=64, resume=True), quiet=True)
+
+
+def test_streamed_training_matches_in_ram_training(caches, tmp_path):
+    train(config(caches, tmp_path / "ram", in_ram="yes"), quiet=True)
+    train(config(caches, tmp_path / "streamed", in_ram="no", workers=1), quiet=True)
+    assert metric_rows(tmp_path / "ram") == metric_rows(tmp_path / "streamed")
+
+
+def test_no_image_model_is_built(caches, tmp_path, monkeypatch):
+    from mad._compat import import_open_clip
+
+    open_clip = import_open_clip()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("training from the cache built an open_clip model")
+
+    monkeypatch.setattr(open_clip, "create_model", forbidden)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", forbidden)
+    monkeypatch.setattr("mad.extract.backbone.load_backbone", forbidden)
+    train(config(caches, tmp_path / "run", epochs=1), quiet=True)
+
+
+def test_val_cache_of_other_tokens_is_refused(caches, tmp_path):
+    make_cache(tmp_path / "other", videos_per_class=2, layers=(1, 4))
+    with pytest.raises(TrainError, match=r"other: val cache does not match the training cache .* on layers \("):
+        train(config(caches, tmp_path / "run", val=str(tmp_path / "other")), quiet=True)
+    with pytest.raises(TrainError, match="no mad cache here"):
+        train(config(caches, tmp_path / "run", val=str(tmp_path / "missing")), quiet=True)
+
+
+# ---- evaluation and sweep --------------------------------------------------------------
+
+
+def test_evaluate_single_and_multi_view(caches, tmp_path):
+    train(config(caches, tmp_path / "run", epochs=1), quiet=True)
+    result = evaluate(tmp_path / "run", caches["val2"], device="cpu", progress=False)
+    assert result["views"] == 2 and result["videos"] == 16
+    for view in ("single_view", "multi_view"):
+        assert set(result[view]) == {"acc/top1", "acc/top5", "acc/mean1"}
+        assert 0.0 <= result[view]["acc/top1"] <= 1.0
+    assert result["multi_view"]["acc/top5"] == 1.0  # two classes: top-5 holds every class
+    assert json.loads((tmp_path / "run" / "eval-val2.json").read_text())["multi_view"] == result["multi_view"]
+    assert (tmp_path / "run" / "confusion-val2.png").is_file()
+    make_cache(tmp_path / "wide", videos_per_class=2, width=16)
+    with pytest.raises(EvalError, match=r"wide: cache does not match .* \(width: 32 != 16\)"):
+        evaluate(tmp_path / "run", tmp_path / "wide", device="cpu", progress=False)
+
+
+def test_sweep_trains_every_combination_from_one_read(caches, tmp_path, monkeypatch):
+    reads = []
+    original = Store.read_layer
+    def counting(self, *args, **kwargs):
+        reads.append(self.location)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "read_layer", counting)
+    base = TrainConfig(epochs=1, **TINY)
+    results = sweep(caches["train"], caches["val"], "lr=1e-3,3e-3 arch=madapter,linear", str(tmp_path / "sweep"),
+                    base=base, quiet=True)
+    assert len(results) == 4
+    assert {(r["lr"], r["arch"]) for r in results} == {(1e-3, "madapter"), (3e-3, "madapter"), (1e-3, "linear"),
+                                                       (3e-3, "linear")}
+    # one read per layer and shard: 48 train videos and 32 val videos in shards of 8, two layers
+    assert reads.count(caches["train"]) == 2 * 6 and reads.count(caches["val"]) == 2 * 4
+    with open(tmp_path / "sweep" / "leaderboard.csv") as f:
+        board = list(csv.DictReader(f))
+    assert len(board) == 4 and board[0]["val/acc/top1"] >= board[-1]["val/acc/top1"]
+
+
+def test_grid_parsing():
+    assert parse_grid("lr=1e-3,3e-4 width=256 arch=madapter,linear") == {
+        "lr": [1e-3, 3e-4], "width": [256], "arch": ["madapter", "linear"]}
+    with pytest.raises(TrainError, match="'colour' is not a setting"):
+        parse_grid("colour=red")
+    with pytest.raises(TrainError, match="width takes int values"):
+        parse_grid("width=wide")
+
+
+# ---- command line ----------------------------------------------------------------------
+
+
+def test_cli_train_resume_eval_and_errors(caches, tmp_path):
+    from typer.testing import CliRunner
+
+    from mad.cli import app
+
+    runner = CliRunner()
+    run = str(tmp_path / "run")
+    common = ["--cache", caches["train"], "--val", caches["val"], "--width", "16", "--heads", "2", "--in-ram", "yes"]
+    result = runner.invoke(app, ["train", *common, "--epochs", "2", "--out", run])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["train", "--resume", "--out", run])  # settings come from the run's config.json
+    assert result.exit_code == 0, result.output
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    result = runner.invoke(app, ["eval", "--run", run, "--cache", caches["val2"], "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "multi_view" in result.output and "acc/top1" in result.output
+
+    result = runner.invoke(app, ["train", "--cache", caches["train"], "--val", str(tmp_path / "nope"), "--out", run])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: no mad cache here (no zarr.json)"
+    result = runner.invoke(app, ["train", *common, "--arch", "vit", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "error: --arch 'vit': use one of madapter, meanpool, linear" in result.output
+    result = runner.invoke(app, ["sweep", "--grid", "depth=x", "--cache", caches["train"]])
+    assert result.exit_code == 2 and "error: grid item 'depth=x': depth takes int values" in result.output
+
+
+def test_bench_train_smoke(tmp_path):
+    from conftest import TINY_MODEL
+
+    from mad.bench.train import bench_train
+    from mad.synthetic import make_demo_videos
+
+    videos = make_demo_videos(tmp_path / "videos", videos_per_class=1, val_per_class=0, num_frames=8, size=64)
+    result = bench_train(str(videos["train"]), model=TINY_MODEL, layers="2,4", frames=4, batch_size=2, epochs=1,
+                         width=32, online_steps=1, workers=1, limit=4, precision="fp32", device="cpu",
+                         out=str(tmp_path / "out"))
+    assert result["steps_per_epoch"] == 2 and result["settings"]["clips"] == 4
+    assert result["online_over_cache"] > 1.0  # decoding and the ViT cost something on top of the branch
+    assert 0 < result["stream_over_ram"] < 20
+    assert len(list((tmp_path / "out").glob("train_cpu_*.json"))) == 1
