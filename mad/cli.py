@@ -98,7 +98,7 @@ def train(
     width: int = typer.Option(384, help="Branch width."),
     depth: int = typer.Option(1, help="Fusion/temporal blocks."),
     heads: int = typer.Option(6, help="Attention heads."),
-    temporal: str = typer.Option("conv", help="Temporal module: conv, attn or none."),
+    temporal: str = typer.Option("conv", help="Temporal module: conv (over T per token), conv3d (over T and neighbouring patches), attn or none."),
     motion: bool = typer.Option(True, "--motion/--no-motion", help="Feed the blocks frame-to-frame token changes."),
     epochs: int = typer.Option(30),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),

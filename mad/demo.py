@@ -22,10 +22,10 @@ DEMO_MODEL = str(Path(__file__).parent / "configs" / "mad-demo-vit.json")
 @dataclass
 class DemoConfig:
     out: str = "demo"               # videos, caches and runs go here
-    videos_per_class: int = 24
+    videos_per_class: int = 48
     val_per_class: int = 8
     frames: int = 8                 # T sampled per clip (the clips have 16)
-    layers: str = "2,3,4"
+    layers: str = "1,2"             # random blocks mix tokens globally: the shallow ones keep more layout
     epochs: int = 30
     seed: int = 0
     archs: tuple[str, ...] = ("madapter", "linear")

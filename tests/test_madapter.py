@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mad.adapt.madapter import (ARCHS, CheckpointError, TemporalConv, build_model, count_parameters, load_model,
-                                load_state, save_model)
+from mad.adapt.madapter import (ARCHS, CheckpointError, SpaceTimeConv, TemporalConv, build_model, count_parameters,
+                                load_model, load_state, save_model)
 
 SMALL = dict(width=16, heads=2, dropout=0.0)
 
@@ -28,7 +28,8 @@ def test_shapes_every_arch_levels_and_grid(arch, num_levels, grid):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("options", [dict(temporal="attn"), dict(temporal="none"), dict(motion=False),
+@pytest.mark.parametrize("options", [dict(temporal="attn"), dict(temporal="conv3d"), dict(temporal="none"),
+                                     dict(motion=False),
                                      dict(depth=2, kernel_size=5)])
 def test_madapter_variants(options):
     model = build_model("madapter", 2, 24, 10, 4, 3, **SMALL, **options)
@@ -46,6 +47,23 @@ def test_temporal_conv_starts_as_identity():
     module = TemporalConv(16)
     x = torch.randn(2, 5, 7, 16)
     assert torch.equal(module(x), x)
+
+
+def test_space_time_conv_starts_as_identity_and_mixes_neighbouring_patches():
+    module = SpaceTimeConv(16)
+    x = torch.randn(2, 5, 1 + 3 * 3, 16)
+    assert torch.equal(module(x), x)
+    with torch.no_grad():  # a box filter and an identity output, to see the kernel's reach
+        module.conv.weight.fill_(1.0)
+        module.conv.bias.zero_()
+        module.proj.weight.copy_(torch.eye(16))
+    x = torch.zeros(2, 5, 1 + 3 * 3, 16)
+    x[:, 2, 1 + 4] = torch.randn(16)  # one patch (the centre of the 3x3 grid) at one frame
+    changed = (module(x) - x).abs().sum(dim=-1) > 0  # [B, T, N]
+    assert changed[:, 1:4, 1:].all()  # every patch of frames 1..3
+    assert not changed[:, 0].any() and not changed[:, 4].any() and not changed[:, :, 0].any()  # not CLS
+    with pytest.raises(ValueError, match="square patch grid"):
+        module(torch.randn(1, 2, 1 + 6, 16))
 
 
 def test_madapter_sees_frame_order_and_linear_does_not():

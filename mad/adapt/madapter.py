@@ -27,13 +27,14 @@ channels and time, which the depthwise filter does not form on its own.
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 ARCHS = ("madapter", "meanpool", "linear")
-TEMPORAL = ("conv", "attn", "none")
+TEMPORAL = ("conv", "conv3d", "attn", "none")
 
 
 class LevelProjection(nn.Module):
@@ -142,6 +143,35 @@ class TemporalConv(nn.Module):
         return x + self.proj(F.gelu(y))
 
 
+class SpaceTimeConv(nn.Module):
+    """Residual depthwise convolution over (T, H, W) of the patch tokens (CLS passes through).
+
+    LayerNorm -> depthwise Conv3d (3x3x3) -> GELU -> Linear, zero-initialised output.
+    A per-channel filter over time *and* neighbouring patches can be oriented in
+    space-time, i.e. respond to an edge moving one way and not the other (a motion
+    energy detector); a filter over time alone at one patch cannot tell which way
+    the object went. ST-Adapter uses the same depthwise 3-D kernel inside the backbone.
+    """
+
+    def __init__(self, width: int, kernel_size: int = 3):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.conv = nn.Conv3d(width, width, kernel_size, padding=kernel_size // 2, groups=width)
+        self.proj = nn.Linear(width, width)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):  # [B, T, N, d]
+        B, T, N, C = x.shape
+        side = math.isqrt(N - 1)
+        if side * side != N - 1:
+            raise ValueError(f"conv3d needs a square patch grid; {N - 1} patch tokens is not one")
+        patches = self.norm(x[:, :, 1:]).view(B, T, side, side, C).permute(0, 4, 1, 2, 3)  # [B, d, T, H, W]
+        y = self.conv(patches).permute(0, 2, 3, 4, 1).reshape(B, T, N - 1, C)  # back to [B, T, H*W, d]
+        y = self.proj(F.gelu(y))
+        return torch.cat([x[:, :, :1], x[:, :, 1:] + y], dim=2)
+
+
 class TemporalAttention(nn.Module):
     """Residual attention over T, per token (zero-initialised output, like TemporalConv)."""
 
@@ -169,6 +199,8 @@ class Block(nn.Module):
         self.attn = Attention(width, heads)
         if temporal == "conv":
             self.temporal = TemporalConv(width, kernel_size)
+        elif temporal == "conv3d":
+            self.temporal = SpaceTimeConv(width, kernel_size)
         elif temporal == "attn":
             self.temporal = TemporalAttention(width, heads)
         else:
