@@ -19,6 +19,8 @@ warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {
 
 def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit."""
+    if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the error's own line
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 

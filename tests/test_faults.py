@@ -93,3 +93,46 @@ def test_store_whose_creation_was_interrupted_is_made_again(tmp_path):
 
     with pytest.raises(ExtractError, match="not a mad cache"):
         extract(extract_config(videos, tmp_path / "foreign"))
+
+
+def test_ddp_training_with_two_ranks_matches_one_process(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo on CPU) gives the metrics of one process with the same global batch."""
+    import json
+
+    from helpers_cache import make_cache
+
+    make_cache(tmp_path / "train", videos_per_class=12)
+    make_cache(tmp_path / "val", videos_per_class=4, seed=1)
+    options = ["train", "--cache", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--width", "32",
+               "--heads", "2", "--epochs", "3", "--batch-size", "8", "--dropout", "0", "--device", "cpu"]
+    one = subprocess.run([sys.executable, "-m", "mad", *options, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "mad", *options, "--out", str(tmp_path / "two")], capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    rows = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) == 3  # rank 0 alone wrote the metrics
+    for a, b in zip(*rows):
+        for key in ("train/loss", "train/acc", "val/acc/top1", "val/acc/top5", "lr"):
+            assert abs(a[key] - b[key]) < 1e-4, (key, a[key], b[key])
+
+
+def test_training_on_a_damaged_cache_fails_clearly(tmp_path):
+    """Flipped bytes in a chunk: `mad train` stops with a message naming the store, not silent garbage."""
+    from helpers_cache import make_cache
+
+    make_cache(tmp_path / "train", videos_per_class=8)
+    shard = next(p for p in sorted((tmp_path / "train" / "layers").rglob("*")) if p.is_file()
+                 and p.parent.name != "layers" and p.name != "zarr.json")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, "-m", "mad", "train", "--cache", str(tmp_path / "train"), "--epochs",
+                             "1", "--width", "32", "--heads", "2", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and str(tmp_path / "train") in message and "checksum" in message

@@ -82,3 +82,19 @@ def test_extract_resume_and_info_on_s3(s3_server, tmp_path):
     assert "broken.mp4" in s3_server.cat_file("mad-test/cache/errors.jsonl").decode()
     result = subprocess.run([sys.executable, "-m", "mad", "info", url, "--verify"], capture_output=True, text=True)
     assert result.returncode == 0 and "12 done" in result.stdout and "matched its checksum" in result.stdout
+
+
+def test_training_from_s3_matches_training_from_a_local_copy(s3_server, tmp_path):
+    from mad.adapt.train import TrainConfig, train
+
+    videos = _videos(tmp_path)
+    url = "s3://mad-test/train-cache"
+    extract(extract_config(videos, url))
+    extract(extract_config(videos, tmp_path / "local"))
+    settings = dict(arch="madapter", width=32, heads=2, epochs=2, batch_size=4, device="cpu")
+    remote = train(TrainConfig(cache=url, out=str(tmp_path / "run-s3"), **settings), quiet=True)
+    streamed = train(TrainConfig(cache=url, out=str(tmp_path / "run-s3-streamed"), in_ram="no", workers=1,
+                                 **settings), quiet=True)
+    local = train(TrainConfig(cache=str(tmp_path / "local"), out=str(tmp_path / "run-local"), **settings), quiet=True)
+    for key in ("train/loss", "train/acc"):
+        assert remote[key] == local[key] == streamed[key], key

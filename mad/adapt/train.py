@@ -76,6 +76,60 @@ RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "last.pt", "su
              "confusion.png")
 
 
+class _Distributed:
+    """DDP under torchrun (NCCL on GPU, gloo on CPU); a no-op in a single process.
+
+    Every rank holds the data and the same seeded model; each global batch is split
+    into contiguous per-rank slices, and the loss is scaled so the averaged gradient
+    equals the one-process gradient of the whole batch. Rank 0 alone writes files.
+    """
+
+    def __init__(self, device):
+        import os
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.active = self.world > 1
+        if self.active and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, device):
+        import os
+
+        if self.active and device.type == "cuda":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return device
+
+    def wrap(self, model):
+        if not self.active:
+            return model
+        return torch.nn.parallel.DistributedDataParallel(model)
+
+    def share(self, levels, labels):
+        """This rank's contiguous slice of a global batch."""
+        if not self.active:
+            return levels, labels
+        b = len(labels)
+        part = slice(self.rank * b // self.world, (self.rank + 1) * b // self.world)
+        return [x[part] for x in levels], labels[part]
+
+    def sum(self, *values: float) -> list[float]:
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+
 def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, quiet: bool = False) -> dict:
     """Train on `cfg.cache`, validate on `cfg.val`; return the summary (best val metrics)."""
     check_config(cfg)
@@ -101,12 +155,19 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
              on_epoch_end: Callable[[dict], None] | None = None, quiet: bool = False) -> dict:
     """Train from already opened (usually RAM-resident) data: what `sweep` calls once per configuration."""
     check_config(cfg)
-    console = Console(quiet=quiet, highlight=False)
-    run = prepare_run_dir(cfg)
     try:
         device = resolve_device(cfg.device)
     except EvalError as e:
         raise TrainError(str(e)) from None
+    dist = _Distributed(device)
+    device = dist.device(device)
+    if dist.active and cfg.out is None:
+        raise TrainError("under torchrun, name the run folder with --out (every rank must agree on it)")
+    console = Console(quiet=quiet or not dist.main, highlight=False)
+    if dist.main:
+        prepare_run_dir(cfg)
+    dist.barrier()
+    run = Path(cfg.out)
     manifest = train_data.manifest
     num_classes = count_classes(train_data, val_data)
     model_args = dict(arch=cfg.arch, num_levels=len(train_data.layers), in_width=manifest["width"],
@@ -130,7 +191,7 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
     if cfg.resume and (run / "last.pt").exists():
         start_epoch, history = restore(run, model, optimizer, scheduler, device)
         console.print(f"resuming {run} after epoch {start_epoch}/{cfg.epochs}")
-    else:
+    elif dist.main:
         config = {"train": asdict(cfg), "model": model_args, "parameters": count_parameters(model),
                   "mad_version": mad.__version__, "cache_manifest": manifest,
                   "val_manifest": val_data.manifest if val_data else None}
@@ -142,12 +203,13 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
     info = {"class_names": train_data.class_names, "manifest": manifest, "arch": cfg.arch}
     columns = [TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn()]
-    with Progress(*columns, console=console, disable=quiet) as progress:
+    trained = dist.wrap(model)  # DDP under torchrun, else the model itself
+    with Progress(*columns, console=console, disable=quiet or not dist.main) as progress:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, status="")
             started = time.perf_counter()
-            train_loss, train_acc, lr = train_epoch(model, optimizer, scheduler, train_data, cfg, epoch, device,
-                                                    lambda text: progress.update(task, advance=1, status=text))
+            train_loss, train_acc, lr = train_epoch(trained, optimizer, scheduler, train_data, cfg, epoch, device,
+                                                    lambda text: progress.update(task, advance=1, status=text), dist)
             train_seconds = time.perf_counter() - started
 
             row = {"epoch": epoch, "lr": lr, "train/loss": train_loss, "train/acc": train_acc}
@@ -162,18 +224,23 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
 
             if best is None or val_data is None or row["val/acc/top1"] > best["val/acc/top1"]:
                 best = row
-                save_model(model, run / "model.safetensors", model_args,
-                           {**info, "epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val/")}})
-            torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                       run / "last.pt")
-            with open(run / "metrics.jsonl", "a") as f:  # after last.pt: a line means the epoch is resumable
-                f.write(json.dumps(row) + "\n")
+                if dist.main:
+                    save_model(model, run / "model.safetensors", model_args,
+                               {**info, "epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val/")}})
+            if dist.main:  # checkpoints and metrics: rank 0 only
+                torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                           run / "last.pt")
+                with open(run / "metrics.jsonl", "a") as f:  # after last.pt: a line means the epoch is resumable
+                    f.write(json.dumps(row) + "\n")
             history.append(row)
             if on_epoch_end is not None:
                 on_epoch_end(row)
 
+    dist.barrier()  # rank 0's files are complete before anyone returns
+    if not dist.main:
+        return {"run": str(run), "rank": dist.rank}
     summary = finish(run, cfg, history, best, val_data or train_data, "val" if val_data else "train", device)
     console.print(f"[bold]{run}[/]: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()
                                                   if k.startswith("val/acc/") or k == "train/loss"))
@@ -181,18 +248,27 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
 
 
 def train_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainConfig, epoch: int, device,
-                report: Callable[[str], None]) -> tuple[float, float, float]:
-    """One pass over the training data; returns (mean loss, accuracy, last learning rate)."""
+                report: Callable[[str], None], dist: "_Distributed | None" = None) -> tuple[float, float, float]:
+    """One pass over the training data; returns (mean loss, accuracy, last learning rate).
+
+    Under DDP each rank trains on its slice of every global batch; the figures are summed over ranks.
+    """
+    dist = dist or _Distributed(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     model.train()
     started = time.perf_counter()
     loss_sum, correct, seen = 0.0, 0, 0
     for levels, labels, _, _ in data.train_batches(cfg.batch_size, cfg.seed, epoch):
+        global_batch = len(labels)
+        levels, labels = dist.share(levels, labels)
         levels = [x.to(device, non_blocking=True).float() for x in levels]  # float16 cache -> float32
         labels = labels.to(device)
         with autocast:
             logits = model(levels)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        # Sum over this rank's slice, divided by the global batch and times the ranks: DDP's gradient
+        # average then equals the one-process gradient of the mean loss over the whole batch.
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing,
+                               reduction="sum") * (dist.world / global_batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_grad > 0:
@@ -200,10 +276,11 @@ def train_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainConfi
         optimizer.step()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        loss_sum += loss.item() * len(labels)
+        loss_sum += loss.item() * global_batch / dist.world  # this rank's summed loss
         correct += (logits.argmax(dim=1) == labels).sum().item()
         seen += len(labels)
         report(f"loss {loss_sum / seen:.4f}  {seen / (time.perf_counter() - started):.0f} clips/s")
+    loss_sum, correct, seen = dist.sum(loss_sum, correct, seen)
     return loss_sum / seen, correct / seen, lr
 
 

@@ -173,21 +173,21 @@ class ChunkReader(Dataset):
 
     def __init__(self, location: str, layers: list[int], videos: np.ndarray):
         self.location, self.layers, self.videos = location, layers, videos
-        self._arrays = None
+        self._store = None
 
     def __getstate__(self):  # what a spawned worker receives: no open store
-        return {**self.__dict__, "_arrays": None}
+        return {**self.__dict__, "_store": None}
 
     def __len__(self):
         return len(self.videos)
 
     def __getitem__(self, item):
-        if self._arrays is None:
-            store = Store.open(self.location)
-            self._arrays = [store.layer_array(layer) for layer in self.layers]
+        if self._store is None:
+            self._store = Store.open(self.location)  # inside the worker: Zarr must not cross a fork
         position, view = item
         video = int(self.videos[position])
-        return [torch.from_numpy(array[video, view]) for array in self._arrays], position, view
+        levels = [torch.from_numpy(self._store.read_layer(layer, (video, view))) for layer in self.layers]
+        return levels, position, view
 
 
 class _ListSampler(Sampler):

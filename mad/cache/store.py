@@ -61,6 +61,12 @@ def manifest_differences(a: dict, b: dict, keys=IDENTITY_KEYS) -> list[str]:
     return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
+def _describe(videos) -> str:
+    if isinstance(videos, slice):
+        return f"{videos.start or 0}..{'end' if videos.stop is None else videos.stop - 1}"
+    return str(videos) if np.isscalar(videos) else f"{len(videos)} selected"
+
+
 def _is_url(path: str) -> bool:
     return "://" in str(path)
 
@@ -185,8 +191,12 @@ class Store:
         return self.group["frame_index"][:]
 
     def read_layer(self, layer: int, videos=slice(None)) -> np.ndarray:
-        """float16 [n, views, T, N, D] for the selected videos."""
-        return self.layer_array(layer)[videos]
+        """float16 [n, views, T, N, D] for the selected videos; a damaged chunk is a StoreError."""
+        try:
+            return self.layer_array(layer)[videos]
+        except ValueError as e:  # zarr's crc32c codec: "Stored and computed checksum do not match"
+            raise StoreError(f"{self.location}/layers/{layer}: damaged data for videos {_describe(videos)} "
+                             f"({e}); run `mad info {self.location} --verify`") from None
 
     def counts(self) -> dict:
         status = self.status()
