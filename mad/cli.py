@@ -294,6 +294,23 @@ def bench_train(
         fail(str(e))
 
 
+@bench_app.command("scaling")
+def bench_scaling(
+    videos: Path = typer.Option(..., "--videos", help="Folder of videos."),
+    model: str = typer.Option("ViT-B-16"),
+    layers: str = typer.Option("4,8,12"),
+    frames: int = typer.Option(8),
+    limit: int = typer.Option(16, help="Number of clips."),
+    processes: int = typer.Option(2, help="Slices run side by side (--shard I/N)."),
+    precision: str = typer.Option("bf16"),
+    out: Optional[Path] = typer.Option(None, help="Write the figures as JSON into this folder."),
+):
+    """Extraction throughput with one process vs N --shard slices side by side on this machine."""
+    from mad.bench.extract import bench_scaling as run
+
+    run(str(videos), model, layers, frames, limit, processes, precision, str(out) if out else None)
+
+
 def main() -> None:  # `python -m mad`
     app(prog_name="mad")
 

@@ -204,3 +204,53 @@ def _print(r: dict) -> None:
     console.print(f"  whole clip / shortest cut = {sl['ratio_long_over_short']:.2f} (target < 2); "
                   f"whole clip / decoding every frame ({sl['decode_all_frames_seconds'] * 1000:.0f} ms) = "
                   f"{sl['ratio_long_over_decode_all']:.2f}")
+
+
+def bench_scaling(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", frames: int = 8, limit: int = 16,
+                  processes: int = 2, precision: str = "bf16", out: str | None = None) -> dict:
+    """`mad extract` throughput with 1 process vs `processes` slices side by side (--shard I/N), same clips.
+
+    On a GPU machine launch the slices with torchrun instead, one GPU each; this
+    measures how the block-sliced store scales where the processes share one machine.
+    """
+    import subprocess
+    import sys
+
+    paths = find_videos(videos).paths[:limit]
+    timings = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        link_root = Path(tmp) / "videos"
+        for path in paths:
+            (link_root / path).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(Path(videos).resolve() / path, link_root / path)
+        base = [sys.executable, "-m", "mad", "extract", "--videos", str(link_root), "--model", model,
+                "--pretrained", "none", "--layers", layers, "--frames", str(frames), "--precision", precision,
+                "--shard-size", "2"]
+        for count in (1, processes):
+            out_dir = Path(tmp) / f"cache{count}"
+            started = time.perf_counter()
+            commands = [base + ["--out", str(out_dir)] + (["--shard", f"{i}/{count}"] if count > 1 else [])
+                        for i in range(count)]
+            running = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                       for c in commands]
+            for p in running:
+                _, err = p.communicate()
+                if p.returncode:
+                    raise RuntimeError(f"extract failed: {err.strip().splitlines()[-1:]}")
+            timings[count] = time.perf_counter() - started
+    result = {"machine": _machine("cpu"), "date": datetime.date.today().isoformat(),
+              "settings": {"videos": videos, "clips": len(paths), "model": model, "layers": layers,
+                           "frames": frames, "precision": precision},
+              "seconds": {str(k): v for k, v in timings.items()},
+              "clips_per_s": {str(k): len(paths) / v for k, v in timings.items()},
+              "speedup": timings[1] / timings[processes]}
+    from rich.console import Console
+
+    Console().print(f"mad extract, {len(paths)} clips, {model}: 1 process {timings[1]:.1f} s "
+                    f"({len(paths) / timings[1]:.2f} clips/s); {processes} processes (--shard I/{processes}) "
+                    f"{timings[processes]:.1f} s ({len(paths) / timings[processes]:.2f} clips/s); "
+                    f"speed-up {result['speedup']:.2f}x on {os.cpu_count()} cores")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"extract_scaling_cpu_{model}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -119,7 +119,8 @@ class Store:
         V = len(paths)
         # Marked as being created until the manifest lands, so an interrupted creation
         # is recognised as ours (and empty) rather than as a foreign Zarr group.
-        group = zarr.open_group(location, mode="w", attributes={"mad_creating": True})
+        # create_group, not open_group(mode="w"): that would wipe the folder, the run's lock files with it.
+        group = zarr.create_group(location, attributes={"mad_creating": True})
         layers = group.create_group("layers")
         for layer in manifest["layers"]:
             layers.create_array(

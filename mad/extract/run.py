@@ -294,24 +294,30 @@ def _slice(cfg: ExtractConfig) -> tuple[int, int]:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
+def _clear(out: str) -> None:
+    """Remove a store's contents, but not the lock files this run holds."""
+    if "://" in out:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(out)
+        fs.rm(path, recursive=True)
+        return
+    for entry in Path(out).iterdir():
+        if not entry.name.startswith(".mad-"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
 def _open_or_create(cfg: ExtractConfig, manifest: dict, video_list) -> Store:
     out = cfg.out
     try:
         Store.open(out) if Store.exists(out) else None
-    except IncompleteStoreError:
-        return Store.create(out, manifest, video_list.paths, video_list.labels)  # killed while creating: again
+    except IncompleteStoreError:  # killed while creating it: make it again
+        _clear(out)
+        return Store.create(out, manifest, video_list.paths, video_list.labels)
     except StoreError:
         pass  # reported below, unless --overwrite
     if Store.exists(out) and cfg.overwrite:
-        if "://" in out:
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(out)
-            fs.rm(path, recursive=True)
-        else:
-            for entry in Path(out).iterdir():  # everything but the locks this run holds
-                if not entry.name.startswith(".mad-"):
-                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        _clear(out)
     if not Store.exists(out):
         return Store.create(out, manifest, video_list.paths, video_list.labels)
     try:
