@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from mad.extract.backbone import load_backbone, resolve_device
 from mad.extract.decode import decode_clip
 from mad.extract.run import ExtractConfig, VideoDecodeDataset, _decoded_items, extract
 from mad.extract.videos import find_videos
+from mad.bench import machine_info
 
 
 def _cut(source: Path, dest: Path, seconds: float) -> None:
@@ -131,7 +131,7 @@ def bench_extract(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
 
     serial_bound = 1.0 / (1.0 / decode_rate + 1.0 / model_rate)
     result = {
-        "machine": _machine(device), "date": datetime.date.today().isoformat(),
+        "machine": machine_info(device), "date": datetime.date.today().isoformat(),
         "settings": {"videos": videos, "clips": len(paths), "model": model, "weights": "random", "layers": layers,
                      "frames": frames, "batch_size": batch_size, "workers": workers, "device": device,
                      "precision": precision},
@@ -161,21 +161,6 @@ def _max_keyframe_interval(path: Path) -> int:
 def _duration(path: Path) -> float:
     with av.open(str(path)) as c:
         return float(c.duration or 0) / 1e6
-
-
-def _machine(device: str) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "av": av.__version__}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def _print(r: dict) -> None:
@@ -238,7 +223,7 @@ def bench_scaling(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
                 if p.returncode:
                     raise RuntimeError(f"extract failed: {err.strip().splitlines()[-1:]}")
             timings[count] = time.perf_counter() - started
-    result = {"machine": _machine("cpu"), "date": datetime.date.today().isoformat(),
+    result = {"machine": machine_info("cpu"), "date": datetime.date.today().isoformat(),
               "settings": {"videos": videos, "clips": len(paths), "model": model, "layers": layers,
                            "frames": frames, "precision": precision},
               "seconds": {str(k): v for k, v in timings.items()},

@@ -21,7 +21,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from mad.bench import machine_info
 
 
 class BenchTrainError(Exception):
@@ -169,7 +170,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
         online_seconds = online_step * steps_per_epoch
 
         result = {
-            "machine": _machine(device), "date": datetime.date.today().isoformat(),
+            "machine": machine_info(device), "date": datetime.date.today().isoformat(),
             "settings": {"videos": videos, "clips": len(order), "model": m["model"], "weights": "random",
                          "layers": store.layers, "frames": frames, "batch_size": batch_size, "branch_width": width,
                          "branch_parameters": count_parameters(branch), "device": str(device),
@@ -201,21 +202,6 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
         return result
     finally:
         tmp.cleanup()
-
-
-def _machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def _print(r: dict) -> None:
