@@ -22,8 +22,8 @@ DEMO_MODEL = str(Path(__file__).parent / "configs" / "mad-demo-vit.json")
 @dataclass
 class DemoConfig:
     out: str = "demo"               # videos, caches and runs go here
-    videos_per_class: int = 48
-    val_per_class: int = 8
+    videos_per_class: int = 64
+    val_per_class: int = 16
     frames: int = 8                 # T sampled per clip (the clips have 16)
     layers: str = "1,2"             # random blocks mix tokens globally: the shallow ones keep more layout
     epochs: int = 30
@@ -60,7 +60,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         console.print(f"training [bold]{arch}[/bold] from the cache")
         summary = train(TrainConfig(cache=str(out / "cache" / "train"), val=str(out / "cache" / "val"), arch=arch,
                                     epochs=cfg.epochs, seed=cfg.seed, out=str(out / "runs" / arch), overwrite=True,
-                                    width=128, heads=4, batch_size=16, lr=1e-3),
+                                    width=128, heads=4, batch_size=16, lr=1e-3, correlation=1),
                         quiet=not cfg.progress)
         results[arch] = summary
     seconds = time.perf_counter() - started

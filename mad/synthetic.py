@@ -22,7 +22,7 @@ import numpy as np
 PAIRS: tuple[tuple[str, str], ...] = (
     ("moving_right", "moving_left"),
     ("growing", "shrinking"),
-    ("rotating_clockwise", "rotating_anticlockwise"),
+    ("orbiting_clockwise", "orbiting_anticlockwise"),
 )
 # Sorted, so the index in classes.txt matches a sorted listing of the class folders.
 CLASSES: tuple[str, ...] = tuple(sorted(name for pair in PAIRS for name in pair))
@@ -205,10 +205,14 @@ def _trajectory(
     elif forward == "growing":
         small, large = rng.uniform(0.07, 0.10), rng.uniform(0.19, 0.23)
         half = size * small * (large / small) ** (t / steps)  # geometric: constant rate
-    elif forward == "rotating_clockwise":
-        # <= 15 deg/frame: sampling every other frame still stays well below the
-        # 45 deg at which a square's outline turning one way looks like the other.
-        angle = angle + np.deg2rad(rng.uniform(8, 15)) * t
+    elif forward == "orbiting_clockwise":
+        # Around the frame centre, 180-270 degrees in the clip: 22-34 degrees between
+        # the 8 sampled frames, under a patch of travel at the demo ViT's 8x8 grid.
+        half = np.full(num_frames, rng.uniform(0.10, 0.13) * size)
+        radius = rng.uniform(0.20, 0.25) * size
+        theta = rng.uniform(0, 2 * np.pi) + np.deg2rad(rng.uniform(180, 270)) * t / steps  # clockwise: y points down
+        cx = size / 2 + radius * np.cos(theta)
+        cy = size / 2 + radius * np.sin(theta)
     else:
         raise ValueError(f"not a forward class: {forward}")
     return cx, cy, half, angle

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, copy_videos, extract_config, shared_data
-from mad.cache.store import DONE, FAILED, PENDING, Store
+from mad.cache.store import DONE, FAILED, Store
 from mad.extract.backbone import BackboneError, parse_layers
 from mad.extract.run import ExtractError, extract
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mad.adapt.madapter import (ARCHS, CheckpointError, SpaceTimeConv, TemporalConv, build_model, count_parameters,
-                                load_model, load_state, save_model)
+from mad.adapt.madapter import (ARCHS, CheckpointError, Correlation, SpaceTimeConv, TemporalConv, build_model,
+                                count_parameters, load_model, load_state, save_model)
 
 SMALL = dict(width=16, heads=2, dropout=0.0)
 
@@ -21,7 +21,8 @@ def levels_for(num_levels, batch=2, frames=4, tokens=17, width=24, seed=0):
 @pytest.mark.parametrize("grid", [(1, 1), (2, 3), (4, 4)])
 def test_shapes_every_arch_levels_and_grid(arch, num_levels, grid):
     tokens = 1 + grid[0] * grid[1]
-    model = build_model(arch, num_levels, 24, tokens, 4, 5, **SMALL)
+    square = grid[0] == grid[1]
+    model = build_model(arch, num_levels, 24, tokens, 4, 5, **SMALL, correlation=1 if square else 0)
     logits = model(levels_for(num_levels, tokens=tokens))
     assert logits.shape == (2, 5)
     logits.sum().backward()
@@ -29,7 +30,7 @@ def test_shapes_every_arch_levels_and_grid(arch, num_levels, grid):
 
 
 @pytest.mark.parametrize("options", [dict(temporal="attn"), dict(temporal="conv3d"), dict(temporal="none"),
-                                     dict(motion=False),
+                                     dict(motion=False), dict(correlation=0), dict(correlation=2),
                                      dict(depth=2, kernel_size=5)])
 def test_madapter_variants(options):
     model = build_model("madapter", 2, 24, 10, 4, 3, **SMALL, **options)
@@ -64,6 +65,73 @@ def test_space_time_conv_starts_as_identity_and_mixes_neighbouring_patches():
     assert not changed[:, 0].any() and not changed[:, 4].any() and not changed[:, :, 0].any()  # not CLS
     with pytest.raises(ValueError, match="square patch grid"):
         module(torch.randn(1, 2, 1 + 6, 16))
+
+
+def test_correlation_finds_where_a_patch_came_from():
+    """A distinct patch moves one patch to the right: at its new place it matches the old one, to its left."""
+    module = Correlation(8, radius=1, groups=1)
+    side, T = 5, 3
+    background = torch.randn(8)
+    x = background.expand(1, T, 1 + side * side, 8).clone()  # every patch the same...
+    thing = torch.randn(8)
+    for t in range(T):
+        x[0, t, 1 + 2 * side + (1 + t)] = thing  # ...but one, at row 2, column 1 + t
+    module.proj = torch.nn.Identity()  # read the features: [p (9 offsets), p*x, p*y]
+    features = module(x)
+    assert features.shape == (1, T, 1 + side * side, 27)
+    assert torch.equal(features[:, :, 0], torch.zeros(1, T, 27))  # CLS
+    p = features[0, 1, 1 + 2 * side + 2, :9]  # the patch's new place at t = 1
+    assert p.argmax().item() == 3  # offset (dy, dx) = (0, -1): it came from the left
+    x_weighted = features[0, 1, 1 + 2 * side + 2, 9:18]
+    assert torch.allclose(x_weighted, p * 0.0)  # column 2 of 5 is x = 0
+    p_right = features[0, 1, 1 + 2 * side + 4, :9]  # a background patch at column 4 (x = 1)
+    assert torch.allclose(features[0, 1, 1 + 2 * side + 4, 9:18], p_right)
+    moving_left = x.flip(1)  # the same clip backwards: the peak is on the other side
+    q = module(moving_left)[0, 1, 1 + 2 * side + 2, :9]
+    assert q.argmax().item() == 5  # offset (0, +1): it came from the right
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_level_projection_keeps_no_copy_but_gives_autograd_gradients(dtype):
+    from mad.adapt.madapter import LevelProjection
+
+    torch.manual_seed(0)
+    projection = LevelProjection(24, 8)
+    reference = torch.nn.Sequential(torch.nn.LayerNorm(24, elementwise_affine=False), torch.nn.Linear(24, 8))
+    reference[1].load_state_dict(projection.proj.state_dict())
+    x = (torch.randn(2, 3, 5, 24) * 3 + 1).to(dtype)  # a cached level: no gradient wanted
+    target = torch.randn(2, 3, 5, 8)
+    ((projection(x) - target) ** 2).sum().backward()
+    ((reference(x.float()) - target) ** 2).sum().backward()
+    for mine, theirs in zip(projection.proj.parameters(), reference[1].parameters()):
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(projection(x), reference(x.float()), atol=1e-5)
+    x.requires_grad_(True)  # a level that does want a gradient takes autograd's path and gets one
+    projection(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_mlp_gradients_equal_autograd_through_gelu():
+    from mad.adapt.madapter import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    mlp(x).pow(2).sum().backward()
+    mine = [x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()]
+    x.grad = None
+    mlp.zero_grad()
+    mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x))).pow(2).sum().backward()
+    theirs = [x.grad] + [p.grad for p in mlp.parameters()]
+    for a, b in zip(mine, theirs):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_correlation_needs_a_square_grid():
+    with pytest.raises(ValueError, match="square patch grid.*correlation at 0"):
+        build_model("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=1)
+    model = build_model("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=0)
+    assert model(levels_for(2, tokens=7)).shape == (2, 3)
 
 
 def test_madapter_sees_frame_order_and_linear_does_not():

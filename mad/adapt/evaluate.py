@@ -40,7 +40,7 @@ def predict(model: torch.nn.Module, data: CachedTokens, batch_size: int, device:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for levels, _, positions, views in data.eval_batches(batch_size, all_views):
         with autocast:
-            logits = model([x.to(device, non_blocking=True).float() for x in levels])
+            logits = model([x.to(device, non_blocking=True) for x in levels])
         p = logits.float().softmax(dim=-1).cpu()
         if probs is None:
             probs = torch.zeros(data.num_videos, views_used, p.shape[1])

@@ -71,7 +71,7 @@ def predict_videos(videos: list[str], run: str, top: int = 5, pretrained: str | 
         views, T = frames.shape[:2]
         levels = backbone(frames.flatten(0, 1).to(device))  # per layer [views * T, N, D]
         # As in the cache: float16 tokens, then float for the branch.
-        levels = [level.to(torch.float16).float().view(views, T, *level.shape[1:]) for level in levels]
+        levels = [level.to(torch.float16).view(views, T, *level.shape[1:]) for level in levels]  # as cached
         probs = branch(levels).float().softmax(dim=-1).mean(dim=0)  # averaged over views: [C]
         values, indices = probs.topk(min(top, probs.numel()))
         results.append({"path": path, "top": [(class_names[i], float(p)) for p, i in zip(values, indices)]})

@@ -51,8 +51,9 @@ class TrainConfig:
     width: int = 384  # branch width d
     depth: int = 1  # fusion/temporal blocks
     heads: int = 6
-    temporal: str = "conv"  # conv (depthwise over T), attn (attention over T) or none
+    temporal: str = "conv"  # conv (depthwise over T), conv3d (over T and neighbouring patches), attn or none
     motion: bool = True  # feed the blocks frame-to-frame token changes too (see madapter.Motion)
+    correlation: int = 0  # radius (patches) of the match to the previous frame (madapter.Correlation); 0 = off
     epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -173,7 +174,7 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
     model_args = dict(arch=cfg.arch, num_levels=len(train_data.layers), in_width=manifest["width"],
                       num_tokens=manifest["tokens"], num_frames=manifest["frames"], num_classes=num_classes,
                       width=cfg.width, depth=cfg.depth, heads=cfg.heads, dropout=cfg.dropout, temporal=cfg.temporal,
-                      motion=cfg.motion)
+                      motion=cfg.motion, correlation=cfg.correlation)
 
     torch.manual_seed(cfg.seed)
     try:
@@ -261,7 +262,7 @@ def train_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainConfi
     for levels, labels, _, _ in data.train_batches(cfg.batch_size, cfg.seed, epoch):
         global_batch = len(labels)
         levels, labels = dist.share(levels, labels)
-        levels = [x.to(device, non_blocking=True).float() for x in levels]  # float16 cache -> float32
+        levels = [x.to(device, non_blocking=True) for x in levels]  # float16 as cached: the branch upcasts per level
         labels = labels.to(device)
         with autocast:
             logits = model(levels)
@@ -313,6 +314,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--arch {cfg.arch!r}: use one of {', '.join(ARCHS)}")
     if cfg.temporal not in TEMPORAL:
         raise TrainError(f"--temporal {cfg.temporal!r}: use one of {', '.join(TEMPORAL)}")
+    if cfg.correlation < 0:
+        raise TrainError(f"--correlation {cfg.correlation}: give a radius in patches, or 0 for none")
     if cfg.in_ram not in ("auto", "yes", "no"):
         raise TrainError(f"--in-ram {cfg.in_ram!r}: use auto, yes or no")
     if cfg.arch == "madapter" and cfg.width % cfg.heads:

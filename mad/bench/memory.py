@@ -279,7 +279,7 @@ def build_madapter_online(cfg: BenchConfig) -> Workload:
 
     def forward():
         taps = backbone(frames)  # no_grad inside: K x [B*T, N, D] in the backbone dtype
-        levels = [x.view(B, T, N, D).float() for x in taps]  # K x [B, T, N, D], as the trainer feeds the branch
+        levels = [x.view(B, T, N, D) for x in taps]  # K x [B, T, N, D] in the backbone dtype; the branch upcasts
         return branch(levels)
 
     return Workload(
@@ -288,7 +288,7 @@ def build_madapter_online(cfg: BenchConfig) -> Workload:
         forward=forward,
         backbone_parameters=count([backbone]),
         policy=f"backbone {cfg.precision} under no_grad; branch fp32 weights"
-               + (", autocast" if on_cuda(cfg) else " on .float() taps"),
+               + (", autocast" if on_cuda(cfg) else ""),
     )
 
 
@@ -299,7 +299,7 @@ def build_madapter_cached(cfg: BenchConfig) -> Workload:
               for _ in cfg.layers]
 
     def forward():
-        levels = [x.to(cfg.device, non_blocking=True).float() for x in cached]  # as mad.adapt.train does
+        levels = [x.to(cfg.device, non_blocking=True) for x in cached]  # float16, as mad.adapt.train feeds them
         return branch(levels)
 
     if "open_clip" in sys.modules:  # the point of this mode: the backbone's code is not even loaded
@@ -309,7 +309,7 @@ def build_madapter_cached(cfg: BenchConfig) -> Workload:
         trainable=list(branch.parameters()),
         forward=forward,
         backbone_parameters=0,
-        policy="float16 tokens -> .float(); branch fp32 weights" + (", autocast" if on_cuda(cfg) else ""),
+        policy="float16 tokens as cached; branch fp32 weights" + (", autocast" if on_cuda(cfg) else ""),
     )
 
 

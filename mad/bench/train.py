@@ -55,7 +55,7 @@ def _step(branch, optimizer, levels, labels, device) -> None:
     """One training step, as mad.adapt.train takes it."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
-        logits = branch([x.to(device, non_blocking=True).float() for x in levels])
+        logits = branch([x.to(device, non_blocking=True) for x in levels])
     loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=0.1)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
