@@ -102,7 +102,7 @@ def train(
     heads: int = typer.Option(6, help="Attention heads."),
     temporal: str = typer.Option("conv", help="Temporal module: conv (over T per token), conv3d (over T and neighbouring patches), attn or none."),
     motion: bool = typer.Option(True, "--motion/--no-motion", help="Feed the blocks frame-to-frame token changes."),
-    correlation: int = typer.Option(0, help="Radius in patches of each patch's match to the previous frame (0: off; the demo uses 1)."),
+    correlation: int = typer.Option(1, help="Radius in patches of each patch's match to the previous frame (0: off; needs a square patch grid)."),
     epochs: int = typer.Option(30),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(0.05),

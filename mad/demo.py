@@ -60,7 +60,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         console.print(f"training [bold]{arch}[/bold] from the cache")
         summary = train(TrainConfig(cache=str(out / "cache" / "train"), val=str(out / "cache" / "val"), arch=arch,
                                     epochs=cfg.epochs, seed=cfg.seed, out=str(out / "runs" / arch), overwrite=True,
-                                    width=128, heads=4, batch_size=16, lr=1e-3, correlation=1),
+                                    width=128, heads=4, batch_size=16, lr=1e-3),
                         quiet=not cfg.progress)
         results[arch] = summary
     seconds = time.perf_counter() - started

@@ -128,7 +128,7 @@ def test_mlp_gradients_equal_autograd_through_gelu():
 
 
 def test_correlation_needs_a_square_grid():
-    with pytest.raises(ValueError, match="square patch grid.*correlation at 0"):
+    with pytest.raises(ValueError, match="square patch grid.*correlation 0"):
         build_model("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=1)
     model = build_model("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=0)
     assert model(levels_for(2, tokens=7)).shape == (2, 3)

@@ -21,9 +21,13 @@ TINY = dict(width=32, heads=2, batch_size=16, lr=3e-3, warmup_epochs=1, workers=
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-    """Direction task (class = left-to-right or right-to-left motion): train 48, val 32, val with 2 clips."""
+    """Direction task (class = left-to-right or right-to-left motion): train 128, val 32, val with 2 clips.
+
+    With 24 training clips per class, val top-1 after 20 epochs ranged 0.72-1.00 over seeds 0-3,
+    with or without the correlation input; with 64 per class, 0.97-1.00.
+    """
     root = tmp_path_factory.mktemp("caches")
-    make_cache(root / "train", videos_per_class=24, seed=0)
+    make_cache(root / "train", videos_per_class=64, seed=0)
     make_cache(root / "val", videos_per_class=16, seed=1)
     make_cache(root / "val2", videos_per_class=8, seed=2, clips=2)
     return {name: str(root / name) for name in ("train", "val", "val2")}
@@ -177,8 +181,8 @@ def test_sweep_trains_every_combination_from_one_read(caches, tmp_path, monkeypa
     assert len(results) == 4
     assert {(r["lr"], r["arch"]) for r in results} == {(1e-3, "madapter"), (3e-3, "madapter"), (1e-3, "linear"),
                                                        (3e-3, "linear")}
-    # one read per layer and shard: 48 train videos and 32 val videos in shards of 8, two layers
-    assert reads.count(caches["train"]) == 2 * 6 and reads.count(caches["val"]) == 2 * 4
+    # one read per layer and shard: 128 train videos and 32 val videos in shards of 8, two layers
+    assert reads.count(caches["train"]) == 2 * 16 and reads.count(caches["val"]) == 2 * 4
     with open(tmp_path / "sweep" / "leaderboard.csv") as f:
         board = list(csv.DictReader(f))
     assert len(board) == 4 and board[0]["val/acc/top1"] >= board[-1]["val/acc/top1"]

@@ -346,7 +346,7 @@ class MAdapter(nn.Module):
 
     def __init__(self, num_levels: int, in_width: int, num_frames: int, num_classes: int, width: int = 384,
                  depth: int = 1, heads: int = 6, dropout: float = 0.1, temporal: str = "conv",
-                 kernel_size: int = 3, mlp_ratio: float = 4.0, motion: bool = True, correlation: int = 0):
+                 kernel_size: int = 3, mlp_ratio: float = 4.0, motion: bool = True, correlation: int = 1):
         super().__init__()
         self.num_frames = num_frames
         self.fusion = GatedFusion(num_levels, in_width, width)
@@ -406,11 +406,11 @@ def build_model(arch: str, num_levels: int, in_width: int, num_tokens: int, num_
     if num_levels < 1:
         raise ValueError("the model needs at least one cached level")
     if arch == "madapter":
-        temporal, correlation = kw.get("temporal", "conv"), kw.get("correlation", 0)
+        temporal, correlation = kw.get("temporal", "conv"), kw.get("correlation", 1)
         side = math.isqrt(num_tokens - 1)
         if correlation and side * side != num_tokens - 1:
             raise ValueError(f"correlation needs a square patch grid; {num_tokens - 1} patch tokens is not one "
-                             "(leave correlation at 0)")
+                             "(turn it off with correlation 0)")
         if temporal not in TEMPORAL:
             raise ValueError(f"temporal module {temporal!r}: use one of {', '.join(TEMPORAL)}")
         if width % heads:

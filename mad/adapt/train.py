@@ -53,7 +53,7 @@ class TrainConfig:
     heads: int = 6
     temporal: str = "conv"  # conv (depthwise over T), conv3d (over T and neighbouring patches), attn or none
     motion: bool = True  # feed the blocks frame-to-frame token changes too (see madapter.Motion)
-    correlation: int = 0  # radius (patches) of the match to the previous frame (madapter.Correlation); 0 = off
+    correlation: int = 1  # radius (patches) of the match to the previous frame (madapter.Correlation); 0 = off
     epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.05
