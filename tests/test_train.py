@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -240,3 +241,12 @@ def test_bench_train_smoke(tmp_path):
     assert result["online_over_cache"] > 1.0  # decoding and the ViT cost something on top of the branch
     assert 0 < result["stream_over_ram"] < 20
     assert len(list((tmp_path / "out").glob("train_cpu_*.json"))) == 1
+
+
+def test_bf16_autocast_on_cpu_trains_and_bad_precision_is_refused(caches, tmp_path):
+    fp32 = train(config(caches, tmp_path / "fp32", precision="fp32"), quiet=True)
+    bf16 = train(config(caches, tmp_path / "bf16", precision="bf16"), quiet=True)
+    assert math.isfinite(bf16["train/loss"]) and bf16["train/loss"] != fp32["train/loss"]  # autocast did run
+    assert abs(bf16["train/loss"] - fp32["train/loss"]) < 0.1  # and trains the same model to about the same loss
+    with pytest.raises(TrainError, match="--precision 'fp16': use auto, bf16 or fp32"):
+        train(config(caches, tmp_path / "bad", precision="fp16"), quiet=True)

@@ -1,7 +1,7 @@
 """Training the branch from the cache: no image model is ever built here.
 
 AdamW with weight decay on matrices only, linear warmup then cosine decay (per
-step), label smoothing, gradient clipping, bf16 autocast on CUDA. Every epoch
+step), label smoothing, gradient clipping, bf16 autocast on CUDA (and on CPU with --precision bf16). Every epoch
 appends a line to metrics.jsonl, saves last.pt (model, optimizer, scheduler and
 RNG state, for --resume) and, when validation top-1 improves, model.safetensors.
 The data order of epoch e depends only on (seed, e), so a resumed run continues
@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None  # run folder; default runs/<arch>, runs/<arch>-2, ...
     device: str = "auto"
+    precision: str = "auto"  # bf16 autocast for the branch: auto = on CUDA only; bf16 = on any device; fp32 = never
     workers: int = 2  # reader processes when the cache is streamed
     in_ram: str = "auto"  # auto, yes or no
     resume: bool = False  # continue the run in `out` from its last completed epoch
@@ -255,7 +256,8 @@ def train_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainConfi
     Under DDP each rank trains on its slice of every global batch; the figures are summed over ranks.
     """
     dist = dist or _Distributed(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     model.train()
     started = time.perf_counter()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -316,6 +318,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--temporal {cfg.temporal!r}: use one of {', '.join(TEMPORAL)}")
     if cfg.correlation < 0:
         raise TrainError(f"--correlation {cfg.correlation}: give a radius in patches, or 0 for none")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise TrainError(f"--precision {cfg.precision!r}: use auto, bf16 or fp32")
     if cfg.in_ram not in ("auto", "yes", "no"):
         raise TrainError(f"--in-ram {cfg.in_ram!r}: use auto, yes or no")
     if cfg.arch == "madapter" and cfg.width % cfg.heads:

@@ -51,9 +51,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _step(branch, optimizer, levels, labels, device) -> None:
+def _step(branch, optimizer, levels, labels, device, bf16: bool) -> None:
     """One training step, as mad.adapt.train takes it."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     with autocast:
         logits = branch([x.to(device, non_blocking=True) for x in levels])
     loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=0.1)
@@ -63,7 +63,8 @@ def _step(branch, optimizer, levels, labels, device) -> None:
     optimizer.step()
 
 
-def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device) -> tuple[float, int, list[float]]:
+def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device, bf16: bool
+                  ) -> tuple[float, int, list[float]]:
     """(seconds, steps, per-step seconds) of one training epoch over `data`.
 
     A step's time runs from the end of the previous step (or the epoch's start) to the
@@ -74,7 +75,7 @@ def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device) 
     started = last = time.perf_counter()
     step_seconds = []
     for levels, labels, _, _ in data.train_batches(batch_size, seed=0, epoch=epoch):
-        _step(branch, optimizer, levels, labels, device)
+        _step(branch, optimizer, levels, labels, device, bf16)
         _sync(device)
         now = time.perf_counter()
         step_seconds.append(now - last)
@@ -85,7 +86,7 @@ def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device) 
 def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", frames: int = 8, batch_size: int = 8,
                 epochs: int = 2, width: int = 384, online_steps: int = 3, workers: int = 2, limit: int | None = None,
                 device: str = "auto", precision: str = "bf16", cache: str | None = None, pool: int = 1,
-                out: str | None = None) -> dict:
+                out: str | None = None, branch_precision: str = "auto") -> dict:
     """Time a cached epoch (RAM and streamed) against online training on `videos`; print and return the figures."""
     from mad.adapt.madapter import build_model, count_parameters
     from mad.cache.dataset import InMemoryTokens, StreamingTokens, usable_videos
@@ -95,6 +96,9 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
     from mad.extract.run import ExtractConfig, extract
 
     device = torch.device(resolve_device(device))
+    if branch_precision not in ("auto", "bf16", "fp32"):
+        raise BenchTrainError(f"--branch-precision {branch_precision!r}: use auto, bf16 or fp32")
+    bf16 = branch_precision == "bf16" or (branch_precision == "auto" and device.type == "cuda")
     tmp = tempfile.TemporaryDirectory(prefix="mad-bench-train-")
     try:
         # 0. the cache: given, or extracted now from the same videos (one-time cost, measured)
@@ -133,7 +137,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
 
         # 1. epochs from RAM (the first one warms the allocator up and is not counted when there are more)
         branch, optimizer = new_branch()
-        ram_epochs = [_cached_epoch(branch, optimizer, in_ram, batch_size, e, device) for e in range(max(epochs, 1))]
+        ram_epochs = [_cached_epoch(branch, optimizer, in_ram, batch_size, e, device, bf16) for e in range(max(epochs, 1))]
         steps_per_epoch = ram_epochs[0][1]
         ram_seconds = statistics.median(s for s, _, _ in (ram_epochs[1:] or ram_epochs))
         ram_later_steps = [t for _, _, steps in (ram_epochs[1:] or ram_epochs) for t in steps[1:]]
@@ -142,7 +146,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
         streamed = StreamingTokens(store, selected, workers=workers)
         try:
             branch, optimizer = new_branch()
-            stream_epochs = [_cached_epoch(branch, optimizer, streamed, batch_size, e, device)
+            stream_epochs = [_cached_epoch(branch, optimizer, streamed, batch_size, e, device, bf16)
                              for e in range(max(epochs, 1) + 1)]
         finally:
             streamed.close()
@@ -169,7 +173,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             levels = [x.view(len(batch), frames, *x.shape[1:]) for x in taps]
             _sync(device)
             encoded = time.perf_counter()
-            _step(branch, optimizer, levels, torch.as_tensor(labels[batch], dtype=torch.long), device)
+            _step(branch, optimizer, levels, torch.as_tensor(labels[batch], dtype=torch.long), device, bf16)
             _sync(device)
             finished = time.perf_counter()
             if step:
@@ -184,7 +188,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             "settings": {"videos": videos, "clips": len(order), "model": m["model"], "weights": "random",
                          "layers": store.layers, "frames": frames, "batch_size": batch_size, "branch_width": width,
                          "branch_parameters": count_parameters(branch), "device": str(device),
-                         "precision": precision, "pool": m.get("pool") or 1, "tokens": m["tokens"],
+                         "precision": precision, "branch_bf16_autocast": bf16, "pool": m.get("pool") or 1, "tokens": m["tokens"],
                          "stream_workers": workers, "online_steps_timed": online_steps,
                          "threads": torch.get_num_threads()},
             "steps_per_epoch": steps_per_epoch,
@@ -213,7 +217,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
             kind = "gpu" if device.type == "cuda" else "cpu"
-            name = f"train_{kind}_{Path(m['model']).stem}_pool{m.get('pool') or 1}.json"
+            name = f"train_{kind}_{Path(m['model']).stem}_pool{m.get('pool') or 1}{'_bf16' if bf16 and kind == 'cpu' else ''}.json"
             (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
         return result
     finally:
@@ -227,7 +231,7 @@ def _print(r: dict) -> None:
     s = r["settings"]
     table = Table(title=f"mad bench train: {s['clips']} clips, {s['model']} ({s['precision']}, random weights), "
                         f"T={s['frames']}, {s['tokens']} tokens (pool {s['pool']}), batch {s['batch_size']}, "
-                        f"M-adapter width {s['branch_width']}, {s['device']}")
+                        f"M-adapter width {s['branch_width']}{' (bf16 autocast)' if s.get('branch_bf16_autocast') else ''}, {s['device']}")
     for column in ("mode", "s / step", "s / epoch", "vs cache (RAM)"):
         table.add_column(column, justify="right" if column != "mode" else "left")
     n = r["steps_per_epoch"]
