@@ -217,7 +217,8 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
             kind = "gpu" if device.type == "cuda" else "cpu"
-            name = f"train_{kind}_{Path(m['model']).stem}_pool{m.get('pool') or 1}{'_bf16' if bf16 and kind == 'cpu' else ''}.json"
+            suffix = "_bf16" if bf16 and kind == "cpu" else ""  # a CPU run with the bf16 branch, beside the fp32 one
+            name = f"train_{kind}_{Path(m['model']).stem}_pool{m.get('pool') or 1}{suffix}.json"
             (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
         return result
     finally:
