@@ -104,6 +104,7 @@ def train(
     motion: bool = typer.Option(True, "--motion/--no-motion", help="Feed the blocks frame-to-frame token changes."),
     precision: str = typer.Option("auto", help="bf16 autocast for the branch: auto (on CUDA only), bf16 (also on CPU: ~1.7x faster steps there) or fp32."),
     correlation: int = typer.Option(1, help="Radius in patches of each patch's match to the previous frame (0: off; needs a square patch grid)."),
+    grid_pool: str = typer.Option("auto", help="Average the patch grid NxN after projection: auto (to no less than 7x7: a ViT-B/16's 14x14 -> 7x7, ~3x faster steps), 1 (full grid), 2, ..."),
     epochs: int = typer.Option(30),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(0.05),
@@ -256,6 +257,7 @@ def bench_memory(
     classes: int = typer.Option(174, help="Classes of the linear heads (174: SSv2)."),
     branch_width: int = typer.Option(384, help="M-adapter branch width."),
     threads: int = typer.Option(0, help="torch CPU threads per mode process (0: torch's default)."),
+    grid_pool: str = typer.Option("auto", help="M-adapter grid pooling, as `mad train --grid-pool`: auto, 1, 2, ..."),
 ):
     """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter online and cached."""
     from mad.bench.memory import BenchError, run_benchmark
@@ -263,7 +265,7 @@ def bench_memory(
     try:
         run_benchmark(model=model, frames=frames, batch=batch, layers=layers, device=device, precision=precision,
                       steps=steps, budget_gb=budget_gb, out=out, classes=classes, branch_width=branch_width,
-                      threads=threads, command=" ".join(["mad", *sys.argv[1:]]))
+                      threads=threads, command=" ".join(["mad", *sys.argv[1:]]), grid_pool=grid_pool)
     except BenchError as e:
         fail(str(e))
 
@@ -286,13 +288,14 @@ def bench_train(
     pool: int = typer.Option(1, help="Average the patch grid by this factor (cache and online alike)."),
     out: Optional[Path] = typer.Option(None, help="Write the figures as JSON into this folder."),
     branch_precision: str = typer.Option("auto", help="Branch autocast, as `mad train --precision`: auto, bf16 or fp32."),
+    grid_pool: str = typer.Option("auto", help="Branch grid pooling, as `mad train --grid-pool`: auto, 1, 2, ..."),
 ):
     """Epoch time training from the cache vs online (frozen ViT every step); streamed vs in-RAM cache."""
     from mad.bench.train import BenchTrainError, bench_train as run
 
     try:
         run(str(videos), model, layers, frames, batch_size, epochs, width, online_steps, workers, limit, device,
-            precision, cache, pool, str(out) if out else None, branch_precision)
+            precision, cache, pool, str(out) if out else None, branch_precision, grid_pool)
     except (BenchTrainError, *_stage_two_errors()) as e:
         fail(str(e))
 

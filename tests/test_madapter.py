@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mad.adapt.madapter import (ARCHS, CheckpointError, Correlation, SpaceTimeConv, TemporalConv, build_model,
-                                count_parameters, load_model, load_state, save_model)
+                                count_parameters, load_model, load_state, pool_grid, resolve_grid_pool, save_model)
 
 SMALL = dict(width=16, heads=2, dropout=0.0)
 
@@ -69,7 +69,7 @@ def test_space_time_conv_starts_as_identity_and_mixes_neighbouring_patches():
 
 def test_correlation_finds_where_a_patch_came_from():
     """A distinct patch moves one patch to the right: at its new place it matches the old one, to its left."""
-    module = Correlation(8, radius=1, groups=1)
+    module = Correlation(1, 8, 8, radius=1, groups=1)
     side, T = 5, 3
     background = torch.randn(8)
     x = background.expand(1, T, 1 + side * side, 8).clone()  # every patch the same...
@@ -77,7 +77,7 @@ def test_correlation_finds_where_a_patch_came_from():
     for t in range(T):
         x[0, t, 1 + 2 * side + (1 + t)] = thing  # ...but one, at row 2, column 1 + t
     module.proj = torch.nn.Identity()  # read the features: [p (9 offsets), p*x, p*y]
-    features = module(x)
+    features = module([x])
     assert features.shape == (1, T, 1 + side * side, 27)
     assert torch.equal(features[:, :, 0], torch.zeros(1, T, 27))  # CLS
     p = features[0, 1, 1 + 2 * side + 2, :9]  # the patch's new place at t = 1
@@ -87,23 +87,28 @@ def test_correlation_finds_where_a_patch_came_from():
     p_right = features[0, 1, 1 + 2 * side + 4, :9]  # a background patch at column 4 (x = 1)
     assert torch.allclose(features[0, 1, 1 + 2 * side + 4, 9:18], p_right)
     moving_left = x.flip(1)  # the same clip backwards: the peak is on the other side
-    q = module(moving_left)[0, 1, 1 + 2 * side + 2, :9]
+    q = module([moving_left])[0, 1, 1 + 2 * side + 2, :9]
     assert q.argmax().item() == 5  # offset (0, +1): it came from the right
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_level_projection_keeps_no_copy_but_gives_autograd_gradients(dtype):
+@pytest.mark.parametrize("pool", [1, 2])
+def test_level_projection_keeps_no_copy_but_gives_autograd_gradients(dtype, pool):
     from mad.adapt.madapter import LevelProjection
 
     torch.manual_seed(0)
-    projection = LevelProjection(24, 8)
-    reference = torch.nn.Sequential(torch.nn.LayerNorm(24, elementwise_affine=False), torch.nn.Linear(24, 8))
-    reference[1].load_state_dict(projection.proj.state_dict())
-    x = (torch.randn(2, 3, 5, 24) * 3 + 1).to(dtype)  # a cached level: no gradient wanted
-    target = torch.randn(2, 3, 5, 8)
+    projection = LevelProjection(24, 8, pool=pool)
+    norm, linear = torch.nn.LayerNorm(24, elementwise_affine=False), torch.nn.Linear(24, 8)
+    linear.load_state_dict(projection.proj.state_dict())
+
+    def reference(x):  # project every patch, then average the grid (what pooling first must equal)
+        return pool_grid(linear(norm(x)), pool)
+
+    x = (torch.randn(2, 3, 1 + 5 * 5, 24) * 3 + 1).to(dtype)  # a cached level: no gradient wanted
+    target = torch.randn(2, 3, 1 + (3 if pool == 2 else 5) ** 2, 8)
     ((projection(x) - target) ** 2).sum().backward()
     ((reference(x.float()) - target) ** 2).sum().backward()
-    for mine, theirs in zip(projection.proj.parameters(), reference[1].parameters()):
+    for mine, theirs in zip(projection.proj.parameters(), linear.parameters()):
         assert torch.allclose(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
     assert torch.allclose(projection(x), reference(x.float()), atol=1e-5)
     x.requires_grad_(True)  # a level that does want a gradient takes autograd's path and gets one
@@ -127,10 +132,78 @@ def test_mlp_gradients_equal_autograd_through_gelu():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_correlation_needs_a_square_grid():
-    with pytest.raises(ValueError, match="square patch grid.*correlation 0"):
+def test_correlation_matches_on_every_level_at_the_full_grid_when_the_branch_pools_it():
+    """The thing moves by one patch of a 6x6 grid: less than a cell of the branch's pooled 3x3 grid."""
+    side, T = 6, 2
+    pooled = Correlation(2, 8, 8, radius=1, groups=1, pool=2)
+    full = Correlation(2, 8, 8, radius=1, groups=1)
+    pooled.proj = full.proj = torch.nn.Identity()
+    torch.manual_seed(0)
+    x = torch.randn(8).expand(1, T, 1 + side * side, 8).clone()
+    thing = torch.randn(8)
+    x[0, 0, 1 + 0 * side + 0] = thing  # row 0, column 0, then column 1
+    x[0, 1, 1 + 0 * side + 1] = thing
+    still = torch.randn(1, 1, 1 + side * side, 8).expand(1, T, -1, -1).clone()  # a second level: nothing moves
+    features = full([x, still])
+    assert features.shape == (1, T, 1 + side * side, 2 * 27)
+    assert features[0, 1, 1 + 1, :9].argmax().item() == 3  # level 1: it came from the left
+    assert features[0, 1, 1 + 1, 27:36].argmax().item() == 4  # level 2 (its p follows level 1's 27): it stayed
+    cells = pooled([x, still])
+    assert cells.shape == (1, T, 1 + 3 * 3, 2 * 27)
+    # the pooled cell (0, 0) is the mean of its four patches' features
+    expected = features[:, :, 1:].reshape(1, T, 3, 2, 3, 2, 54)[:, :, 0, :, 0].mean(dim=(2, 3))
+    assert torch.allclose(cells[:, :, 1], expected, atol=1e-6)
+    assert torch.equal(cells[:, :, 0], torch.zeros(1, T, 54))  # CLS
+
+
+def test_pool_grid_averages_cells_and_keeps_cls():
+    x = torch.randn(2, 3, 1 + 7 * 7, 5)
+    y = pool_grid(x, 2)
+    assert y.shape == (2, 3, 1 + 4 * 4, 5)  # 7 -> 4: the last row and column have one patch per cell side
+    grid = x[:, :, 1:].reshape(2, 3, 7, 7, 5)
+    assert torch.equal(y[:, :, 0], x[:, :, 0])
+    assert torch.allclose(y[:, :, 1 + 0], grid[:, :, 0:2, 0:2].mean(dim=(2, 3)), atol=1e-6)
+    assert torch.allclose(y[:, :, 1 + 3], grid[:, :, 0:2, 6].mean(dim=2), atol=1e-6)  # cell (0, 3)
+    assert torch.allclose(y[:, :, 1 + 15], grid[:, :, 6, 6], atol=1e-6)  # cell (3, 3): one patch
+    assert torch.equal(pool_grid(x, 1), x)
+
+
+@pytest.mark.parametrize("side, expected", [(14, 2), (16, 2), (24, 3), (28, 4), (8, 1), (7, 1), (4, 1)])
+def test_grid_pool_auto_keeps_at_least_7_patches_per_side(side, expected):
+    assert resolve_grid_pool("auto", 1 + side * side) == expected
+    assert resolve_grid_pool("3", 1 + side * side) == 3 and resolve_grid_pool(1, 1 + side * side) == 1
+    assert resolve_grid_pool("auto", 1 + 2 * 7) == 1  # not a square grid: nothing to pool
+    for bad in ("0", "two", -1):
+        with pytest.raises(ValueError, match="grid_pool"):
+            resolve_grid_pool(bad, 1 + side * side)
+
+
+def test_pooled_branch_runs_its_blocks_on_the_pooled_grid_and_learns():
+    torch.manual_seed(0)
+    model = build_model("madapter", 2, 24, 1 + 6 * 6, 4, 3, **SMALL, grid_pool=2)
+    seen = []
+    model.blocks[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    levels = levels_for(2, tokens=1 + 6 * 6)
+    logits = model(levels)
+    assert seen == [(2, 4, 1 + 3 * 3, 16)] and logits.shape == (2, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    labels = torch.tensor([0, 2])
+    losses = []
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(model(levels), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_correlation_and_grid_pooling_need_a_square_grid():
+    with pytest.raises(ValueError, match="square patch grid.*correlation 0 and grid_pool 1"):
         build_model("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=1)
-    model = build_model("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=0)
+    with pytest.raises(ValueError, match="square patch grid"):
+        build_model("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=0, grid_pool=2)
+    model = build_model("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=0)  # auto: no pooling
     assert model(levels_for(2, tokens=7)).shape == (2, 3)
 
 

@@ -68,6 +68,13 @@ def test_streaming_gives_the_same_batches_as_ram(caches):
             for a, b in pairs:
                 assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
                 assert torch.equal(a[1], b[1]) and torch.equal(a[3], b[3])
+        # a jump, and a pass stopped half-way (a crash, a break) then started again, still give the right batches
+        for epoch, stop in ((3, None), (5, 1), (5, None), (6, None)):
+            ram = list(in_ram.train_batches(4, seed=1, epoch=epoch))
+            for i, (a, b) in enumerate(zip(ram, streamed.train_batches(4, seed=1, epoch=epoch))):
+                assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and torch.equal(a[3], b[3])
+                if i == stop:
+                    break
         views = torch.cat([v for *_, v in in_ram.train_batches(16, seed=0, epoch=1)])
         assert set(views.tolist()) == {0, 1}  # one random view of the two per video
         assert sum(len(b[1]) for b in streamed.eval_batches(8, all_views=True)) == 2 * in_ram.num_videos
@@ -250,3 +257,19 @@ def test_bf16_autocast_on_cpu_trains_and_bad_precision_is_refused(caches, tmp_pa
     assert abs(bf16["train/loss"] - fp32["train/loss"]) < 0.1  # and trains the same model to about the same loss
     with pytest.raises(TrainError, match="--precision 'fp16': use auto, bf16 or fp32"):
         train(config(caches, tmp_path / "bad", precision="fp16"), quiet=True)
+
+
+def test_grid_pool_is_resolved_into_the_model_and_bad_values_are_refused(caches, tmp_path):
+    from mad.adapt.madapter import load_model
+
+    auto = train(config(caches, tmp_path / "auto", epochs=1), quiet=True)
+    pooled = train(config(caches, tmp_path / "pooled", epochs=1, grid_pool="2"), quiet=True)
+    saved = json.loads((tmp_path / "pooled" / "config.json").read_text())
+    assert saved["train"]["grid_pool"] == "2" and saved["model"]["grid_pool"] == 2
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["model"]["grid_pool"] == 1  # 4x4 grid: kept
+    model, info = load_model(tmp_path / "pooled" / "model.safetensors")
+    assert model.fusion.projections[0].pool == 2 and info["model_args"]["grid_pool"] == 2
+    assert auto["train/loss"] != pooled["train/loss"]
+    for bad in ("0", "half"):
+        with pytest.raises(TrainError, match=f"--grid-pool '{bad}': give auto, 1"):
+            train(config(caches, tmp_path / "bad", grid_pool=bad), quiet=True)

@@ -34,7 +34,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import mad
 from mad.adapt.evaluate import EvalError, accuracy, confusion_matrix, plot_confusion, predict, resolve_device
-from mad.adapt.madapter import ARCHS, TEMPORAL, CheckpointError, build_model, count_parameters, load_state, save_model
+from mad.adapt.madapter import (ARCHS, TEMPORAL, CheckpointError, build_model, count_parameters, load_state,
+                                 resolve_grid_pool, save_model)
 from mad.cache.dataset import CachedTokens, open_tokens
 from mad.cache.store import TRAINING_KEYS, Store, StoreError, manifest_differences
 
@@ -54,6 +55,7 @@ class TrainConfig:
     temporal: str = "conv"  # conv (depthwise over T), conv3d (over T and neighbouring patches), attn or none
     motion: bool = True  # feed the blocks frame-to-frame token changes too (see madapter.Motion)
     correlation: int = 1  # radius (patches) of the match to the previous frame (madapter.Correlation); 0 = off
+    grid_pool: str = "auto"  # the branch averages the patch grid N x N after projection: auto (to >= 7x7), 1 (off), 2, ...
     epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -175,13 +177,19 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
     model_args = dict(arch=cfg.arch, num_levels=len(train_data.layers), in_width=manifest["width"],
                       num_tokens=manifest["tokens"], num_frames=manifest["frames"], num_classes=num_classes,
                       width=cfg.width, depth=cfg.depth, heads=cfg.heads, dropout=cfg.dropout, temporal=cfg.temporal,
-                      motion=cfg.motion, correlation=cfg.correlation)
+                      motion=cfg.motion, correlation=cfg.correlation,
+                      grid_pool=resolve_grid_pool(cfg.grid_pool, manifest["tokens"]))
 
     torch.manual_seed(cfg.seed)
     try:
         model = build_model(**model_args).to(device)
     except ValueError as e:
         raise TrainError(str(e)) from None
+    if dist.main and not quiet:
+        side, pool = math.isqrt(manifest["tokens"] - 1), model_args["grid_pool"]
+        grid = (f", patch grid {side}x{side} pooled to {-(-side // pool)}x{-(-side // pool)} (--grid-pool {cfg.grid_pool})"
+                if cfg.arch == "madapter" and pool > 1 else "")
+        console.print(f"{cfg.arch}: {count_parameters(model):,} trainable parameters{grid}")
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices; not biases, norms, gates
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -318,6 +326,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--temporal {cfg.temporal!r}: use one of {', '.join(TEMPORAL)}")
     if cfg.correlation < 0:
         raise TrainError(f"--correlation {cfg.correlation}: give a radius in patches, or 0 for none")
+    if str(cfg.grid_pool) != "auto" and not (str(cfg.grid_pool).isdigit() and int(cfg.grid_pool) >= 1):
+        raise TrainError(f"--grid-pool {cfg.grid_pool!r}: give auto, 1 (full grid) or more")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise TrainError(f"--precision {cfg.precision!r}: use auto, bf16 or fp32")
     if cfg.in_ram not in ("auto", "yes", "no"):

@@ -89,6 +89,7 @@ class BenchConfig:
     num_tokens: int  # N = 1 + H*W
     image_size: int
     threads: int = 0  # torch CPU threads in each mode's process (0: torch's default)
+    grid_pool: int = 1  # M-adapter grid pooling, resolved as `mad train --grid-pool` resolves it
 
 
 # =========================================================================== child side: one mode
@@ -268,7 +269,8 @@ def build_branch(cfg: BenchConfig) -> nn.Module:
     from mad.adapt.madapter import build_model
 
     return build_model("madapter", num_levels=len(cfg.layers), in_width=cfg.in_width, num_tokens=cfg.num_tokens,
-                       num_frames=cfg.frames, num_classes=cfg.classes, width=cfg.branch_width).to(cfg.device)
+                       num_frames=cfg.frames, num_classes=cfg.classes, width=cfg.branch_width,
+                       grid_pool=cfg.grid_pool).to(cfg.device)
 
 
 def build_madapter_online(cfg: BenchConfig) -> Workload:
@@ -516,7 +518,7 @@ def child_main(argv: list[str] | None = None) -> None:
 
 
 def resolve_config(model: str, frames: int, batch: int, layers: str, device: str, precision: str, steps: int,
-                   classes: int, branch_width: int, threads: int = 0) -> BenchConfig:
+                   classes: int, branch_width: int, threads: int = 0, grid_pool: str = "auto") -> BenchConfig:
     """Check the options and read the backbone's shapes from its open_clip config (no model is built)."""
     from mad.extract.backbone import BackboneError, parse_layers, register_model_config, resolve_device
     from mad._compat import import_open_clip
@@ -537,9 +539,16 @@ def resolve_config(model: str, frames: int, batch: int, layers: str, device: str
         warnings.warn("fp16 training on CPU is slow and unusual; bf16 is the CPU default", stacklevel=2)
     size = vision["image_size"] if isinstance(vision["image_size"], int) else vision["image_size"][0]
     patch = vision["patch_size"] if isinstance(vision["patch_size"], int) else vision["patch_size"][0]
+    from mad.adapt.madapter import resolve_grid_pool
+
+    num_tokens = 1 + (size // patch) ** 2
+    try:
+        branch_pool = resolve_grid_pool(grid_pool, num_tokens)
+    except ValueError as e:
+        raise BenchError(f"--grid-pool: {e}") from None
     return BenchConfig(model=model, frames=frames, batch=batch, layers=blocks, device=device, precision=precision,
                        steps=steps, classes=classes, branch_width=branch_width, in_width=vision["width"],
-                       num_tokens=1 + (size // patch) ** 2, image_size=size, threads=threads)
+                       num_tokens=num_tokens, image_size=size, threads=threads, grid_pool=branch_pool)
 
 
 def run_child(cfg: BenchConfig, mode: str, limit_gb: float | None = None, timeout: float | None = None) -> dict:
@@ -740,9 +749,10 @@ def run_benchmark(model: str = "ViT-B-16", frames: int = 8, batch: int = 8, laye
                   device: str = "auto", precision: str = "bf16", steps: int = 5, budget_gb: float | None = None,
                   out: str | Path = "benchmarks/results", classes: int = 174, branch_width: int = 384,
                   threads: int = 0, modes: tuple[str, ...] = MODES, command: str | None = None,
-                  probe_timeout: float = 300.0, quiet: bool = False) -> dict:
+                  probe_timeout: float = 300.0, quiet: bool = False, grid_pool: str = "auto") -> dict:
     """Run every mode in its own process, print the table, write JSON and PNG into `out`; return the report."""
-    cfg = resolve_config(model, frames, batch, layers, device, precision, steps, classes, branch_width, threads)
+    cfg = resolve_config(model, frames, batch, layers, device, precision, steps, classes, branch_width, threads,
+                         grid_pool)
     rows = []
     for mode in modes:
         if not quiet:

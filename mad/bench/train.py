@@ -86,9 +86,9 @@ def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device, 
 def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", frames: int = 8, batch_size: int = 8,
                 epochs: int = 2, width: int = 384, online_steps: int = 3, workers: int = 2, limit: int | None = None,
                 device: str = "auto", precision: str = "bf16", cache: str | None = None, pool: int = 1,
-                out: str | None = None, branch_precision: str = "auto") -> dict:
+                out: str | None = None, branch_precision: str = "auto", grid_pool: str = "auto") -> dict:
     """Time a cached epoch (RAM and streamed) against online training on `videos`; print and return the figures."""
-    from mad.adapt.madapter import build_model, count_parameters
+    from mad.adapt.madapter import build_model, count_parameters, resolve_grid_pool
     from mad.cache.dataset import InMemoryTokens, StreamingTokens, usable_videos
     from mad.cache.store import Store, StoreError
     from mad.extract.backbone import load_backbone, resolve_device
@@ -126,13 +126,18 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             raise BenchTrainError(str(e)) from None
         m = store.manifest
         frames = m["frames"]  # a given cache decides
+        try:
+            branch_pool = resolve_grid_pool(grid_pool, m["tokens"])  # as `mad train --grid-pool`
+        except ValueError as e:
+            raise BenchTrainError(f"--grid-pool: {e}") from None
         num_classes = max(len(store.class_names), int(store.labels().max()) + 1)
         in_ram = InMemoryTokens(store, selected, progress=False)
 
         def new_branch():
             torch.manual_seed(0)
             branch = build_model("madapter", len(store.layers), m["width"], m["tokens"], m["frames"], num_classes,
-                                 width=width, heads=next(h for h in (6, 4, 2, 1) if width % h == 0)).to(device)
+                                 width=width, heads=next(h for h in (6, 4, 2, 1) if width % h == 0),
+                                 grid_pool=branch_pool).to(device)
             return branch, torch.optim.AdamW(branch.parameters(), lr=1e-3, weight_decay=0.05)
 
         # 1. epochs from RAM (the first one warms the allocator up and is not counted when there are more)
@@ -187,6 +192,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             "machine": machine_info(device), "date": datetime.date.today().isoformat(),
             "settings": {"videos": videos, "clips": len(order), "model": m["model"], "weights": "random",
                          "layers": store.layers, "frames": frames, "batch_size": batch_size, "branch_width": width,
+                         "branch_grid_pool": branch_pool,
                          "branch_parameters": count_parameters(branch), "device": str(device),
                          "precision": precision, "branch_bf16_autocast": bf16, "pool": m.get("pool") or 1, "tokens": m["tokens"],
                          "stream_workers": workers, "online_steps_timed": online_steps,
@@ -218,6 +224,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             Path(out).mkdir(parents=True, exist_ok=True)
             kind = "gpu" if device.type == "cuda" else "cpu"
             suffix = "_bf16" if bf16 and kind == "cpu" else ""  # a CPU run with the bf16 branch, beside the fp32 one
+            suffix += "" if grid_pool == "auto" else f"_grid{branch_pool}"  # the default's figures keep the plain name
             name = f"train_{kind}_{Path(m['model']).stem}_pool{m.get('pool') or 1}{suffix}.json"
             (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
         return result
@@ -232,7 +239,8 @@ def _print(r: dict) -> None:
     s = r["settings"]
     table = Table(title=f"mad bench train: {s['clips']} clips, {s['model']} ({s['precision']}, random weights), "
                         f"T={s['frames']}, {s['tokens']} tokens (pool {s['pool']}), batch {s['batch_size']}, "
-                        f"M-adapter width {s['branch_width']}{' (bf16 autocast)' if s.get('branch_bf16_autocast') else ''}, {s['device']}")
+                        f"M-adapter width {s['branch_width']}, grid pool {s.get('branch_grid_pool', 1)}"
+                        f"{' (bf16 autocast)' if s.get('branch_bf16_autocast') else ''}, {s['device']}")
     for column in ("mode", "s / step", "s / epoch", "vs cache (RAM)"):
         table.add_column(column, justify="right" if column != "mode" else "left")
     n = r["steps_per_epoch"]

@@ -204,10 +204,21 @@ class _ListSampler(Sampler):
 
 
 def _collate(items):
-    levels = [torch.stack(level) for level in zip(*(item[0] for item in items))]  # K x [B, T, N, D]
+    levels = [_stack(level) for level in zip(*(item[0] for item in items))]  # K x [B, T, N, D]
     positions = torch.tensor([item[1] for item in items])
     views = torch.tensor([item[2] for item in items])
     return levels, positions, views
+
+
+def _stack(tensors) -> torch.Tensor:
+    """torch.stack; in a reader process, straight into shared memory (as torch's default_collate does):
+    the batch then reaches the trainer without another copy of every level."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
 
 
 def open_tokens(store: Store | str, in_ram: str = "auto", workers: int = 2, reserve: float = 0.5,
