@@ -104,7 +104,7 @@ def train(
     motion: bool = typer.Option(True, "--motion/--no-motion", help="Feed the blocks frame-to-frame token changes."),
     precision: str = typer.Option("auto", help="bf16 autocast for the branch: auto (on CUDA only), bf16 (also on CPU: ~1.7x faster steps there) or fp32."),
     correlation: int = typer.Option(1, help="Radius in patches of each patch's match to the previous frame (0: off; needs a square patch grid)."),
-    grid_pool: str = typer.Option("auto", help="Average the patch grid NxN after projection: auto (to no less than 7x7: a ViT-B/16's 14x14 -> 7x7, ~3x faster steps), 1 (full grid), 2, ..."),
+    grid_pool: str = typer.Option("auto", help="Average the patch grid in NxN cells in the branch (its motion matches stay on the full grid): auto (to no less than 7x7: a ViT-B/16's 14x14 -> 7x7, ~3x faster steps), 1 (full grid), 2, ..."),
     epochs: int = typer.Option(30),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(0.05),

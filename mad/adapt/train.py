@@ -55,7 +55,7 @@ class TrainConfig:
     temporal: str = "conv"  # conv (depthwise over T), conv3d (over T and neighbouring patches), attn or none
     motion: bool = True  # feed the blocks frame-to-frame token changes too (see madapter.Motion)
     correlation: int = 1  # radius (patches) of the match to the previous frame (madapter.Correlation); 0 = off
-    grid_pool: str = "auto"  # the branch averages the patch grid N x N after projection: auto (to >= 7x7), 1 (off), 2, ...
+    grid_pool: str = "auto"  # the branch averages the patch grid in N x N cells: auto (to >= 7x7), 1 (off), 2, ...
     epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.05
