@@ -75,6 +75,8 @@ def test_streaming_gives_the_same_batches_as_ram(caches):
                 assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])) and torch.equal(a[3], b[3])
                 if i == stop:
                     break
+        levels, position, view = streamed._reader[(3, 1)]  # one item, read in this process
+        assert (position, view) == (3, 1) and all(torch.equal(x, y[3, 1]) for x, y in zip(levels, in_ram.levels))
         views = torch.cat([v for *_, v in in_ram.train_batches(16, seed=0, epoch=1)])
         assert set(views.tolist()) == {0, 1}  # one random view of the two per video
         assert sum(len(b[1]) for b in streamed.eval_batches(8, all_views=True)) == 2 * in_ram.num_videos

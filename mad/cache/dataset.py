@@ -19,6 +19,7 @@ process that holds one can deadlock. Each worker opens the store itself.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterator
 
@@ -154,7 +155,7 @@ class StreamingTokens(CachedTokens):
                                  for i in range(0, len(positions), batch_size)]
         if self._loader is None:  # persistent workers: spawn them once, not once an epoch
             self._loader = DataLoader(
-                self._reader, batch_sampler=self._sampler, num_workers=self.workers, collate_fn=_collate,
+                self._reader, batch_sampler=self._sampler, num_workers=self.workers, collate_fn=_as_is,
                 multiprocessing_context="spawn" if self.workers else None, persistent_workers=self.workers > 0,
                 prefetch_factor=4 if self.workers else None,
                 generator=torch.Generator(),  # its own: seeding workers must not draw from the global RNG
@@ -182,12 +183,22 @@ class ChunkReader(Dataset):
         return len(self.videos)
 
     def __getitem__(self, item):
+        return _unbatch(self.__getitems__([item]))
+
+    def __getitems__(self, items):  # a whole batch: what the DataLoader asks for (then `_as_is` collates it)
         if self._store is None:
             self._store = Store.open(self.location)  # inside the worker: Zarr must not cross a fork
-        position, view = item
-        video = int(self.videos[position])
-        levels = [torch.from_numpy(self._store.read_layer(layer, (video, view))) for layer in self.layers]
-        return levels, position, view
+        levels = []
+        for layer in self.layers:
+            # the batch's tensor, in shared memory in a reader process (as torch's default_collate
+            # makes it): every chunk is decoded straight into its row, and reaches the trainer uncopied
+            level = _new_batch_tensor((len(items), *self._store.layer_array(layer).shape[2:]))  # [B, T, N, D]
+            for row, (position, view) in enumerate(items):
+                self._store.read_layer(layer, (int(self.videos[position]), view), out=level[row].numpy())
+            levels.append(level)
+        positions = torch.tensor([position for position, _ in items])
+        views = torch.tensor([view for _, view in items])
+        return levels, positions, views
 
 
 class _ListSampler(Sampler):
@@ -203,22 +214,20 @@ class _ListSampler(Sampler):
         return len(self.batches)
 
 
-def _collate(items):
-    levels = [_stack(level) for level in zip(*(item[0] for item in items))]  # K x [B, T, N, D]
-    positions = torch.tensor([item[1] for item in items])
-    views = torch.tensor([item[2] for item in items])
-    return levels, positions, views
+def _as_is(batch):
+    return batch  # ChunkReader.__getitems__ has made the batch already
 
 
-def _stack(tensors) -> torch.Tensor:
-    """torch.stack; in a reader process, straight into shared memory (as torch's default_collate does):
-    the batch then reaches the trainer without another copy of every level."""
+def _unbatch(batch):
+    levels, positions, views = batch
+    return [level[0] for level in levels], int(positions[0]), int(views[0])
+
+
+def _new_batch_tensor(shape) -> torch.Tensor:
     if torch.utils.data.get_worker_info() is None:
-        return torch.stack(tensors)
-    first = tensors[0]
-    storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
-    out = first.new(storage).resize_(len(tensors), *first.shape)
-    return torch.stack(tensors, out=out)
+        return torch.empty(shape, dtype=torch.float16)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 2)  # float16: 2 bytes
+    return torch.tensor([], dtype=torch.float16).set_(storage).view(shape)
 
 
 def open_tokens(store: Store | str, in_ram: str = "auto", workers: int = 2, reserve: float = 0.5,

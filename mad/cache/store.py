@@ -78,6 +78,7 @@ class Store:
         self.group = group
         self.location = location
         self.manifest: dict = dict(group.attrs["mad"])
+        self._layer_arrays: dict[int, zarr.Array] = {}  # opened once: opening reads metadata (~1 ms)
 
     # ---- opening and creating -------------------------------------------------
 
@@ -147,6 +148,7 @@ class Store:
         V0, n = self.num_videos, len(paths)
         for array in self._per_video_arrays():
             array.resize((V0 + n,) + array.shape[1:])
+        self._layer_arrays.clear()  # their shapes changed
         self.group["label"][V0:] = np.asarray(labels, dtype=np.int32)
         self.group["path"][V0:] = np.asarray(paths, dtype=object)
 
@@ -177,7 +179,9 @@ class Store:
         return list(self.manifest.get("class_names") or [])
 
     def layer_array(self, layer: int) -> zarr.Array:
-        return self.group["layers"][str(layer)]
+        if layer not in self._layer_arrays:
+            self._layer_arrays[layer] = self.group["layers"][str(layer)]
+        return self._layer_arrays[layer]
 
     def status(self) -> np.ndarray:
         return self.group["status"][:]
@@ -191,10 +195,19 @@ class Store:
     def frame_index(self) -> np.ndarray:
         return self.group["frame_index"][:]
 
-    def read_layer(self, layer: int, videos=slice(None)) -> np.ndarray:
-        """float16 [n, views, T, N, D] for the selected videos; a damaged chunk is a StoreError."""
+    def read_layer(self, layer: int, videos=slice(None), out: np.ndarray | None = None) -> np.ndarray:
+        """float16 [n, views, T, N, D] for the selected videos; a damaged chunk is a StoreError.
+
+        With `out` (an array of the selection's shape) the chunks are decoded straight into it:
+        one copy fewer than reading and then placing them (a batch reads ~1.5x faster).
+        """
         try:
-            return self.layer_array(layer)[videos]
+            if out is None:
+                return self.layer_array(layer)[videos]
+            from zarr.core.buffer.cpu import NDBuffer
+
+            self.layer_array(layer).get_basic_selection(videos, out=NDBuffer.from_numpy_array(out))
+            return out
         except ValueError as e:  # zarr's crc32c codec: "Stored and computed checksum do not match"
             raise StoreError(f"{self.location}/layers/{layer}: damaged data for videos {_describe(videos)} "
                              f"({e}); run `mad info {self.location} --verify`") from None
