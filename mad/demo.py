@@ -47,7 +47,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     videos = make_demo_videos(out / "videos", videos_per_class=cfg.videos_per_class,
                               val_per_class=cfg.val_per_class, seed=cfg.seed)
     console.print(f"classes: {', '.join(videos['classes'])}")
-    console.print("backbone: a small ViT (mad-demo-vit, 4 blocks, width 128) with [bold]random weights[/bold] "
+    console.print("backbone: a small ViT (mad-demo-vit: 112 px, 8 px patches, so a 14x14 grid as ViT-B/16's; 4 blocks, "
+                  "width 128) with [bold]random weights[/bold] "
                   "(no download needed): the features are not pre-trained")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random weights.*")

@@ -207,7 +207,8 @@ def _trajectory(
         half = size * small * (large / small) ** (t / steps)  # geometric: constant rate
     elif forward == "orbiting_clockwise":
         # Around the frame centre, 180-270 degrees in the clip: 22-34 degrees between
-        # the 8 sampled frames, under a patch of travel at the demo ViT's 8x8 grid.
+        # the 8 sampled frames: ~1.5 patches of travel on the demo ViT's 14x14 grid, under one
+        # cell of the branch's pooled 7x7.
         half = np.full(num_frames, rng.uniform(0.10, 0.13) * size)
         radius = rng.uniform(0.20, 0.25) * size
         theta = rng.uniform(0, 2 * np.pi) + np.deg2rad(rng.uniform(180, 270)) * t / steps  # clockwise: y points down

@@ -8,7 +8,7 @@ from mad.demo import DemoConfig, run_demo
 
 
 def test_demo_madapter_learns_temporal_order_that_linear_cannot(tmp_path):
-    # The shipped defaults (videos, backbone, epochs), not a reduced copy: ~2 min on 2 CPU cores.
+    # The shipped defaults (videos, backbone, epochs), not a reduced copy: ~3 min on 2 CPU cores.
     report = run_demo(DemoConfig(out=str(tmp_path / "demo"), progress=False))
     madapter, linear = report["results"]["madapter"], report["results"]["linear"]
     assert madapter["val_top1_last"] >= 0.9, report
@@ -17,3 +17,6 @@ def test_demo_madapter_learns_temporal_order_that_linear_cannot(tmp_path):
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["results"] == report["results"]
     for arch in ("madapter", "linear"):
         assert (tmp_path / "demo" / "runs" / arch / "model.safetensors").is_file()
+    # the demo ViT's 14x14 grid is pooled to 7x7 as a ViT-B/16's is: the demo trains the default branch
+    config = json.loads((tmp_path / "demo" / "runs" / "madapter" / "config.json").read_text())
+    assert config["cache_manifest"]["tokens"] == 1 + 14 * 14 and config["model"]["grid_pool"] == 2

@@ -284,7 +284,8 @@ class Correlation(nn.Module):
         with torch.no_grad():  # matches are read, not trained through: most of their time and memory saved
             similarity = torch.cat([by_clips(lambda clips: self.similarity(clips, side), x) for x in levels],
                                    dim=-2)  # [B, T, H, W, K*G, (2r+1)^2]
-        p = torch.softmax(similarity * self.temperature, dim=-1)
+        # softmax over the offsets, laid out first: on CPU 5x faster (forward + backward) than over a last dim of 9
+        p = torch.softmax((similarity * self.temperature).movedim(-1, 0).contiguous(), dim=0).movedim(0, -1)
         coords = torch.linspace(-1, 1, side, device=p.device, dtype=p.dtype)
         ys, xs = coords.view(side, 1, 1, 1), coords.view(1, side, 1, 1)
         features = torch.cat([p, p * xs, p * ys], dim=-1).reshape(B, T, N - 1, -1)  # [B, T, H*W, F]
@@ -467,7 +468,7 @@ def resolve_grid_pool(setting, num_tokens: int) -> int:
     7 x 7 is the grid of a ViT-B/32 at 224 px, the grid CLIP video models are commonly
     trained on; a ViT-B/16's 14 x 14 is pooled to it (4x fewer tokens: ~3x faster
     branch steps), a ViT-L/14's 16 x 16 to 8 x 8. Finer grids stay as they are: on the
-    demo's 8 x 8, pooling to 4 x 4 cost val top-1 0.958 -> 0.875.
+    64 px demo ViT's 8 x 8, pooling to 4 x 4 cost val top-1 0.958 -> 0.875.
     """
     if str(setting) == "auto":
         side = math.isqrt(num_tokens - 1)
