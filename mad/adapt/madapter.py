@@ -30,7 +30,7 @@ vs 0.79 with the matches alone and orbits at chance).
 Grid pooling (also ours): the branch averages each level's patch grid in n x n
 cells right after LayerNorm (by default n = side // 7: ViT-B/16's 14x14 -> 7x7, see
 `resolve_grid_pool`), so every projection, block and MLP runs on n^2 fewer tokens:
-ViT-B/16 sizes, batch 8, a training step takes 0.47 s instead of 1.6 s on a 2-core
+ViT-B/16 sizes, batch 8, a training step takes 0.43 s instead of 1.6 s on a 2-core
 CPU. Correlation still matches patches on each level's full grid, so motion smaller
 than a cell is seen. The demo's task rendered for a 14x14 grid: val top-1 1.00 on
 the full grid and 1.00 pooled to 7x7.
