@@ -4,7 +4,7 @@
     python benchmarks/bench_memory.py --model ViT-L-14 --batch 1 --layers 8,16,24
     python benchmarks/bench_memory.py --budget-gb 8                 # also: largest batch within 8 GiB
 
-Takes the same options as `mad bench memory` (see --help); the code is in mad/bench/memory.py,
+Takes the same options as `mad bench memory` (see --help); the code is in mad/bench/memory/ (package),
 the measured results and how to read them in benchmarks/results/memory.md.
 """
 

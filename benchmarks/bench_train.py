@@ -8,7 +8,7 @@ Takes the same options as `mad bench train` (see --help); the code is in mad/ben
 
 import sys
 
-from mad.cli import app
+from mad.cli import main
 
 if __name__ == "__main__":
-    sys.exit(app(["bench", "train", *sys.argv[1:]], prog_name="bench_train.py"))
+    main(["bench", "train", *sys.argv[1:]])

@@ -1,4 +1,8 @@
-"""The `mad` command line: parse options, call one function per command."""
+"""The `mad` command line: parse options, call one function per command.
+
+Every error a user can cause is a `MadError`; `main` prints it as one line and exits 2.
+Option defaults come from the config dataclasses (ExtractConfig, TrainConfig), so they are stated once.
+"""
 
 from __future__ import annotations
 
@@ -8,40 +12,60 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import typer.core
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from mad.adapt.train import TrainConfig
+from mad.errors import MadError
+from mad.extract.run import ExtractConfig
+
+
+
+class _CatchMadErrors(typer.core.TyperGroup):
+    """Every command (and `mad bench ...`) runs inside this: a MadError is one line on stderr, exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MadError as e:
+            typer.echo(f"error: {error_line(e)}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=_CatchMadErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="M-adapter video action recognition from a cached frozen open_clip ViT.")
 bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (print figures and ratios).")
 app.add_typer(bench_app, name="bench")
 # Warnings meant for users (random weights, ...) as one plain line, not a source excerpt.
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+EXTRACT, TRAIN = ExtractConfig(videos=""), TrainConfig()
 
 
-def fail(message: str, code: int = 2) -> None:
-    """One clear line on stderr and a non-zero exit."""
-    if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the error's own line
+def error_line(error: BaseException) -> str:
+    """The one line to show for an error (one re-raised from a DataLoader worker keeps its own last line)."""
+    message = str(error)
+    if "Original Traceback" in message:
         message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+    return message
 
 
 @app.command()
 def extract(
     videos: Path = typer.Option(..., "--videos", help="Folder of videos (searched recursively)."),
-    out: str = typer.Option("cache", "--out", help="Cache store to create or resume (a folder or fsspec URL)."),
-    layers: str = typer.Option("4,8,12", help="1-based block numbers, negatives from the end, or 'all'."),
-    model: str = typer.Option("ViT-B-16", help="open_clip model name or a model-config .json path."),
-    pretrained: str = typer.Option("openai", help="Pretrained tag, local checkpoint file, or 'none' (random)."),
-    frames: int = typer.Option(8, help="Frames per clip (T)."),
-    clips: int = typer.Option(1, help="Temporal views per video."),
-    crops: int = typer.Option(1, help="Spatial views per clip: 1 (centre) or 3."),
+    out: str = typer.Option(EXTRACT.out, "--out", help="Cache store to create or resume (a folder or fsspec URL)."),
+    layers: str = typer.Option(EXTRACT.layers, help="1-based block numbers, negatives from the end, or 'all'."),
+    model: str = typer.Option(EXTRACT.model, help="open_clip model name or a model-config .json path."),
+    pretrained: str = typer.Option(EXTRACT.pretrained, help="Pretrained tag, local checkpoint file, or 'none' (random)."),
+    frames: int = typer.Option(EXTRACT.frames, help="Frames per clip (T)."),
+    clips: int = typer.Option(EXTRACT.clips, help="Temporal views per video."),
+    crops: int = typer.Option(EXTRACT.crops, help="Spatial views per clip: 1 (centre) or 3."),
     labels: Optional[Path] = typer.Option(None, help="'path label' list (with label_map.txt beside it) or CSV path,label."),
-    pool: int = typer.Option(1, help="Average the patch grid by this factor before writing."),
-    batch_size: int = typer.Option(4, help="Videos per forward pass."),
-    workers: int = typer.Option(-1, help="Decoding worker processes (-1: automatic)."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
-    precision: str = typer.Option("bf16", help="bf16, fp16 or fp32 backbone weights."),
-    shard_size: int = typer.Option(32, help="Videos per Zarr shard (one writer per shard)."),
+    grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample", "--pool",
+                                        help="Average the patch grid in NxN cells before writing (N^2 x smaller)."),
+    batch_size: int = typer.Option(EXTRACT.batch_size, help="Videos per forward pass."),
+    workers: int = typer.Option(EXTRACT.workers, help="Decoding worker processes (-1: automatic)."),
+    device: str = typer.Option(EXTRACT.device, help="cpu, cuda, cuda:N or auto."),
+    precision: str = typer.Option(EXTRACT.precision, help="bf16, fp16 or fp32 backbone weights."),
+    shard_size: int = typer.Option(EXTRACT.shard_size, help="Videos per Zarr shard (one writer per shard)."),
     shard: Optional[str] = typer.Option(None, help="I/N: extract only slice I of N of the store's shard blocks "
                                         "(Slurm arrays; under torchrun each rank takes its own slice)."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry videos that failed before."),
@@ -49,20 +73,17 @@ def extract(
     limit: Optional[int] = typer.Option(None, help="Process at most this many pending videos (then stop)."),
 ):
     """Run the frozen model over every video and cache per-layer tokens (resumable)."""
-    from mad.extract.run import ExtractConfig, ExtractError, extract as run_extract
+    from mad.extract.run import extract as run_extract
 
-    cfg = ExtractConfig(
+    summary = run_extract(ExtractConfig(
         videos=str(videos), out=out, layers=layers, model=model, pretrained=pretrained, frames=frames,
-        clips=clips, crops=crops, labels=str(labels) if labels else None, pool=pool, batch_size=batch_size,
-        workers=workers, device=device, precision=precision, shard_size=shard_size, shard=shard,
-        retry_failed=retry_failed, overwrite=overwrite, limit=limit,
-    )
-    try:
-        summary = run_extract(cfg)
-    except ExtractError as e:
-        fail(str(e))
+        clips=clips, crops=crops, labels=str(labels) if labels else None, grid_downsample=grid_downsample,
+        batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
+        shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit,
+    ))
     if summary["done_now"] == 0 and summary["failed_now"] > 0 and summary["done_total"] == 0:
-        fail(f"no video could be extracted; reasons in {summary['errors']}", code=1)
+        typer.echo(f"error: no video could be extracted; reasons in {summary['errors']}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -71,73 +92,55 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="Read every chunk and check its checksum."),
 ):
     """Print a cache's manifest, counts, per-layer shapes and bytes on disk."""
-    from mad.cache.info import InfoError, show_info
+    from mad.cache.info import show_info
 
-    try:
-        ok = show_info(cache, verify=verify)
-    except InfoError as e:
-        fail(str(e))
-    if not ok:
+    if not show_info(cache, verify=verify):
         raise typer.Exit(1)
-
-
-def _stage_two_errors():
-    """The exceptions stage two raises for things a user can cause (each message names the file)."""
-    from mad.adapt.evaluate import EvalError
-    from mad.adapt.madapter import CheckpointError
-    from mad.adapt.train import TrainError
-    from mad.cache.store import StoreError
-
-    return (TrainError, EvalError, CheckpointError, StoreError)
 
 
 @app.command()
 def train(
     ctx: typer.Context,
-    cache: str = typer.Option("cache", "--cache", help="Training cache (made by `mad extract`)."),
+    cache: str = typer.Option(TRAIN.cache, "--cache", help="Training cache (made by `mad extract`)."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation cache (same model, layers and frames)."),
-    arch: str = typer.Option("madapter", help="madapter, meanpool or linear."),
-    width: int = typer.Option(384, help="Branch width."),
-    depth: int = typer.Option(1, help="Fusion/temporal blocks."),
-    heads: int = typer.Option(6, help="Attention heads."),
-    temporal: str = typer.Option("conv", help="Temporal module: conv (over T per token), conv3d (over T and neighbouring patches), attn or none."),
-    motion: bool = typer.Option(True, "--motion/--no-motion", help="Feed the blocks frame-to-frame token changes."),
-    precision: str = typer.Option("auto", help="bf16 autocast for the branch: auto (on CUDA only), bf16 (also on CPU: ~1.7x faster steps there) or fp32."),
-    correlation: int = typer.Option(1, help="Radius in patches of each patch's match to the previous frame (0: off; needs a square patch grid)."),
-    grid_pool: str = typer.Option("auto", help="Average the patch grid in NxN cells in the branch (its motion matches stay on the full grid): auto (to no less than 7x7: a ViT-B/16's 14x14 -> 7x7, ~3x faster steps), 1 (full grid), 2, ..."),
-    epochs: int = typer.Option(30),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
-    weight_decay: float = typer.Option(0.05),
-    warmup_epochs: float = typer.Option(2.0),
-    batch_size: int = typer.Option(32),
-    label_smoothing: float = typer.Option(0.1),
-    clip_grad: float = typer.Option(1.0, help="Max gradient norm (0: off)."),
-    dropout: float = typer.Option(0.1),
-    seed: int = typer.Option(0),
+    arch: str = typer.Option(TRAIN.arch, help="madapter, meanpool or linear."),
+    width: int = typer.Option(TRAIN.width, help="Branch width."),
+    depth: int = typer.Option(TRAIN.depth, help="Fusion/temporal blocks."),
+    heads: int = typer.Option(TRAIN.heads, help="Attention heads."),
+    temporal: str = typer.Option(TRAIN.temporal, help="Temporal module: conv (over T per token), conv3d (over T and neighbouring patches), attn or none."),
+    motion: bool = typer.Option(TRAIN.motion, "--motion/--no-motion", help="Feed the blocks frame-to-frame token changes."),
+    precision: str = typer.Option(TRAIN.precision, help="bf16 autocast for the branch: auto (on CUDA only), bf16 (also on CPU) or fp32."),
+    correlation: int = typer.Option(TRAIN.correlation, help="Radius in patches of each patch's match to the previous frame (0: off; needs a square patch grid)."),
+    cell_size: str = typer.Option(TRAIN.cell_size, "--cell-size", "--grid-pool", help="The branch averages the patch grid in NxN cells (its motion matches stay on the full grid): auto (no fewer than 7x7 cells), 1 (every patch), 2, ..."),
+    epochs: int = typer.Option(TRAIN.epochs),
+    lr: float = typer.Option(TRAIN.lr, help="Peak learning rate (AdamW)."),
+    weight_decay: float = typer.Option(TRAIN.weight_decay),
+    warmup_epochs: float = typer.Option(TRAIN.warmup_epochs),
+    batch_size: int = typer.Option(TRAIN.batch_size),
+    label_smoothing: float = typer.Option(TRAIN.label_smoothing),
+    clip_grad: float = typer.Option(TRAIN.clip_grad, help="Max gradient norm (0: off)."),
+    dropout: float = typer.Option(TRAIN.dropout, help="Dropout in the branch's blocks and before its head."),
+    seed: int = typer.Option(TRAIN.seed),
     out: Optional[str] = typer.Option(None, "--out", help="Run folder (default runs/<arch>, numbered if taken)."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
-    workers: int = typer.Option(2, help="Reader processes when the cache is streamed."),
-    in_ram: str = typer.Option("auto", "--in-ram", help="Hold the cache in RAM: auto, yes or no."),
+    device: str = typer.Option(TRAIN.device, help="cpu, cuda, cuda:N or auto."),
+    workers: int = typer.Option(TRAIN.workers, help="Reader processes when the cache is streamed."),
+    in_ram: str = typer.Option(TRAIN.in_ram, "--in-ram", help="Hold the cache in RAM: auto, yes or no."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
 ):
     """Train the M-adapter branch (or a baseline) from cached tokens; no image model is loaded."""
     import dataclasses
 
-    from mad.adapt.train import TrainConfig, config_from_run, train as run_train
+    from mad.adapt.train import config_from_run, train as run_train
 
-    options = {k: v for k, v in ctx.params.items()}
-    errors = _stage_two_errors()
-    try:
-        if resume and out:
-            # Resume with the run's own settings; options given on this command line override them.
-            given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
-            cfg = dataclasses.replace(config_from_run(out), **given)
-        else:
-            cfg = TrainConfig(**options)
-        run_train(cfg)
-    except errors as e:
-        fail(str(e))
+    options = dict(ctx.params)
+    if resume and out:
+        # Resume with the run's own settings; options given on this command line override them.
+        given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+        cfg = dataclasses.replace(config_from_run(out), **given)
+    else:
+        cfg = TrainConfig(**options)
+    run_train(cfg)
 
 
 @app.command("eval")
@@ -152,10 +155,7 @@ def evaluate_command(
     """Top-1, top-5 and mean class accuracy, single view and all views; writes eval-<cache>.json in the run."""
     from mad.adapt.evaluate import evaluate
 
-    try:
-        result = evaluate(run, cache, batch_size, device, in_ram, workers)
-    except _stage_two_errors() as e:
-        fail(str(e))
+    result = evaluate(run, cache, batch_size, device, in_ram, workers)
     typer.echo(f"{result['videos']} videos, {result['views']} views each")
     for view in ("single_view", "multi_view"):
         typer.echo(f"{view:11s} " + "  ".join(f"{k} {v:.4f}" for k, v in result[view].items()))
@@ -167,21 +167,17 @@ def sweep(
     cache: str = typer.Option("cache", "--cache", help="Training cache."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation cache (ranks the runs)."),
     out: str = typer.Option("runs/sweep", "--out", help="Folder for the runs and leaderboard.csv."),
-    epochs: int = typer.Option(30),
-    batch_size: int = typer.Option(32),
-    device: str = typer.Option("auto"),
-    seed: int = typer.Option(0),
-    in_ram: str = typer.Option("auto", "--in-ram", help="auto, yes or no."),
+    epochs: int = typer.Option(TRAIN.epochs),
+    batch_size: int = typer.Option(TRAIN.batch_size),
+    device: str = typer.Option(TRAIN.device),
+    seed: int = typer.Option(TRAIN.seed),
+    in_ram: str = typer.Option(TRAIN.in_ram, "--in-ram", help="auto, yes or no."),
 ):
     """Train every combination of a grid from one read of the cache; print and save a leaderboard."""
     from mad.adapt.sweep import sweep as run_sweep
-    from mad.adapt.train import TrainConfig
 
     base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram)
-    try:
-        run_sweep(cache, val, grid, out, base)
-    except _stage_two_errors() as e:
-        fail(str(e))
+    run_sweep(cache, val, grid, out, base)
 
 
 @app.command()
@@ -193,12 +189,9 @@ def predict(
     device: str = typer.Option("auto"),
 ):
     """Classify new videos end to end: decode, frozen backbone (as in the run's cache), trained branch."""
-    from mad.adapt.predict import PredictError, predict_videos
+    from mad.predict import predict_videos
 
-    try:
-        results = predict_videos([str(v) for v in videos], str(run), top, pretrained, device)
-    except PredictError as e:
-        fail(str(e))
+    results = predict_videos([str(v) for v in videos], str(run), top, pretrained, device)
     for result in results:
         if "error" in result:
             typer.echo(f"{result['path']}: error: {result['error']}", err=True)
@@ -257,17 +250,15 @@ def bench_memory(
     classes: int = typer.Option(174, help="Classes of the linear heads (174: SSv2)."),
     branch_width: int = typer.Option(384, help="M-adapter branch width."),
     threads: int = typer.Option(0, help="torch CPU threads per mode process (0: torch's default)."),
-    grid_pool: str = typer.Option("auto", help="M-adapter grid pooling, as `mad train --grid-pool`: auto, 1, 2, ..."),
+    cell_size: str = typer.Option(TRAIN.cell_size, "--cell-size", "--grid-pool",
+                                  help="M-adapter cells, as `mad train --cell-size`: auto, 1, 2, ..."),
 ):
     """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter online and cached."""
-    from mad.bench.memory import BenchError, run_benchmark
+    from mad.bench.memory import run_benchmark
 
-    try:
-        run_benchmark(model=model, frames=frames, batch=batch, layers=layers, device=device, precision=precision,
-                      steps=steps, budget_gb=budget_gb, out=out, classes=classes, branch_width=branch_width,
-                      threads=threads, command=" ".join(["mad", *sys.argv[1:]]), grid_pool=grid_pool)
-    except BenchError as e:
-        fail(str(e))
+    run_benchmark(model=model, frames=frames, batch=batch, layers=layers, device=device, precision=precision,
+                  steps=steps, budget_gb=budget_gb, out=out, classes=classes, branch_width=branch_width,
+                  threads=threads, command=" ".join(["mad", *sys.argv[1:]]), cell_size=cell_size)
 
 
 @bench_app.command("train")
@@ -285,19 +276,18 @@ def bench_train(
     cache: Optional[str] = typer.Option(None, help="Existing cache of --videos (default: extract one now, timed)."),
     device: str = typer.Option("auto"),
     precision: str = typer.Option("bf16", help="Backbone precision for extraction and online mode."),
-    pool: int = typer.Option(1, help="Average the patch grid by this factor (cache and online alike)."),
+    grid_downsample: int = typer.Option(1, "--grid-downsample", "--pool",
+                                        help="Average the patch grid in NxN cells at extraction (cache and online alike)."),
     out: Optional[Path] = typer.Option(None, help="Write the figures as JSON into this folder."),
-    branch_precision: str = typer.Option("auto", help="Branch autocast, as `mad train --precision`: auto, bf16 or fp32."),
-    grid_pool: str = typer.Option("auto", help="Branch grid pooling, as `mad train --grid-pool`: auto, 1, 2, ..."),
+    branch_precision: str = typer.Option(TRAIN.precision, help="Branch autocast, as `mad train --precision`: auto, bf16 or fp32."),
+    cell_size: str = typer.Option(TRAIN.cell_size, "--cell-size", "--grid-pool",
+                                  help="Branch cells, as `mad train --cell-size`: auto, 1, 2, ..."),
 ):
     """Epoch time training from the cache vs online (frozen ViT every step); streamed vs in-RAM cache."""
-    from mad.bench.train import BenchTrainError, bench_train as run
+    from mad.bench.train import bench_train as run
 
-    try:
-        run(str(videos), model, layers, frames, batch_size, epochs, width, online_steps, workers, limit, device,
-            precision, cache, pool, str(out) if out else None, branch_precision, grid_pool)
-    except (BenchTrainError, *_stage_two_errors()) as e:
-        fail(str(e))
+    run(str(videos), model, layers, frames, batch_size, epochs, width, online_steps, workers, limit, device,
+        precision, cache, grid_downsample, str(out) if out else None, branch_precision, cell_size)
 
 
 @bench_app.command("scaling")
@@ -317,8 +307,9 @@ def bench_scaling(
     run(str(videos), model, layers, frames, limit, processes, precision, str(out) if out else None)
 
 
-def main() -> None:  # `python -m mad`
-    app(prog_name="mad")
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mad` and the benchmark scripts."""
+    app(args=argv, prog_name="mad")
 
 
 if __name__ == "__main__":

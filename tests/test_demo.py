@@ -19,4 +19,4 @@ def test_demo_madapter_learns_temporal_order_that_linear_cannot(tmp_path):
         assert (tmp_path / "demo" / "runs" / arch / "model.safetensors").is_file()
     # the demo ViT's 14x14 grid is pooled to 7x7 as a ViT-B/16's is: the demo trains the default branch
     config = json.loads((tmp_path / "demo" / "runs" / "madapter" / "config.json").read_text())
-    assert config["cache_manifest"]["tokens"] == 1 + 14 * 14 and config["model"]["grid_pool"] == 2
+    assert config["cache_manifest"]["tokens"] == 1 + 14 * 14 and config["model"]["cell_size"] == 2

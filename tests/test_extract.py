@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_MODEL, copy_videos, extract_config, shared_data
+from tests.helpers import TINY_MODEL, copy_videos, extract_config, shared_data
 from mad.cache.store import DONE, FAILED, Store
 from mad.extract.backbone import BackboneError, parse_layers
-from mad.extract.run import ExtractError, extract
+from mad.errors import MadError
+from mad.extract.run import extract
 
 warnings.filterwarnings("ignore", message=".*random weights.*")
 
@@ -72,7 +73,7 @@ def test_cached_tokens_match_open_clip_forward(tmp_path):
 
     extract(extract_config(videos, tmp_path / "cache", pretrained=str(checkpoint), layers="1,-1"))
     store = Store.open(tmp_path / "cache")
-    assert store.manifest["pretrained_sha256"] and store.manifest["layers"] == [1, 4]
+    assert store.manifest.pretrained_sha256 and store.manifest.layers == [1, 4]
     assert (store.status() == DONE).all()
     for v, path in enumerate(store.paths()):
         reference = _open_clip_reference(str(videos / path), store.frame_index()[v, 0], str(checkpoint), [1, 4])
@@ -85,7 +86,7 @@ def test_cached_tokens_match_open_clip_forward(tmp_path):
 
 def test_real_clips_and_bad_corpus_in_one_run(tmp_path):
     """Every assorted clip and a few k2 clips extract; each bad file fails with a reason; the run goes on."""
-    from badfiles import make_bad_corpus
+    from tests.helpers.badfiles import make_bad_corpus
 
     videos = tmp_path / "videos"
     assorted = sorted(p for p in shared_data("assorted").iterdir() if p.suffix in (".mp4", ".mkv", ".avi"))
@@ -109,7 +110,7 @@ def test_real_clips_and_bad_corpus_in_one_run(tmp_path):
     assert "no video stream" in errors["bad/audio_only.mp4"]
     assert summary["failed_now"] == sum(s == FAILED for s in status.values())
     short = store.paths().index("bad/short_3_frames.mp4")
-    assert store.group["num_frames"][short] == 3
+    assert store.num_frames()[short] == 3
     assert sorted(set(store.frame_index()[short, 0].tolist())) == [0, 1, 2]  # repeated frames
     # Failed videos hold no data.
     failed = np.flatnonzero(store.status() == FAILED)
@@ -174,7 +175,7 @@ def test_retry_failed_only_when_asked(tmp_path):
 def test_resume_with_different_settings_is_refused(tmp_path, change):
     videos = _demo_videos(tmp_path, per_class=1)
     extract(extract_config(videos, tmp_path / "cache"))
-    with pytest.raises(ExtractError) as error:
+    with pytest.raises(MadError) as error:
         extract(extract_config(videos, tmp_path / "cache", **change))
     message = str(error.value)
     if "pretrained" in change:
@@ -190,7 +191,7 @@ def test_resume_with_different_settings_is_refused(tmp_path, change):
 
 def test_out_of_range_layer_fails_before_any_work(tmp_path):
     videos = _demo_videos(tmp_path, per_class=1)
-    with pytest.raises(ExtractError, match="layer 5 is out of range"):
+    with pytest.raises(MadError, match="layer 5 is out of range"):
         extract(extract_config(videos, tmp_path / "cache", layers="2,5"))
     assert not (tmp_path / "cache").exists()
 
@@ -251,7 +252,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_store(tmp_path):
 
 
 def test_info_counts_and_verify_detects_flipped_bytes(tmp_path):
-    from mad.cache.info import show_info, verify_store
+    from mad.cache.info import show_info
     from rich.console import Console
 
     videos = _demo_videos(tmp_path, per_class=1)
@@ -264,7 +265,7 @@ def test_info_counts_and_verify_detects_flipped_bytes(tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0xFF
     shard.write_bytes(bytes(data))
-    problems = verify_store(Store.open(tmp_path / "cache"))
+    problems = Store.open(tmp_path / "cache").verify()
     assert [(p["array"], p["videos"]) for p in problems] == [("layers/4", [2, 4])]
 
 

@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from conftest import TINY_MODEL, extract_config
+from tests.helpers import TINY_MODEL, extract_config
 from mad.cache.store import DONE, IncompleteStoreError, Store
 from mad.extract.run import extract
 
@@ -88,9 +88,9 @@ def test_store_whose_creation_was_interrupted_is_made_again(tmp_path):
     zarr.open_group(str(tmp_path / "foreign"), mode="w", attributes={"owner": "someone"})
     import pytest
 
-    from mad.extract.run import ExtractError
+    from mad.errors import MadError
 
-    with pytest.raises(ExtractError, match="not a mad cache"):
+    with pytest.raises(MadError, match="not a mad cache"):
         extract(extract_config(videos, tmp_path / "foreign"))
 
 
@@ -98,7 +98,7 @@ def test_ddp_training_with_two_ranks_matches_one_process(tmp_path):
     """torchrun --nproc-per-node 2 (gloo on CPU) gives the metrics of one process with the same global batch."""
     import json
 
-    from helpers_cache import make_cache
+    from tests.helpers.cache import make_cache
 
     make_cache(tmp_path / "train", videos_per_class=12)
     make_cache(tmp_path / "val", videos_per_class=4, seed=1)
@@ -121,7 +121,7 @@ def test_ddp_training_with_two_ranks_matches_one_process(tmp_path):
 
 def test_training_on_a_damaged_cache_fails_clearly(tmp_path):
     """Flipped bytes in a chunk: `mad train` stops with a message naming the store, not silent garbage."""
-    from helpers_cache import make_cache
+    from tests.helpers.cache import make_cache
 
     make_cache(tmp_path / "train", videos_per_class=8)
     shard = next(p for p in sorted((tmp_path / "train" / "layers").rglob("*")) if p.is_file()

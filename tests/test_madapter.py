@@ -5,10 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mad.adapt.madapter import (ARCHS, CheckpointError, Correlation, SpaceTimeConv, TemporalConv, build_model,
-                                count_parameters, load_model, load_state, pool_grid, resolve_grid_pool, save_model)
+from mad.adapt.checkpoint import CheckpointError, load_model, load_state, save_model
+from mad.adapt.madapter import (ARCHS, BranchConfig, Correlation, SpaceTimeConv, TemporalConv, average_cells,
+                                build_model, count_parameters, resolve_cell_size)
 
 SMALL = dict(width=16, heads=2, dropout=0.0)
+
+
+def branch(arch, num_levels, in_width, num_tokens, num_frames, num_classes, **settings):
+    return build_model(BranchConfig(arch, num_levels, in_width, num_tokens, num_frames, num_classes, **settings))
 
 
 def levels_for(num_levels, batch=2, frames=4, tokens=17, width=24, seed=0):
@@ -22,7 +27,7 @@ def levels_for(num_levels, batch=2, frames=4, tokens=17, width=24, seed=0):
 def test_shapes_every_arch_levels_and_grid(arch, num_levels, grid):
     tokens = 1 + grid[0] * grid[1]
     square = grid[0] == grid[1]
-    model = build_model(arch, num_levels, 24, tokens, 4, 5, **SMALL, correlation=1 if square else 0)
+    model = branch(arch, num_levels, 24, tokens, 4, 5, **SMALL, correlation=1 if square else 0)
     logits = model(levels_for(num_levels, tokens=tokens))
     assert logits.shape == (2, 5)
     logits.sum().backward()
@@ -33,12 +38,12 @@ def test_shapes_every_arch_levels_and_grid(arch, num_levels, grid):
                                      dict(motion=False), dict(correlation=0), dict(correlation=2),
                                      dict(depth=2, kernel_size=5)])
 def test_madapter_variants(options):
-    model = build_model("madapter", 2, 24, 10, 4, 3, **SMALL, **options)
+    model = branch("madapter", 2, 24, 10, 4, 3, **SMALL, **options)
     assert model(levels_for(2, tokens=10)).shape == (2, 3)
 
 
 def test_parameter_counts_grow_with_the_branch():
-    counts = {arch: count_parameters(build_model(arch, 3, 768, 197, 8, 400)) for arch in ARCHS}
+    counts = {arch: count_parameters(branch(arch, 3, 768, 197, 8, 400)) for arch in ARCHS}
     assert counts["linear"] == 768 * 400 + 400 + 2 * 768  # LayerNorm + Linear
     assert counts["linear"] < counts["meanpool"] < counts["madapter"]
     assert counts["madapter"] < 6_000_000  # a small branch beside an 86M-parameter ViT-B
@@ -97,12 +102,12 @@ def test_level_projection_keeps_no_copy_but_gives_autograd_gradients(dtype, pool
     from mad.adapt.madapter import LevelProjection
 
     torch.manual_seed(0)
-    projection = LevelProjection(24, 8, pool=pool)
+    projection = LevelProjection(24, 8, cell=pool)
     norm, linear = torch.nn.LayerNorm(24, elementwise_affine=False), torch.nn.Linear(24, 8)
     linear.load_state_dict(projection.proj.state_dict())
 
     def reference(x):  # project every patch, then average the grid (what pooling first must equal)
-        return pool_grid(linear(norm(x)), pool)
+        return average_cells(linear(norm(x)), pool)
 
     x = (torch.randn(2, 3, 1 + 5 * 5, 24) * 3 + 1).to(dtype)  # a cached level: no gradient wanted
     target = torch.randn(2, 3, 1 + (3 if pool == 2 else 5) ** 2, 8)
@@ -135,7 +140,7 @@ def test_mlp_gradients_equal_autograd_through_gelu():
 def test_correlation_matches_on_every_level_at_the_full_grid_when_the_branch_pools_it():
     """The thing moves by one patch of a 6x6 grid: less than a cell of the branch's pooled 3x3 grid."""
     side, T = 6, 2
-    pooled = Correlation(2, 8, 8, radius=1, groups=1, pool=2)
+    pooled = Correlation(2, 8, 8, radius=1, groups=1, cell=2)
     full = Correlation(2, 8, 8, radius=1, groups=1)
     pooled.proj = full.proj = torch.nn.Identity()
     torch.manual_seed(0)
@@ -158,29 +163,29 @@ def test_correlation_matches_on_every_level_at_the_full_grid_when_the_branch_poo
 
 def test_pool_grid_averages_cells_and_keeps_cls():
     x = torch.randn(2, 3, 1 + 7 * 7, 5)
-    y = pool_grid(x, 2)
+    y = average_cells(x, 2)
     assert y.shape == (2, 3, 1 + 4 * 4, 5)  # 7 -> 4: the last row and column have one patch per cell side
     grid = x[:, :, 1:].reshape(2, 3, 7, 7, 5)
     assert torch.equal(y[:, :, 0], x[:, :, 0])
     assert torch.allclose(y[:, :, 1 + 0], grid[:, :, 0:2, 0:2].mean(dim=(2, 3)), atol=1e-6)
     assert torch.allclose(y[:, :, 1 + 3], grid[:, :, 0:2, 6].mean(dim=2), atol=1e-6)  # cell (0, 3)
     assert torch.allclose(y[:, :, 1 + 15], grid[:, :, 6, 6], atol=1e-6)  # cell (3, 3): one patch
-    assert torch.equal(pool_grid(x, 1), x)
+    assert torch.equal(average_cells(x, 1), x)
 
 
 @pytest.mark.parametrize("side, expected", [(14, 2), (16, 2), (24, 3), (28, 4), (8, 1), (7, 1), (4, 1)])
 def test_grid_pool_auto_keeps_at_least_7_patches_per_side(side, expected):
-    assert resolve_grid_pool("auto", 1 + side * side) == expected
-    assert resolve_grid_pool("3", 1 + side * side) == 3 and resolve_grid_pool(1, 1 + side * side) == 1
-    assert resolve_grid_pool("auto", 1 + 2 * 7) == 1  # not a square grid: nothing to pool
+    assert resolve_cell_size("auto", 1 + side * side) == expected
+    assert resolve_cell_size("3", 1 + side * side) == 3 and resolve_cell_size(1, 1 + side * side) == 1
+    assert resolve_cell_size("auto", 1 + 2 * 7) == 1  # not a square grid: nothing to pool
     for bad in ("0", "two", -1):
-        with pytest.raises(ValueError, match="grid_pool"):
-            resolve_grid_pool(bad, 1 + side * side)
+        with pytest.raises(ValueError, match="cell_size"):
+            resolve_cell_size(bad, 1 + side * side)
 
 
 def test_pooled_branch_runs_its_blocks_on_the_pooled_grid_and_learns():
     torch.manual_seed(0)
-    model = build_model("madapter", 2, 24, 1 + 6 * 6, 4, 3, **SMALL, grid_pool=2)
+    model = branch("madapter", 2, 24, 1 + 6 * 6, 4, 3, **SMALL, cell_size=2)
     seen = []
     model.blocks[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
     levels = levels_for(2, tokens=1 + 6 * 6)
@@ -199,11 +204,11 @@ def test_pooled_branch_runs_its_blocks_on_the_pooled_grid_and_learns():
 
 
 def test_correlation_and_grid_pooling_need_a_square_grid():
-    with pytest.raises(ValueError, match="square patch grid.*correlation 0 and grid_pool 1"):
-        build_model("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=1)
+    with pytest.raises(ValueError, match="square patch grid.*correlation 0 and cell size 1"):
+        branch("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=1)
     with pytest.raises(ValueError, match="square patch grid"):
-        build_model("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=0, grid_pool=2)
-    model = build_model("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=0)  # auto: no pooling
+        branch("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=0, cell_size=2)
+    model = branch("madapter", 2, 24, 1 + 2 * 3, 4, 3, **SMALL, correlation=0)  # auto: no pooling
     assert model(levels_for(2, tokens=7)).shape == (2, 3)
 
 
@@ -211,32 +216,33 @@ def test_madapter_sees_frame_order_and_linear_does_not():
     levels = levels_for(2)
     reversed_levels = [x.flip(1) for x in levels]
     torch.manual_seed(0)
-    madapter = build_model("madapter", 2, 24, 17, 4, 3, **SMALL).eval()
-    linear = build_model("linear", 2, 24, 17, 4, 3, **SMALL).eval()
+    madapter = branch("madapter", 2, 24, 17, 4, 3, **SMALL).eval()
+    linear = branch("linear", 2, 24, 17, 4, 3, **SMALL).eval()
     assert not torch.allclose(madapter(levels), madapter(reversed_levels))
     assert torch.allclose(linear(levels), linear(reversed_levels), atol=1e-6)
 
 
 def test_unknown_arch_and_bad_heads_are_refused():
-    with pytest.raises(ValueError, match="unknown arch"):
-        build_model("resnet", 1, 8, 5, 4, 2)
+    with pytest.raises(ValueError, match="arch 'resnet': use one of"):
+        branch("resnet", 1, 8, 5, 4, 2)
     with pytest.raises(ValueError, match="divisible"):
-        build_model("madapter", 1, 8, 5, 4, 2, width=10, heads=3)
+        branch("madapter", 1, 8, 5, 4, 2, width=10, heads=3)
 
 
 def test_checkpoint_round_trip(tmp_path):
-    args = dict(arch="madapter", num_levels=2, in_width=24, num_tokens=17, num_frames=4, num_classes=3, **SMALL)
-    model = build_model(**args).eval()
-    save_model(model, tmp_path / "model.safetensors", args, {"class_names": ["a", "b", "c"]})
+    cfg = BranchConfig(arch="madapter", num_levels=2, in_width=24, num_tokens=17, num_frames=4, num_classes=3,
+                       **SMALL)
+    model = build_model(cfg).eval()
+    save_model(model, tmp_path / "model.safetensors", cfg, {"class_names": ["a", "b", "c"]})
     loaded, info = load_model(tmp_path / "model.safetensors")
-    assert info["class_names"] == ["a", "b", "c"] and info["model_args"] == args
+    assert info["class_names"] == ["a", "b", "c"] and info["branch"] == cfg
     levels = levels_for(2)
     assert torch.equal(model(levels), loaded(levels))
 
 
 def test_checkpoint_with_other_shapes_is_refused(tmp_path):
-    small = build_model("madapter", 2, 24, 17, 4, 3, **SMALL)
-    wider = build_model("madapter", 2, 24, 17, 4, 3, width=32, heads=2)
+    small = branch("madapter", 2, 24, 17, 4, 3, **SMALL)
+    wider = branch("madapter", 2, 24, 17, 4, 3, width=32, heads=2)
     with pytest.raises(CheckpointError, match=r"model.safetensors: checkpoint does not match the model \(shapes"):
         load_state(wider, small.state_dict(), "model.safetensors")
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import extract_config
-from mad.adapt.madapter import load_model
-from mad.adapt.predict import PredictError, predict_videos
+from tests.helpers import extract_config
+from mad.adapt.checkpoint import load_model
+from mad.errors import MadError
+from mad.predict import predict_videos
 from mad.adapt.train import TrainConfig, train
 from mad.cache.store import Store
 from mad.extract.run import extract
@@ -58,5 +59,5 @@ def test_predict_cli_reports_bad_files_and_refuses_a_missing_run(trained_run, tm
     assert result.returncode == 0
     assert result.stdout.startswith(good + ": ") and result.stdout.count(",") == 4  # top-5
     assert f"{bad}: error: not a video file" in result.stderr
-    with pytest.raises(PredictError, match="no such model file"):
+    with pytest.raises(MadError, match="no such model file"):
         predict_videos([good], str(tmp_path / "nothing"))

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import extract_config
+from tests.helpers import extract_config
 from mad.cache.store import DONE, Store
 from mad.extract.run import extract
 

@@ -8,10 +8,7 @@ import pytest
 
 from mad.synthetic import CLASSES, make_demo_videos
 
-try:  # tests/ is on sys.path (rootdir-less layout) or a package
-    from badfiles import make_bad_corpus
-except ImportError:  # pragma: no cover
-    from tests.badfiles import make_bad_corpus
+from tests.helpers.badfiles import make_bad_corpus
 
 
 def _decode(path) -> np.ndarray:

@@ -8,13 +8,14 @@ import math
 
 import pytest
 import torch
-from helpers_cache import make_cache
 
-from mad.adapt.evaluate import EvalError, evaluate
+from tests.helpers.cache import make_cache
+from mad.adapt.evaluate import evaluate
 from mad.adapt.sweep import parse_grid, sweep
-from mad.adapt.train import TrainConfig, TrainError, train
+from mad.adapt.train import TrainConfig, train
 from mad.cache.dataset import InMemoryTokens, StreamingTokens, open_tokens
 from mad.cache.store import Store
+from mad.errors import MadError
 
 # Tiny branch: the whole file stays within a few CPU-seconds per test.
 TINY = dict(width=32, heads=2, batch_size=16, lr=3e-3, warmup_epochs=1, workers=0)
@@ -122,12 +123,12 @@ def test_resume_matches_an_uninterrupted_run(caches, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(config(caches, tmp_path / "cut", epochs=4), on_epoch_end=crash_after_two, quiet=True)
-    with pytest.raises(TrainError, match="a run already exists here; pass --resume"):
+    with pytest.raises(MadError, match="a run already exists here; pass --resume"):
         train(config(caches, tmp_path / "cut", epochs=4), quiet=True)
     resumed = train(config(caches, tmp_path / "cut", epochs=4, resume=True), quiet=True)
     assert metric_rows(tmp_path / "cut") == metric_rows(tmp_path / "whole")
     assert resumed["val/acc/top1"] == whole["val/acc/top1"] and resumed["train/loss"] == whole["train/loss"]
-    with pytest.raises(TrainError, match=r"cannot resume with different settings \(width 32 -> 64"):
+    with pytest.raises(MadError, match=r"cannot resume with different settings \(width 32 -> 64"):
         train(config(caches, tmp_path / "cut", epochs=4, width=64, resume=True), quiet=True)
 
 
@@ -153,9 +154,9 @@ def test_no_image_model_is_built(caches, tmp_path, monkeypatch):
 
 def test_val_cache_of_other_tokens_is_refused(caches, tmp_path):
     make_cache(tmp_path / "other", videos_per_class=2, layers=(1, 4))
-    with pytest.raises(TrainError, match=r"other: val cache does not match the training cache .* on layers \("):
+    with pytest.raises(MadError, match=r"other: does not match the training cache .* on layers \("):
         train(config(caches, tmp_path / "run", val=str(tmp_path / "other")), quiet=True)
-    with pytest.raises(TrainError, match="no mad cache here"):
+    with pytest.raises(MadError, match="no mad cache here"):
         train(config(caches, tmp_path / "run", val=str(tmp_path / "missing")), quiet=True)
 
 
@@ -173,7 +174,7 @@ def test_evaluate_single_and_multi_view(caches, tmp_path):
     assert json.loads((tmp_path / "run" / "eval-val2.json").read_text())["multi_view"] == result["multi_view"]
     assert (tmp_path / "run" / "confusion-val2.png").is_file()
     make_cache(tmp_path / "wide", videos_per_class=2, width=16)
-    with pytest.raises(EvalError, match=r"wide: cache does not match .* \(width: 32 != 16\)"):
+    with pytest.raises(MadError, match=r"wide: does not match the training cache of .* on width \(width: 32 != 16\)"):
         evaluate(tmp_path / "run", tmp_path / "wide", device="cpu", progress=False)
 
 
@@ -201,9 +202,9 @@ def test_sweep_trains_every_combination_from_one_read(caches, tmp_path, monkeypa
 def test_grid_parsing():
     assert parse_grid("lr=1e-3,3e-4 width=256 arch=madapter,linear") == {
         "lr": [1e-3, 3e-4], "width": [256], "arch": ["madapter", "linear"]}
-    with pytest.raises(TrainError, match="'colour' is not a setting"):
+    with pytest.raises(MadError, match="'colour' is not a setting"):
         parse_grid("colour=red")
-    with pytest.raises(TrainError, match="width takes int values"):
+    with pytest.raises(MadError, match="width takes int values"):
         parse_grid("width=wide")
 
 
@@ -237,7 +238,7 @@ def test_cli_train_resume_eval_and_errors(caches, tmp_path):
 
 
 def test_bench_train_smoke(tmp_path):
-    from conftest import TINY_MODEL
+    from tests.helpers import TINY_MODEL
 
     from mad.bench.train import bench_train
     from mad.synthetic import make_demo_videos
@@ -257,21 +258,21 @@ def test_bf16_autocast_on_cpu_trains_and_bad_precision_is_refused(caches, tmp_pa
     bf16 = train(config(caches, tmp_path / "bf16", precision="bf16"), quiet=True)
     assert math.isfinite(bf16["train/loss"]) and bf16["train/loss"] != fp32["train/loss"]  # autocast did run
     assert abs(bf16["train/loss"] - fp32["train/loss"]) < 0.1  # and trains the same model to about the same loss
-    with pytest.raises(TrainError, match="--precision 'fp16': use auto, bf16 or fp32"):
+    with pytest.raises(MadError, match="--precision 'fp16': use auto, bf16 or fp32"):
         train(config(caches, tmp_path / "bad", precision="fp16"), quiet=True)
 
 
-def test_grid_pool_is_resolved_into_the_model_and_bad_values_are_refused(caches, tmp_path):
-    from mad.adapt.madapter import load_model
+def test_cell_size_is_resolved_into_the_model_and_bad_values_are_refused(caches, tmp_path):
+    from mad.adapt.checkpoint import load_model
 
     auto = train(config(caches, tmp_path / "auto", epochs=1), quiet=True)
-    pooled = train(config(caches, tmp_path / "pooled", epochs=1, grid_pool="2"), quiet=True)
-    saved = json.loads((tmp_path / "pooled" / "config.json").read_text())
-    assert saved["train"]["grid_pool"] == "2" and saved["model"]["grid_pool"] == 2
-    assert json.loads((tmp_path / "auto" / "config.json").read_text())["model"]["grid_pool"] == 1  # 4x4 grid: kept
-    model, info = load_model(tmp_path / "pooled" / "model.safetensors")
-    assert model.fusion.projections[0].pool == 2 and info["model_args"]["grid_pool"] == 2
-    assert auto["train/loss"] != pooled["train/loss"]
+    cells = train(config(caches, tmp_path / "cells", epochs=1, cell_size="2"), quiet=True)
+    saved = json.loads((tmp_path / "cells" / "config.json").read_text())
+    assert saved["train"]["cell_size"] == "2" and saved["model"]["cell_size"] == 2
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["model"]["cell_size"] == 1  # 4x4 grid: kept
+    model, info = load_model(tmp_path / "cells" / "model.safetensors")
+    assert model.fusion.projections[0].cell == 2 and info["branch"].cell_size == 2
+    assert auto["train/loss"] != cells["train/loss"]
     for bad in ("0", "half"):
-        with pytest.raises(TrainError, match=f"--grid-pool '{bad}': give auto, 1"):
-            train(config(caches, tmp_path / "bad", grid_pool=bad), quiet=True)
+        with pytest.raises(MadError, match=f"--cell-size '{bad}': give auto, 1"):
+            train(config(caches, tmp_path / "bad", cell_size=bad), quiet=True)

@@ -13,26 +13,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mad.adapt.madapter import load_model
+from mad.adapt.checkpoint import load_model
 from mad.cache.dataset import CachedTokens, open_tokens
-from mad.cache.store import TRAINING_KEYS, Store, StoreError, manifest_differences
+from mad.cache.manifest import Manifest
+from mad.cache.store import Store
+from mad.errors import MadError
+from mad.runtime import resolve_device
 
 
-class EvalError(Exception):
+class EvalError(MadError):
     """An evaluation request that cannot be served (message names the file and says why)."""
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
-
-
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: CachedTokens, batch_size: int, device: torch.device,
-            all_views: bool = False) -> torch.Tensor:
+def predict_probs(model: torch.nn.Module, data: CachedTokens, batch_size: int, device: torch.device,
+                  all_views: bool = False) -> torch.Tensor:
     """Softmax probabilities, float32 [V, views, C] (views = 1 unless `all_views`)."""
     model.eval()
     views_used = data.num_views if all_views else 1
@@ -66,34 +61,6 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     return matrix
 
 
-def plot_confusion(matrix: np.ndarray, class_names: list[str], path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(matrix)
-    names = class_names if len(class_names) == n else [str(i) for i in range(n)]
-    size = min(4 + 0.35 * n, 30)
-    fig, ax = plt.subplots(figsize=(size, size))
-    rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)  # colour: recall per true class
-    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:
-        ax.set_xticks(range(n), names, rotation=90)
-        ax.set_yticks(range(n), names)
-        for i in range(n):
-            for j in range(n):
-                if matrix[i, j]:
-                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
-                            color="white" if rows[i, j] > 0.5 else "black", fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def evaluate(run_dir, cache, batch_size: int = 64, device: str = "auto", in_ram: str = "auto",
              workers: int = 2, progress: bool = True) -> dict:
     """Score `run_dir/model.safetensors` on `cache`; write eval-<cache>.json and confusion-<cache>.png there."""
@@ -102,26 +69,17 @@ def evaluate(run_dir, cache, batch_size: int = 64, device: str = "auto", in_ram:
     run_dir = model_path.parent
     device = resolve_device(device)
     model, info = load_model(model_path, device)
-    try:
-        store = Store.open(cache)
-    except StoreError as e:
-        raise EvalError(str(e)) from None
-    trained_on = info.get("manifest") or {}
-    differences = manifest_differences(trained_on, store.manifest, TRAINING_KEYS)
-    if differences:
-        raise EvalError(f"{cache}: cache does not match the one {model_path} was trained on "
-                        f"({'; '.join(differences)})")
+    store = Store.open(cache)
+    trained_on = Manifest.from_dict(info["manifest"], str(model_path)) if info.get("manifest") else store.manifest
+    trained_on.check_pair(store.manifest, str(cache), f"the training cache of {model_path}")
     if info.get("class_names") and store.class_names and info["class_names"] != store.class_names:
         raise EvalError(f"{cache}: class names differ from those {model_path} was trained with")
+    data = open_tokens(store, in_ram, workers, progress=progress)
     try:
-        data = open_tokens(store, in_ram, workers, progress=progress)
-    except StoreError as e:
-        raise EvalError(str(e)) from None
-    try:
-        num_classes = info["model_args"]["num_classes"]
+        num_classes = info["branch"].num_classes
         if int(data.labels.max()) >= num_classes:
             raise EvalError(f"{cache}: label {int(data.labels.max())} is outside the model's {num_classes} classes")
-        probs = predict(model, data, batch_size, device, all_views=True)  # [V, views, C]
+        probs = predict_probs(model, data, batch_size, device, all_views=True)  # [V, views, C]
     finally:
         data.close()
     labels = data.labels
@@ -136,6 +94,8 @@ def evaluate(run_dir, cache, batch_size: int = 64, device: str = "auto", in_ram:
     }
     name = Path(str(cache).rstrip("/")).name or "cache"
     (run_dir / f"eval-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    from mad.adapt.plots import plot_confusion
+
     plot_confusion(matrix, result["class_names"], run_dir / f"confusion-{name}.png",
                    f"{name}: multi-view top-1 {result['multi_view']['acc/top1']:.3f}")
     return result

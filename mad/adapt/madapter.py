@@ -5,8 +5,9 @@ model: it reads the outputs of several of its layers and never backpropagates
 into it. Here those outputs come from the cache. Input: K levels, shallow to
 deep, each [B, T, N, D] (N = 1 + H*W tokens, CLS first). Output: logits [B, C].
 
-    madapter   per-level projection (grid pooled) -> hierarchical gated fusion -> + motion + correlation
-               -> + time embedding -> depth x Block(attention within a frame, temporal module, MLP)
+    madapter   per-level projection (averaged in cells) -> hierarchical gated fusion
+               -> + motion + correlation -> + time embedding
+               -> depth x Block(attention within a frame, temporal module, MLP)
                -> mean over tokens and time + deepest CLS -> head
     meanpool   every level averaged over time and tokens -> projection + fusion -> head
     linear     deepest level's CLS averaged over time -> head
@@ -15,31 +16,21 @@ The temporal module is a residual depthwise convolution over T ("conv", the
 paper's choice) or attention over T ("attn"), per token; attention within the
 frame comes first so each token also knows its neighbourhood.
 
-"Motion" and "Correlation" are our additions, added to the fused tokens before
-the blocks. Motion is the normalised frame-to-frame change of every token. Without it the branch could not learn the direction of
-motion on the demo's time-reversed class pairs (val top-1 at chance, 0.15 of 6
-classes); with it, 0.44-0.52. A per-channel temporal filter has to dig a small
-change out from under the static appearance that fills most of each token, and
-whether a change comes before or after another shows only in products across
-channels and time, which the depthwise filter does not form on its own.
-Correlation (see the class) says where each patch's content came from in the
-previous frame, with the patch's position: with it the demo's direction of
-travel and of orbits is learnt (0.94 val top-1 of 6 classes, 32 val clips each,
-vs 0.79 with the matches alone and orbits at chance).
+Ours, beside the paper (evidence in the README, "Where mad departs"): `Motion`
+(the normalised frame-to-frame change of every token) and `Correlation` (where
+each patch's content came from in the previous frame) are added to the fused
+tokens; the branch averages each level's patch grid in cells of `cell_size` x
+`cell_size` patches right after LayerNorm, so its projections and blocks run on
+fewer tokens while the correlation still matches patches on the full grid.
 
-Grid pooling (also ours): the branch averages each level's patch grid in n x n
-cells right after LayerNorm (by default n = side // 7: ViT-B/16's 14x14 -> 7x7, see
-`resolve_grid_pool`), so every projection, block and MLP runs on n^2 fewer tokens:
-ViT-B/16 sizes, batch 8, a training step takes 0.43 s instead of 1.6 s on a 2-core
-CPU. Correlation still matches patches on each level's full grid, so motion smaller
-than a cell is seen. The demo's task rendered for a 14x14 grid: val top-1 1.00 on
-the full grid and 1.00 pooled to 7x7.
+One file for the whole model, as nanoGPT's model.py: it is over 400 lines because
+its memory-lean autograd Functions sit beside the modules that use them.
 """
 
 from __future__ import annotations
 
-import json
 import math
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -49,48 +40,90 @@ ARCHS = ("madapter", "meanpool", "linear")
 TEMPORAL = ("conv", "conv3d", "attn", "none")
 
 
-def pool_grid(x: torch.Tensor, pool: int) -> torch.Tensor:
-    """Average the square patch grid of [B, T, 1+H*W, C] tokens `pool` x `pool` (CLS kept): [B, T, 1+H'*W', C].
+@dataclass
+class BranchConfig:
+    """Everything that defines a branch; saved in every checkpoint (`model_args`).
 
-    A grid side that `pool` does not divide keeps a smaller last row and column,
+    The first six fields describe the cached tokens (a store's manifest gives them);
+    the rest are the branch's own settings, whose defaults `mad train` uses.
+    """
+
+    arch: str = "madapter"       # madapter, meanpool or linear
+    num_levels: int = 3          # K cached levels
+    in_width: int = 768          # D of the cached tokens
+    num_tokens: int = 197        # N = 1 + H*W
+    num_frames: int = 8          # T
+    num_classes: int = 400
+    width: int = 384             # d, the branch's width
+    depth: int = 1               # blocks
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1         # in the blocks (attention output, MLP) and before the head
+    temporal: str = "conv"       # conv (over T per token), conv3d (over T and neighbouring patches), attn, none
+    kernel_size: int = 3
+    motion: bool = True          # add the frame-to-frame change of every token (`Motion`)
+    correlation: int = 1         # radius in patches of the match to the previous frame (`Correlation`); 0: off
+    correlation_groups: int = 4  # channel groups matched separately
+    cell_size: int | str = "auto"  # average the patch grid in n x n cells; auto: see `resolve_cell_size`
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "BranchConfig":
+        values = {_RENAMED.get(k, k): v for k, v in values.items()}
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown branch settings: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_RENAMED = {"grid_pool": "cell_size"}  # names in checkpoints written before mad 0.2
+
+
+def average_cells(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """Average the square patch grid of [B, T, 1+H*W, C] tokens in `cell` x `cell` cells (CLS kept):
+    [B, T, 1+H'*W', C].
+
+    A grid side that `cell` does not divide keeps a smaller last row and column,
     averaged over the patches it has (14 -> 7, 16 -> 8, 7 -> 4).
     """
-    if pool == 1:
+    if cell == 1:
         return x
     B, T, N, C = x.shape
     side = math.isqrt(N - 1)
     grid = x[:, :, 1:].reshape(B * T, side, side, C).permute(0, 3, 1, 2)  # [B*T, C, H, W]
-    grid = F.avg_pool2d(grid, pool, ceil_mode=True)  # [B*T, C, H', W']
+    grid = F.avg_pool2d(grid, cell, ceil_mode=True)  # [B*T, C, H', W']
     patches = grid.flatten(2).transpose(1, 2).reshape(B, T, -1, C)  # [B, T, H'*W', C]
     return torch.cat([x[:, :, :1], patches], dim=2)
 
 
 class _NormProject(torch.autograd.Function):
-    """Linear(pool(LayerNorm(x))) for a level that needs no gradient, keeping as little as possible for backward.
+    """Linear(average_cells(LayerNorm(x))) for a level that needs no gradient, keeping little for backward.
 
     Autograd would keep two float32 copies of every level (LayerNorm's input and
     output) until the backward pass: with several levels of a ViT they are most of
     the branch's memory. On the full grid the level itself, float16 as read from the
     cache and held anyway, is enough: the backward pass normalises it again (cheap)
-    to get the weight gradient. Pooled, the normalised level is kept instead (a
-    quarter of the tokens: half the level's bytes at most). Gradients never flow into
-    the levels: they come from a frozen model. Pooling before the Linear gives the
-    same result as after it, at 1/pool^2 of the cost.
+    to get the weight gradient. In cells, the normalised cells are kept instead (a
+    quarter of the tokens at 2x2). Gradients never flow into the levels: they come
+    from a frozen model. Averaging before the Linear equals averaging after it, at
+    1/cell^2 of the cost.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, eps, pool):
-        normed = _norm_pool(x, weight.dtype, eps, pool)
-        ctx.save_for_backward(normed if pool > 1 else x, weight)
-        ctx.eps, ctx.pool = eps, pool
+    def forward(ctx, x, weight, bias, eps, cell):
+        normed = _norm_cells(x, weight.dtype, eps, cell)
+        ctx.save_for_backward(normed if cell > 1 else x, weight)
+        ctx.eps, ctx.cell = eps, cell
         return F.linear(normed, weight, bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):  # grad: [..., d]
         saved, weight = ctx.saved_tensors
-        normed = saved if ctx.pool > 1 else _norm_pool(saved, weight.dtype, ctx.eps, 1)
+        normed = saved if ctx.cell > 1 else _norm_cells(saved, weight.dtype, ctx.eps, 1)
         normed = normed.reshape(-1, normed.shape[-1])  # [M, D]
         grad = grad.reshape(-1, grad.shape[-1])  # [M, d]
         grad_weight = (grad.t() @ normed.to(grad.dtype)).to(weight.dtype)  # [d, D]
@@ -98,10 +131,10 @@ class _NormProject(torch.autograd.Function):
         return None, grad_weight, grad_bias, None, None
 
 
-def _norm_pool(x, dtype, eps, pool):
-    if pool == 1:
+def _norm_cells(x, dtype, eps, cell):
+    if cell == 1:
         return F.layer_norm(x.to(dtype), x.shape[-1:], eps=eps)
-    return by_clips(lambda clips: pool_grid(F.layer_norm(clips.to(dtype), x.shape[-1:], eps=eps), pool), x)
+    return by_clips(lambda clips: average_cells(F.layer_norm(clips.to(dtype), x.shape[-1:], eps=eps), cell), x)
 
 
 def by_clips(fn, x: torch.Tensor) -> torch.Tensor:
@@ -109,35 +142,34 @@ def by_clips(fn, x: torch.Tensor) -> torch.Tensor:
 
     glibc serves allocations over 32 MiB straight from the kernel and gives them
     back on free, so every full-grid float32 temporary of a whole batch (38 MiB per
-    ViT-B level at batch 8) costs fresh zeroed pages: the correlation's similarities
-    ran 9x faster clip by clip (25 vs 220 ms per level). CUDA's caching allocator
-    has no such cost, so there it is one call.
+    ViT-B level at batch 8) would cost fresh zeroed pages (README, "Where mad departs").
+    CUDA's caching allocator has no such cost, so there it is one call.
     """
     if x.is_cuda or x.dim() < 2:
         return fn(x)
-    clip_bytes = 4 * x[0].numel()  # as float32; pieces of 8 MiB measured fastest (4 MiB: same, 16: 1.15x slower)
+    clip_bytes = 4 * x[0].numel()  # as float32; pieces of about 8 MiB
     step = max(1, (8 << 20) // clip_bytes)
     return torch.cat([fn(x[i:i + step]) for i in range(0, x.shape[0], step)]) if step < x.shape[0] else fn(x)
 
 
 class LevelProjection(nn.Module):
-    """P_k = Linear(D -> d) . pool . LayerNorm(D): puts one cached level into the branch's width (and grid).
+    """P_k = Linear(D -> d) . average_cells . LayerNorm(D): puts one cached level into the branch's width (and grid).
 
     The LayerNorm has no affine parameters of its own: the Linear that follows
     absorbs them (same functions, fewer parameters), which lets `_NormProject` keep
     no float32 copy of the level. Takes a level in any float dtype (float16 as cached):
-    [B, T, N, D] tokens when pool > 1, any leading shape otherwise.
+    [B, T, N, D] tokens when cell > 1, any leading shape otherwise.
     """
 
-    def __init__(self, in_width: int, width: int, eps: float = 1e-5, pool: int = 1):
+    def __init__(self, in_width: int, width: int, eps: float = 1e-5, cell: int = 1):
         super().__init__()
-        self.eps, self.pool = eps, pool
+        self.eps, self.cell = eps, cell
         self.proj = nn.Linear(in_width, width)
 
     def forward(self, x):  # [..., D] -> [..., d]
         if x.requires_grad:  # not a cached level: let autograd handle it
-            return self.proj(_norm_pool(x, self.proj.weight.dtype, self.eps, self.pool))
-        return _NormProject.apply(x, self.proj.weight, self.proj.bias, self.eps, self.pool)
+            return self.proj(_norm_cells(x, self.proj.weight.dtype, self.eps, self.cell))
+        return _NormProject.apply(x, self.proj.weight, self.proj.bias, self.eps, self.cell)
 
 
 class GatedFusion(nn.Module):
@@ -147,9 +179,9 @@ class GatedFusion(nn.Module):
     leading shape ([B, T, N, D] tokens or [B, D] pooled vectors).
     """
 
-    def __init__(self, num_levels: int, in_width: int, width: int, pool: int = 1):
+    def __init__(self, num_levels: int, in_width: int, width: int, cell: int = 1):
         super().__init__()
-        self.projections = nn.ModuleList(LevelProjection(in_width, width, pool=pool) for _ in range(num_levels))
+        self.projections = nn.ModuleList(LevelProjection(in_width, width, cell=cell) for _ in range(num_levels))
         self.gates = nn.Parameter(torch.zeros(num_levels - 1, width))
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
@@ -250,9 +282,8 @@ class Correlation(nn.Module):
     [p, p*x, p*y], with (x, y) the patch's position in [-1, 1]: the branch ends in a
     mean over tokens, and the mean of a linear map of these is a linear map of the
     flow field's moments: its mean (translation) and its position-weighted terms
-    (divergence = zoom, curl = rotation, shear). Measured on the demo: without the
-    position-weighted terms the branch learned left vs right but stayed at chance on
-    clockwise vs anticlockwise orbits. CLS gets zeros.
+    (divergence = zoom, curl = rotation, shear): without them a mean over tokens cannot
+    tell clockwise from anticlockwise motion. CLS gets zeros.
 
     Matches are taken on the cached levels (LayerNorm, no projection) at their full
     grid, so a branch that pools the grid still sees motion of one patch; the
@@ -260,11 +291,11 @@ class Correlation(nn.Module):
     position-weighted terms keeps the moments).
     """
 
-    def __init__(self, num_levels: int, in_width: int, width: int, radius: int = 1, groups: int = 4, pool: int = 1):
+    def __init__(self, num_levels: int, in_width: int, width: int, radius: int = 1, groups: int = 4, cell: int = 1):
         super().__init__()
         if in_width % groups:
             raise ValueError(f"level width {in_width} is not divisible by {groups} correlation groups")
-        self.radius, self.groups, self.pool = radius, groups, pool
+        self.radius, self.groups, self.cell = radius, groups, cell
         self.temperature = nn.Parameter(torch.tensor(10.0))  # cosine similarities are in [-1, 1]; sharpen them
         self.proj = nn.Linear(3 * num_levels * groups * (2 * radius + 1) ** 2, width)
 
@@ -284,13 +315,13 @@ class Correlation(nn.Module):
         with torch.no_grad():  # matches are read, not trained through: most of their time and memory saved
             similarity = torch.cat([by_clips(lambda clips: self.similarity(clips, side), x) for x in levels],
                                    dim=-2)  # [B, T, H, W, K*G, (2r+1)^2]
-        # softmax over the offsets, laid out first: on CPU 5x faster (forward + backward) than over a last dim of 9
+        # softmax over the offsets laid out first: on CPU much faster than over a last dim of 9
         p = torch.softmax((similarity * self.temperature).movedim(-1, 0).contiguous(), dim=0).movedim(0, -1)
         coords = torch.linspace(-1, 1, side, device=p.device, dtype=p.dtype)
         ys, xs = coords.view(side, 1, 1, 1), coords.view(1, side, 1, 1)
         features = torch.cat([p, p * xs, p * ys], dim=-1).reshape(B, T, N - 1, -1)  # [B, T, H*W, F]
-        if self.pool > 1:  # to the branch's grid: [B, T, H'*W', F]
-            features = pool_grid(F.pad(features, (0, 0, 1, 0)), self.pool)[:, :, 1:]
+        if self.cell > 1:  # to the branch's grid: [B, T, H'*W', F]
+            features = average_cells(F.pad(features, (0, 0, 1, 0)), self.cell)[:, :, 1:]
         y = self.proj(features)  # [B, T, H'*W', d]
         return torch.cat([torch.zeros_like(y[:, :, :1]), y], dim=2)
 
@@ -374,6 +405,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
+        self.attn_dropout = nn.Dropout(dropout)
         if temporal == "conv":
             self.temporal = TemporalConv(width, kernel_size)
         elif temporal == "conv3d":
@@ -387,7 +419,7 @@ class Block(nn.Module):
 
     def forward(self, x):  # [B, T, N, d]
         B, T, N, C = x.shape
-        x = x + self.attn(self.norm1(x).view(B * T, N, C)).view(B, T, N, C)
+        x = x + self.attn_dropout(self.attn(self.norm1(x).view(B * T, N, C)).view(B, T, N, C))
         x = self.temporal(x)
         x = x + self.mlp(self.norm2(x))
         return x
@@ -409,24 +441,22 @@ class Head(nn.Module):
 class MAdapter(nn.Module):
     """The M-adapter branch: fuse K levels, mix tokens within and across frames, classify."""
 
-    def __init__(self, num_levels: int, in_width: int, num_frames: int, num_classes: int, width: int = 384,
-                 depth: int = 1, heads: int = 6, dropout: float = 0.1, temporal: str = "conv",
-                 kernel_size: int = 3, mlp_ratio: float = 4.0, motion: bool = True, correlation: int = 1,
-                 grid_pool: int = 1):
+    def __init__(self, cfg: BranchConfig):
         super().__init__()
-        self.num_frames = num_frames
-        self.fusion = GatedFusion(num_levels, in_width, width, pool=grid_pool)
-        self.motion = Motion(width) if motion else None
-        self.correlation = (Correlation(num_levels, in_width, width, radius=correlation, pool=grid_pool)
-                            if correlation else None)
-        self.time_embed = nn.Parameter(torch.zeros(num_frames, width))
+        cell = int(cfg.cell_size)
+        self.fusion = GatedFusion(cfg.num_levels, cfg.in_width, cfg.width, cell=cell)
+        self.motion = Motion(cfg.width) if cfg.motion else None
+        self.correlation = (Correlation(cfg.num_levels, cfg.in_width, cfg.width, radius=cfg.correlation,
+                                        groups=cfg.correlation_groups, cell=cell) if cfg.correlation else None)
+        self.time_embed = nn.Parameter(torch.zeros(cfg.num_frames, cfg.width))
         nn.init.trunc_normal_(self.time_embed, std=0.02)
-        self.blocks = nn.ModuleList(Block(width, heads, temporal, kernel_size, mlp_ratio) for _ in range(depth))
-        self.cls_proj = LevelProjection(in_width, width)
-        self.head = Head(width, num_classes, dropout)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.temporal, cfg.kernel_size, cfg.mlp_ratio,
+                                          cfg.dropout) for _ in range(cfg.depth))
+        self.cls_proj = LevelProjection(cfg.in_width, cfg.width)
+        self.head = Head(cfg.width, cfg.num_classes, cfg.dropout)
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        h = self.fusion(levels)  # [B, T, N', d], N' = 1 + the pooled grid
+        h = self.fusion(levels)  # [B, T, N', d], N' = 1 + the cells
         motion = self.motion(h) if self.motion is not None else 0
         correlation = self.correlation(levels) if self.correlation is not None else 0
         h = h + motion + correlation
@@ -441,10 +471,10 @@ class MAdapter(nn.Module):
 class MeanPool(nn.Module):
     """Baseline: every level averaged over time and tokens, then projection and fusion. No temporal module."""
 
-    def __init__(self, num_levels: int, in_width: int, num_classes: int, width: int = 384, dropout: float = 0.1):
+    def __init__(self, cfg: BranchConfig):
         super().__init__()
-        self.fusion = GatedFusion(num_levels, in_width, width)
-        self.head = Head(width, num_classes, dropout)
+        self.fusion = GatedFusion(cfg.num_levels, cfg.in_width, cfg.width)
+        self.head = Head(cfg.width, cfg.num_classes, cfg.dropout)
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
         pooled = [x.mean(dim=(1, 2), dtype=torch.float32) for x in levels]  # K x [B, D]
@@ -454,120 +484,69 @@ class MeanPool(nn.Module):
 class LinearProbe(nn.Module):
     """Baseline: the deepest level's CLS token averaged over time, LayerNorm, Linear."""
 
-    def __init__(self, in_width: int, num_classes: int, dropout: float = 0.1):
+    def __init__(self, cfg: BranchConfig):
         super().__init__()
-        self.head = Head(in_width, num_classes, dropout)
+        self.head = Head(cfg.in_width, cfg.num_classes, cfg.dropout)
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
         return self.head(levels[-1][:, :, 0].mean(dim=1, dtype=torch.float32))  # [B, D] -> [B, C]
 
 
-def resolve_grid_pool(setting, num_tokens: int) -> int:
-    """`grid_pool` as a number: "auto" pools the largest factor that leaves at least 7 patches per side.
+def resolve_cell_size(setting, num_tokens: int) -> int:
+    """`cell_size` as a number: "auto" takes the largest cell that leaves at least 7 cells per grid side.
 
     7 x 7 is the grid of a ViT-B/32 at 224 px, the grid CLIP video models are commonly
-    trained on; a ViT-B/16's 14 x 14 is pooled to it (4x fewer tokens: ~3x faster
-    branch steps), a ViT-L/14's 16 x 16 to 8 x 8. Finer grids stay as they are: on the
-    64 px demo ViT's 8 x 8, pooling to 4 x 4 cost val top-1 0.958 -> 0.875.
+    trained on: a ViT-B/16's 14 x 14 is averaged to it, a ViT-L/14's 16 x 16 to 8 x 8;
+    finer grids stay as they are. A grid that is not square keeps every patch.
     """
     if str(setting) == "auto":
         side = math.isqrt(num_tokens - 1)
         return max(1, side // 7) if side * side == num_tokens - 1 else 1
     try:
-        pool = int(setting)
+        cell = int(setting)
     except ValueError:
-        pool = 0
-    if pool < 1:
-        raise ValueError(f"grid_pool {setting!r}: give auto, 1 (full grid) or more")
-    return pool
+        cell = 0
+    if cell < 1:
+        raise ValueError(f"cell_size {setting!r}: give auto, 1 (every patch) or more")
+    return cell
 
 
-def build_model(arch: str, num_levels: int, in_width: int, num_tokens: int, num_frames: int, num_classes: int,
-                width: int = 384, depth: int = 1, heads: int = 6, dropout: float = 0.1, **kw) -> nn.Module:
-    """The branch named `arch` for K=num_levels cached levels of [T, N, D] tokens.
-
-    Extra keywords (madapter only): temporal ("conv", "conv3d", "attn", "none"),
-    kernel_size, mlp_ratio, motion (bool), correlation (radius in patches, 0 = off),
-    grid_pool (average the patch grid grid_pool x grid_pool after projection; 1 = off; "auto", the
-    default: see `resolve_grid_pool`).
-    Every arch works on any grid size; correlation, grid_pool > 1 and conv3d need a square one.
-    """
-    if num_levels < 1:
+def check_branch(cfg: BranchConfig) -> BranchConfig:
+    """`cfg` with its cell size resolved, or a ValueError saying which setting cannot be served."""
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"arch {cfg.arch!r}: use one of {', '.join(ARCHS)}")
+    if cfg.num_levels < 1:
         raise ValueError("the model needs at least one cached level")
-    if arch == "madapter":
-        temporal, correlation = kw.get("temporal", "conv"), kw.get("correlation", 1)
-        grid_pool = resolve_grid_pool(kw.get("grid_pool", "auto"), num_tokens)
-        side = math.isqrt(num_tokens - 1)
-        if (correlation or grid_pool > 1) and side * side != num_tokens - 1:
-            raise ValueError(f"correlation and grid pooling need a square patch grid; {num_tokens - 1} patch tokens "
-                             "is not one (turn them off with correlation 0 and grid_pool 1)")
-        if temporal not in TEMPORAL:
-            raise ValueError(f"temporal module {temporal!r}: use one of {', '.join(TEMPORAL)}")
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
-        return MAdapter(num_levels, in_width, num_frames, num_classes, width, depth, heads, dropout,
-                        temporal=temporal, kernel_size=kw.get("kernel_size", 3), mlp_ratio=kw.get("mlp_ratio", 4.0),
-                        motion=kw.get("motion", True), correlation=correlation, grid_pool=grid_pool)
-    if arch == "meanpool":
-        return MeanPool(num_levels, in_width, num_classes, width, dropout)
-    if arch == "linear":
-        return LinearProbe(in_width, num_classes, dropout)
-    raise ValueError(f"unknown arch {arch!r}: use one of {', '.join(ARCHS)}")
+    if cfg.temporal not in TEMPORAL:
+        raise ValueError(f"temporal {cfg.temporal!r}: use one of {', '.join(TEMPORAL)}")
+    if cfg.correlation < 0:
+        raise ValueError(f"correlation {cfg.correlation}: give a radius in patches, or 0 for none")
+    for name in ("width", "heads", "depth"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
+    cell = resolve_cell_size(cfg.cell_size, cfg.num_tokens)
+    if cfg.arch == "madapter":
+        side = math.isqrt(cfg.num_tokens - 1)
+        if (cfg.correlation or cell > 1) and side * side != cfg.num_tokens - 1:
+            raise ValueError(f"correlation and cells need a square patch grid; {cfg.num_tokens - 1} patch tokens "
+                             "is not one (turn them off with correlation 0 and cell size 1)")
+        if cfg.width % cfg.heads:
+            raise ValueError(f"width {cfg.width} is not divisible by heads {cfg.heads}")
+        if cfg.correlation and cfg.in_width % cfg.correlation_groups:
+            raise ValueError(f"level width {cfg.in_width} is not divisible by {cfg.correlation_groups} "
+                             "correlation groups")
+    return BranchConfig(**{**cfg.to_dict(), "cell_size": cell})
+
+
+def build_model(cfg: BranchConfig) -> nn.Module:
+    """The branch `cfg.arch` for K = cfg.num_levels cached levels of [T, N, D] tokens.
+
+    Every arch works on any patch grid; correlation, cells larger than 1 and conv3d need a square one.
+    """
+    cfg = check_branch(cfg)
+    return {"madapter": MAdapter, "meanpool": MeanPool, "linear": LinearProbe}[cfg.arch](cfg)
 
 
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-class CheckpointError(Exception):
-    """A model file that cannot be used (message names the file and says why)."""
-
-
-def save_model(model: nn.Module, path, model_args: dict, info: dict | None = None) -> None:
-    """Weights as safetensors, with what `load_model` needs to rebuild the model in its metadata."""
-    from safetensors.torch import save_file
-
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    save_file(state, str(path), metadata={"mad": json.dumps({"format": 1, "model_args": model_args, **(info or {})})})
-
-
-def load_model(path, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """(model in eval mode, metadata) from a file written by `save_model`."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such model file") from None
-    except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
-    if "mad" not in metadata:
-        raise CheckpointError(f"{path}: not a mad model (no 'mad' metadata)")
-    info = json.loads(metadata["mad"])
-    try:
-        model = build_model(**info["model_args"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot rebuild the model ({e})") from None
-    load_state(model, load_file(str(path)), path)
-    return model.to(device).eval(), info
-
-
-def load_state(model: nn.Module, state: dict, path) -> None:
-    """`model.load_state_dict(state)`, refusing (with names and shapes) a state that does not fit."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-             for k in expected if k in state and state[k].shape != expected[k].shape]
-    problems = ([f"shapes differ: {', '.join(wrong[:3])}"] if wrong else []) + \
-               ([f"missing {', '.join(missing[:3])}"] if missing else []) + \
-               ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else [])
-    if problems:
-        raise CheckpointError(f"{path}: checkpoint does not match the model ({'; '.join(problems)})")
-    model.load_state_dict(state)

@@ -17,9 +17,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mad.adapt.train import TrainConfig, TrainError, check_pair, open_store, train_on
+from mad.adapt.train import TrainConfig, TrainError, train_on
 from mad.cache.dataset import open_tokens
-from mad.cache.store import StoreError
+from mad.cache.store import Store
 
 # Settings a grid may not vary: they name the data and the run, not the training.
 FIXED = ("cache", "val", "out", "resume", "overwrite")
@@ -63,10 +63,10 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
     base = base or TrainConfig()
     combinations = [dict(zip(options, values)) for values in itertools.product(*options.values())]
     console = Console(quiet=quiet, highlight=False)
-    train_store = open_store(cache)
-    val_store = open_store(val) if val else None
+    train_store = Store.open(cache)
+    val_store = Store.open(val) if val else None
     if val_store is not None:
-        check_pair(train_store, val_store)
+        train_store.manifest.check_pair(val_store.manifest, val, f"the training cache {cache}")
     out = Path(out)
     train_data = val_data = None
     results = []
@@ -80,8 +80,6 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
             summary = train_on(cfg, train_data, val_data, quiet=True)
             results.append({**setting, **summary})
             console.print("  " + _brief(summary))
-    except StoreError as e:
-        raise TrainError(str(e)) from None
     finally:
         for data in (train_data, val_data):
             if data is not None:

@@ -24,11 +24,11 @@ from pathlib import Path
 import av
 import torch
 
-from mad.extract.backbone import load_backbone, resolve_device
+from mad.extract.backbone import load_backbone
 from mad.extract.decode import decode_clip
-from mad.extract.run import ExtractConfig, VideoDecodeDataset, _decoded_items, extract
+from mad.extract.run import ExtractConfig, VideoDecodeDataset, decoded_videos, extract
 from mad.extract.videos import find_videos
-from mad.bench import machine_info
+from mad.runtime import machine_info, resolve_device
 
 
 def _cut(source: Path, dest: Path, seconds: float) -> None:
@@ -90,7 +90,7 @@ def bench_extract(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
                   limit: int = 24, batch_size: int = 4, workers: int = -1, device: str = "auto",
                   precision: str = "bf16", long_clip: str | None = None, out: str | None = None) -> dict:
     device = resolve_device(device)
-    workers = workers if workers >= 0 else (1 if device == "cpu" else min(8, os.cpu_count() or 1))
+    workers = workers if workers >= 0 else (1 if device.type == "cpu" else min(8, os.cpu_count() or 1))
     video_list = find_videos(videos)
     paths = video_list.paths[:limit]
     backbone = load_backbone(model, "none", layers, device, precision)
@@ -99,14 +99,14 @@ def bench_extract(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
     # 1. decode only, through the same worker pool a real run uses
     dataset = VideoDecodeDataset(videos, paths, list(range(len(paths))), frames, 1, 1, size)
     started = time.perf_counter()
-    decoded = [item for item in _decoded_items(dataset, workers)]
+    decoded = list(decoded_videos(dataset, workers))
     decode_seconds = time.perf_counter() - started
     decode_rate = len(paths) / decode_seconds
 
     # 2. model only, on those frames, in the batches a real run uses
-    clips = [item["frames"] for item in decoded if item["error"] is None]
+    clips = [frames for result, frames in decoded if result.error is None]
     backbone(clips[0].flatten(0, 1).to(device))  # warm-up
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for i in range(0, len(clips), batch_size):
@@ -123,7 +123,7 @@ def bench_extract(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
             os.symlink(Path(videos).resolve() / path, link_root / path)
         cfg = ExtractConfig(videos=str(link_root), out=str(Path(tmp) / "cache"), layers=layers, model=model,
                             pretrained="none", frames=frames, batch_size=batch_size, workers=workers,
-                            device=device, precision=precision, progress=False)
+                            device=str(device), precision=precision, progress=False)
         started = time.perf_counter()
         summary = extract(cfg)
         full_seconds = time.perf_counter() - started
@@ -133,7 +133,7 @@ def bench_extract(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
     result = {
         "machine": machine_info(device), "date": datetime.date.today().isoformat(),
         "settings": {"videos": videos, "clips": len(paths), "model": model, "weights": "random", "layers": layers,
-                     "frames": frames, "batch_size": batch_size, "workers": workers, "device": device,
+                     "frames": frames, "batch_size": batch_size, "workers": workers, "device": str(device),
                      "precision": precision},
         "decode_clips_per_s": decode_rate, "model_clips_per_s": model_rate, "full_clips_per_s": full_rate,
         "serial_bound_clips_per_s": serial_bound, "full_over_serial_bound": full_rate / serial_bound,
@@ -147,7 +147,7 @@ def bench_extract(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
     _print(result)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        name = f"extract_{'gpu' if device.startswith('cuda') else 'cpu'}_{model}.json"
+        name = f"extract_{device.type.replace('cuda', 'gpu')}_{model}.json"
         (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -29,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from mad.bench import machine_info
+from mad.adapt.step import make_optimizer, train_step
+from mad.adapt.train import TrainConfig
+from mad.errors import MadError
+from mad.runtime import branch_autocast, machine_info, resolve_device
 
 
-class BenchTrainError(Exception):
+class BenchTrainError(MadError):
     """The benchmark cannot run with these options (message says why)."""
 
 
@@ -51,19 +53,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _step(branch, optimizer, levels, labels, device, bf16: bool) -> None:
-    """One training step, as mad.adapt.train takes it."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    with autocast:
-        logits = branch([x.to(device, non_blocking=True) for x in levels])
-    loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=0.1)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
-    optimizer.step()
+def _step(branch, optimizer, levels, labels, device, precision: str) -> None:
+    """One training step, as `mad train` takes it (its step, its default smoothing and clipping)."""
+    levels = [x.to(device, non_blocking=True) for x in levels]
+    train_step(lambda: branch(levels), labels.to(device), optimizer, branch.parameters(),
+               branch_autocast(precision, device), TRAIN.label_smoothing, TRAIN.clip_grad)
 
 
-def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device, bf16: bool
+TRAIN = TrainConfig()
+
+
+def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device, precision: str
                   ) -> tuple[float, int, list[float]]:
     """(seconds, steps, per-step seconds) of one training epoch over `data`.
 
@@ -75,7 +75,7 @@ def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device, 
     started = last = time.perf_counter()
     step_seconds = []
     for levels, labels, _, _ in data.train_batches(batch_size, seed=0, epoch=epoch):
-        _step(branch, optimizer, levels, labels, device, bf16)
+        _step(branch, optimizer, levels, labels, device, precision)
         _sync(device)
         now = time.perf_counter()
         step_seconds.append(now - last)
@@ -85,17 +85,17 @@ def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device, 
 
 def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", frames: int = 8, batch_size: int = 8,
                 epochs: int = 2, width: int = 384, online_steps: int = 3, workers: int = 2, limit: int | None = None,
-                device: str = "auto", precision: str = "bf16", cache: str | None = None, pool: int = 1,
-                out: str | None = None, branch_precision: str = "auto", grid_pool: str = "auto") -> dict:
+                device: str = "auto", precision: str = "bf16", cache: str | None = None, grid_downsample: int = 1,
+                out: str | None = None, branch_precision: str = "auto", cell_size: str = "auto") -> dict:
     """Time a cached epoch (RAM and streamed) against online training on `videos`; print and return the figures."""
-    from mad.adapt.madapter import build_model, count_parameters, resolve_grid_pool
+    from mad.adapt.madapter import BranchConfig, build_model, check_branch, count_parameters
     from mad.cache.dataset import InMemoryTokens, StreamingTokens, usable_videos
-    from mad.cache.store import Store, StoreError
-    from mad.extract.backbone import load_backbone, resolve_device
+    from mad.cache.store import Store
+    from mad.extract.backbone import load_backbone
     from mad.extract.decode import decode_clip
     from mad.extract.run import ExtractConfig, extract
 
-    device = torch.device(resolve_device(device))
+    device = resolve_device(device)
     if branch_precision not in ("auto", "bf16", "fp32"):
         raise BenchTrainError(f"--branch-precision {branch_precision!r}: use auto, bf16 or fp32")
     bf16 = branch_precision == "bf16" or (branch_precision == "auto" and device.type == "cuda")
@@ -116,33 +116,34 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             started = time.perf_counter()
             with random_weights_expected():
                 extract(ExtractConfig(videos=str(root), out=cache, layers=layers, model=model, pretrained="none",
-                                      frames=frames, precision=precision, pool=pool, device=str(device),
+                                      frames=frames, precision=precision, grid_downsample=grid_downsample,
+                                      device=str(device),
                                       progress=False))
             extract_seconds = time.perf_counter() - started
-        try:
-            store = Store.open(cache)
-            selected = usable_videos(store)
-        except StoreError as e:
-            raise BenchTrainError(str(e)) from None
+        store = Store.open(cache)
+        selected = usable_videos(store)
         m = store.manifest
-        frames = m["frames"]  # a given cache decides
-        try:
-            branch_pool = resolve_grid_pool(grid_pool, m["tokens"])  # as `mad train --grid-pool`
-        except ValueError as e:
-            raise BenchTrainError(f"--grid-pool: {e}") from None
+        frames = m.frames  # a given cache decides
         num_classes = max(len(store.class_names), int(store.labels().max()) + 1)
+        try:  # the branch `mad train --cell-size` would build
+            branch_cfg = check_branch(BranchConfig(
+                num_levels=len(m.layers), in_width=m.width, num_tokens=m.tokens, num_frames=m.frames,
+                num_classes=num_classes, width=width, heads=next(h for h in (6, 4, 2, 1) if width % h == 0),
+                cell_size=cell_size))
+        except ValueError as e:
+            raise BenchTrainError(f"--cell-size: {e}") from None
+        branch_cell = int(branch_cfg.cell_size)
         in_ram = InMemoryTokens(store, selected, progress=False)
 
         def new_branch():
             torch.manual_seed(0)
-            branch = build_model("madapter", len(store.layers), m["width"], m["tokens"], m["frames"], num_classes,
-                                 width=width, heads=next(h for h in (6, 4, 2, 1) if width % h == 0),
-                                 grid_pool=branch_pool).to(device)
-            return branch, torch.optim.AdamW(branch.parameters(), lr=1e-3, weight_decay=0.05)
+            branch = build_model(branch_cfg).to(device)
+            return branch, make_optimizer(branch, TRAIN.lr, TRAIN.weight_decay)
 
         # 1. epochs from RAM (the first one warms the allocator up and is not counted when there are more)
         branch, optimizer = new_branch()
-        ram_epochs = [_cached_epoch(branch, optimizer, in_ram, batch_size, e, device, bf16) for e in range(max(epochs, 1))]
+        ram_epochs = [_cached_epoch(branch, optimizer, in_ram, batch_size, e, device, branch_precision)
+                      for e in range(max(epochs, 1))]
         steps_per_epoch = ram_epochs[0][1]
         ram_seconds = statistics.median(s for s, _, _ in (ram_epochs[1:] or ram_epochs))
         ram_later_steps = [t for _, _, steps in (ram_epochs[1:] or ram_epochs) for t in steps[1:]]
@@ -151,7 +152,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
         streamed = StreamingTokens(store, selected, workers=workers)
         try:
             branch, optimizer = new_branch()
-            stream_epochs = [_cached_epoch(branch, optimizer, streamed, batch_size, e, device, bf16)
+            stream_epochs = [_cached_epoch(branch, optimizer, streamed, batch_size, e, device, branch_precision)
                              for e in range(max(epochs, 1) + 1)]
         finally:
             streamed.close()
@@ -161,8 +162,8 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
 
         # 3. online: decode + frozen ViT + branch every step, a few steps, extrapolated to an epoch
         with random_weights_expected():  # taps shaped as the cache's tokens
-            backbone = load_backbone(m["model"], "none", store.layers, str(device), precision,
-                                     pool=m.get("pool") or 1, model_config=m.get("model_config"))
+            backbone = load_backbone(m.model, "none", store.layers, device, precision,
+                                     grid_downsample=m.grid_downsample, model_config=m.model_config)
         size = backbone.info.image_size
         branch, optimizer = new_branch()
         paths, labels = store.paths(), store.labels()
@@ -178,7 +179,8 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             levels = [x.view(len(batch), frames, *x.shape[1:]) for x in taps]
             _sync(device)
             encoded = time.perf_counter()
-            _step(branch, optimizer, levels, torch.as_tensor(labels[batch], dtype=torch.long), device, bf16)
+            _step(branch, optimizer, levels, torch.as_tensor(labels[batch], dtype=torch.long), device,
+                  branch_precision)
             _sync(device)
             finished = time.perf_counter()
             if step:
@@ -190,11 +192,11 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
 
         result = {
             "machine": machine_info(device), "date": datetime.date.today().isoformat(),
-            "settings": {"videos": videos, "clips": len(order), "model": m["model"], "weights": "random",
+            "settings": {"videos": videos, "clips": len(order), "model": m.model, "weights": "random",
                          "layers": store.layers, "frames": frames, "batch_size": batch_size, "branch_width": width,
-                         "branch_grid_pool": branch_pool,
+                         "branch_cell_size": branch_cell,
                          "branch_parameters": count_parameters(branch), "device": str(device),
-                         "precision": precision, "branch_bf16_autocast": bf16, "pool": m.get("pool") or 1, "tokens": m["tokens"],
+                         "precision": precision, "branch_bf16_autocast": bf16, "grid_downsample": m.grid_downsample, "tokens": m.tokens,
                          "stream_workers": workers, "online_steps_timed": online_steps,
                          "threads": torch.get_num_threads()},
             "steps_per_epoch": steps_per_epoch,
@@ -224,8 +226,8 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             Path(out).mkdir(parents=True, exist_ok=True)
             kind = "gpu" if device.type == "cuda" else "cpu"
             suffix = "_bf16" if bf16 and kind == "cpu" else ""  # a CPU run with the bf16 branch, beside the fp32 one
-            suffix += "" if grid_pool == "auto" else f"_grid{branch_pool}"  # the default's figures keep the plain name
-            name = f"train_{kind}_{Path(m['model']).stem}_pool{m.get('pool') or 1}{suffix}.json"
+            suffix += "" if cell_size == "auto" else f"_cell{branch_cell}"  # the default's figures keep the plain name
+            name = f"train_{kind}_{Path(m.model).stem}_pool{m.grid_downsample}{suffix}.json"
             (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
         return result
     finally:
@@ -238,8 +240,9 @@ def _print(r: dict) -> None:
 
     s = r["settings"]
     table = Table(title=f"mad bench train: {s['clips']} clips, {s['model']} ({s['precision']}, random weights), "
-                        f"T={s['frames']}, {s['tokens']} tokens (pool {s['pool']}), batch {s['batch_size']}, "
-                        f"M-adapter width {s['branch_width']}, grid pool {s.get('branch_grid_pool', 1)}"
+                        f"T={s['frames']}, {s['tokens']} tokens (grid downsample {s['grid_downsample']}), "
+                        f"batch {s['batch_size']}, M-adapter width {s['branch_width']}, cells of "
+                        f"{s['branch_cell_size']}x{s['branch_cell_size']} patches"
                         f"{' (bf16 autocast)' if s.get('branch_bf16_autocast') else ''}, {s['device']}")
     for column in ("mode", "s / step", "s / epoch", "vs cache (RAM)"):
         table.add_column(column, justify="right" if column != "mode" else "left")

@@ -28,20 +28,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mad.cache.store import DONE, Store, StoreError
+from mad.runtime import available_memory
 
 Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (MemAvailable; free pages where there is no /proc)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def usable_videos(store: Store) -> np.ndarray:
@@ -57,8 +46,7 @@ def usable_videos(store: Store) -> np.ndarray:
 def cache_bytes(store: Store, num_videos: int) -> int:
     """Bytes that `num_videos` videos of every layer take as float16 in memory."""
     m = store.manifest
-    per_video = m["clips"] * m["crops"] * m["frames"] * m["tokens"] * m["width"] * 2
-    return per_video * num_videos * len(store.layers)
+    return m.views * m.frames * m.tokens * m.width * 2 * num_videos * len(store.layers)
 
 
 def epoch_order(num_videos: int, num_views: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,14 +70,14 @@ class CachedTokens:
 
     def __init__(self, store: Store, videos: np.ndarray):
         self.location = store.location
-        self.manifest = dict(store.manifest)
+        self.manifest = store.manifest
         self.layers = store.layers
         self.videos = videos  # store indices
         self.labels = torch.from_numpy(store.labels()[videos].astype(np.int64))
         paths = store.paths()
         self.paths = [paths[v] for v in videos]
         self.class_names = store.class_names
-        self.num_views = self.manifest["clips"] * self.manifest["crops"]
+        self.num_views = self.manifest.views
 
     @property
     def num_videos(self) -> int:
@@ -114,7 +102,7 @@ class InMemoryTokens(CachedTokens):
     def __init__(self, store: Store, videos: np.ndarray | None = None, progress: bool = True):
         super().__init__(store, usable_videos(store) if videos is None else videos)
         m = self.manifest
-        shape = (self.num_videos, self.num_views, m["frames"], m["tokens"], m["width"])
+        shape = (self.num_videos, self.num_views, m.frames, m.tokens, m.width)
         self.levels = [torch.empty(shape, dtype=torch.float16) for _ in self.layers]
         # Read whole shards (one request per shard file) and keep the selected rows.
         step = store.shard_size
@@ -192,7 +180,7 @@ class ChunkReader(Dataset):
         for layer in self.layers:
             # the batch's tensor, in shared memory in a reader process (as torch's default_collate
             # makes it): every chunk is decoded straight into its row, and reaches the trainer uncopied
-            level = _new_batch_tensor((len(items), *self._store.layer_array(layer).shape[2:]))  # [B, T, N, D]
+            level = _new_batch_tensor((len(items), *self._store.layer_shape(layer)[2:]))  # [B, T, N, D]
             for row, (position, view) in enumerate(items):
                 self._store.read_layer(layer, (int(self.videos[position]), view), out=level[row].numpy())
             levels.append(level)

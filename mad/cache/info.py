@@ -8,11 +8,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from mad.cache.store import DONE, Store, StoreError
-
-
-class InfoError(Exception):
-    pass
+from mad.cache.store import DONE, Store
 
 
 def _human(n: float) -> str:
@@ -23,39 +19,16 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def verify_store(store: Store) -> list[dict]:
-    """Read every block of every array; return [{array, videos, reason}] for those that fail.
-
-    Chunks carry crc32c checksums, so flipped bytes fail to decode instead of
-    reading back as plausible numbers.
-    """
-    problems = []
-    S, V = store.shard_size, store.num_videos
-    arrays = [(f"layers/{layer}", store.layer_array(layer)) for layer in store.layers]
-    arrays += [(name, store.group[name]) for name in ("label", "path", "frame_index", "num_frames", "status")]
-    for name, array in arrays:
-        for start in range(0, V, S):
-            stop = min(start + S, V)
-            try:
-                array[start:stop]
-            except Exception as e:  # zarr raises codec-specific errors on bad checksums
-                problems.append({"array": name, "videos": [start, stop], "reason": f"{type(e).__name__}: {e}"})
-    return problems
-
-
 def show_info(location: str, verify: bool = False, console: Console | None = None) -> bool:
     """Print the manifest, counts, per-layer shape and bytes; return False if verification found damage."""
     console = console or Console()
-    try:
-        store = Store.open(location)
-    except StoreError as e:
-        raise InfoError(str(e)) from None
-    m = store.manifest
+    store = Store.open(location)
+    m = store.manifest.to_dict()
     counts = store.counts()
     console.print(f"[bold]{location}[/bold]  mad cache format {m['format_version']}, created {m.get('created')}")
     table = Table(show_header=False, box=None)
     for key in ("model", "pretrained", "pretrained_sha256", "layers", "frames", "clips", "crops", "image_size",
-                "grid", "pool", "tokens", "width", "precision", "dtype", "sampling", "shard_size", "videos_root"):
+                "grid", "grid_downsample", "tokens", "width", "precision", "sampling", "shard_size", "videos_root"):
         if m.get(key) is not None:
             table.add_row(key, json.dumps(m[key]) if isinstance(m[key], (list, dict)) else str(m[key]))
     names = m.get("class_names") or []
@@ -69,9 +42,9 @@ def show_info(location: str, verify: bool = False, console: Console | None = Non
     layers = Table("layer", "shape [V, views, T, N, D]", "dtype", "on disk", "per done video")
     on_disk = store.bytes_on_disk()
     for layer in store.layers:
-        array = store.layer_array(layer)
         per_video = on_disk[layer] / counts["done"] if counts["done"] else 0
-        layers.add_row(str(layer), str(list(array.shape)), str(array.dtype), _human(on_disk[layer]), _human(per_video))
+        layers.add_row(str(layer), str(list(store.layer_shape(layer))), "float16", _human(on_disk[layer]),
+                       _human(per_video))
     console.print(layers)
     labels = store.labels()[store.status() == DONE]
     if labels.size and (labels >= 0).any():
@@ -80,7 +53,7 @@ def show_info(location: str, verify: bool = False, console: Console | None = Non
             f"{names[i] if i < len(names) else i} {n}" for i, n in enumerate(per_class)))
     if not verify:
         return True
-    problems = verify_store(store)
+    problems = store.verify()
     if not problems:
         console.print("[green]verify: every chunk read back and matched its checksum[/green]")
         return True

@@ -1,11 +1,11 @@
-"""The on-disk contract between extraction and training: one Zarr v3 group.
+"""The on-disk contract between extraction and training: one Zarr v3 group. Only this module touches Zarr.
 
-Layout (DESIGN.md, "Store schema"):
-    zarr.json            attributes["mad"]: the manifest (model, layers, frames, ...)
+Layout (DESIGN.md, "Store schema"; every array a standard Zarr v3 data type):
+    zarr.json            attributes["mad"]: the manifest (`Manifest`)
     layers/<n>           float16 [V, views, T, N, D]; chunk = one (video, view);
-                         shard = `shard_size` consecutive videos
+                         shard = `shard_size` consecutive videos; crc32c per chunk
     label                int32 [V]          (-1 when unlabelled)
-    path                 str [V]            relative to the videos root
+    path                 uint8 [V, L]       UTF-8 path relative to the videos root, zero-padded
     frame_index          int32 [V, clips, T]
     num_frames           int32 [V]          frames in the video (fewer than T: frames repeat)
     status               uint8 [V]          0 pending, 1 done, 2 failed
@@ -14,8 +14,8 @@ Layout (DESIGN.md, "Store schema"):
 Every per-video array is chunked along V by `shard_size`, so a block of
 `shard_size` videos (one shard of every layer plus one chunk of every small
 array) is owned by exactly one writer: two processes writing one shard lose data.
-`status` is written after the layer data of its block, so a video is done only
-when its data is complete.
+`write_block` writes a block's data first and its `status` last, so a video is
+done only when its data is complete.
 """
 
 from __future__ import annotations
@@ -23,32 +23,27 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-FORMAT_VERSION = 1
+from mad.cache.manifest import FORMAT_VERSION, READABLE_VERSIONS, Manifest
+from mad.errors import MadError
+
 PENDING, DONE, FAILED = 0, 1, 2
+PATH_BYTES = 256  # path array chunk width; longer paths widen the array
 
-# Manifest keys that must match for a run to resume into (or a val cache to pair
-# with) an existing store: anything that changes what the cached tokens mean.
-IDENTITY_KEYS = (
-    "model", "pretrained", "pretrained_sha256", "layers", "frames", "clips", "crops",
-    "image_size", "pool", "sampling", "precision",
-)
-# What training needs to agree on between train and val caches.
-TRAINING_KEYS = ("model", "pretrained", "pretrained_sha256", "layers", "frames", "image_size", "pool", "tokens", "width")
-
-# zarr 3.1 warns that variable-length strings have no final v3 spec yet; the
-# format is stable within zarr 3.x, which is what we pin.
+# Format 1 stores kept paths in zarr-python's variable-length string type, which warns on every use.
 warnings.filterwarnings("ignore", message=".*VariableLengthUTF8.*")
 warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
 
 
-class StoreError(Exception):
+class StoreError(MadError):
     """A store that cannot be used for the requested operation (message says why)."""
 
 
@@ -56,9 +51,16 @@ class IncompleteStoreError(StoreError):
     """A store whose creation was interrupted: it holds no data and can be made again."""
 
 
-def manifest_differences(a: dict, b: dict, keys=IDENTITY_KEYS) -> list[str]:
-    """Human-readable differences between two manifests on the given keys."""
-    return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+@dataclass
+class VideoResult:
+    """What extraction produced for one video: its tokens, or the reason it failed."""
+
+    video: int                                   # index in the store
+    path: str
+    layer_tokens: dict[int, np.ndarray] | None   # layer -> [views, T, N, D]; None when failed
+    frame_index: np.ndarray | None               # int32 [clips, T]
+    num_frames: int = 0
+    error: str | None = None
 
 
 def _describe(videos) -> str:
@@ -67,25 +69,38 @@ def _describe(videos) -> str:
     return str(videos) if np.isscalar(videos) else f"{len(videos)} selected"
 
 
-def _is_url(path: str) -> bool:
-    return "://" in str(path)
+def is_url(location) -> bool:
+    return "://" in str(location)
+
+
+def _encode_paths(paths: list[str], width: int) -> np.ndarray:
+    encoded = np.zeros((len(paths), width), np.uint8)
+    for i, path in enumerate(paths):
+        data = path.encode()
+        encoded[i, :len(data)] = np.frombuffer(data, np.uint8)
+    return encoded
+
+
+def _path_width(paths: list[str]) -> int:
+    longest = max((len(p.encode()) for p in paths), default=0)
+    return max(PATH_BYTES, -(-longest // PATH_BYTES) * PATH_BYTES)
 
 
 class Store:
     """A cache store. Open with `Store.open`, make with `Store.create`."""
 
     def __init__(self, group: zarr.Group, location: str):
-        self.group = group
+        self._group = group
         self.location = location
-        self.manifest: dict = dict(group.attrs["mad"])
-        self._layer_arrays: dict[int, zarr.Array] = {}  # opened once: opening reads metadata (~1 ms)
+        self.manifest = Manifest.from_dict(dict(group.attrs["mad"]), location)
+        self._arrays: dict[str, zarr.Array] = {}  # opened once: opening reads metadata (~1 ms)
 
     # ---- opening and creating -------------------------------------------------
 
     @classmethod
     def exists(cls, location) -> bool:
         location = str(location)
-        if _is_url(location):
+        if is_url(location):
             try:
                 zarr.open_group(location, mode="r")
                 return True
@@ -104,96 +119,130 @@ class Store:
         if "mad" not in group.attrs:
             raise StoreError(f"{location}: a Zarr group, but not a mad cache (no 'mad' manifest)")
         version = group.attrs["mad"].get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{location}: cache format {version}, this mad reads {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise StoreError(f"{location}: cache format {version}, this mad reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
         return cls(group, location)
 
     @classmethod
-    def create(cls, location, manifest: dict, paths: list[str], labels: list[int]) -> "Store":
+    def create(cls, location, manifest: Manifest, paths: list[str], labels: list[int]) -> "Store":
         """Create an empty store for `paths` (all pending). Overwrites nothing: the caller decides."""
         location = str(location)
-        manifest = dict(manifest)
-        manifest["format_version"] = FORMAT_VERSION
-        manifest.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        S = int(manifest["shard_size"])
-        views, T, N, D = manifest["clips"] * manifest["crops"], manifest["frames"], manifest["tokens"], manifest["width"]
-        V = len(paths)
+        values = manifest.to_dict()
+        values["format_version"] = FORMAT_VERSION
+        values["created"] = values["created"] or datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds")
+        m = Manifest.from_dict(values, location)
+        S, V, views, T, N, D = m.shard_size, len(paths), m.views, m.frames, m.tokens, m.width
         # Marked as being created until the manifest lands, so an interrupted creation
         # is recognised as ours (and empty) rather than as a foreign Zarr group.
         # create_group, not open_group(mode="w"): that would wipe the folder, the run's lock files with it.
         group = zarr.create_group(location, attributes={"mad_creating": True})
         layers = group.create_group("layers")
-        for layer in manifest["layers"]:
+        for layer in m.layers:
             layers.create_array(
                 str(layer), shape=(V, views, T, N, D), dtype="float16",
                 chunks=(1, 1, T, N, D), shards=(S, views, T, N, D),
                 compressors=[Crc32cCodec()], fill_value=0,  # checksums: a flipped byte is an error, not garbage
             )
+        width = _path_width(paths)
         group.create_array("label", shape=(V,), dtype="int32", chunks=(S,), fill_value=-1)
-        group.create_array("path", shape=(V,), dtype=str, chunks=(S,))
-        group.create_array("frame_index", shape=(V, manifest["clips"], T), dtype="int32",
-                           chunks=(S, manifest["clips"], T), fill_value=-1)
+        group.create_array("path", shape=(V, width), dtype="uint8", chunks=(S, PATH_BYTES), fill_value=0)
+        group.create_array("frame_index", shape=(V, m.clips, T), dtype="int32", chunks=(S, m.clips, T),
+                           fill_value=-1)
         group.create_array("num_frames", shape=(V,), dtype="int32", chunks=(S,), fill_value=0)
         group.create_array("status", shape=(V,), dtype="uint8", chunks=(S,), fill_value=PENDING)
         if V:
             group["label"][:] = np.asarray(labels, dtype=np.int32)
-            group["path"][:] = np.asarray(paths, dtype=object)
-        group.attrs.put({"mad": manifest})  # last, replacing the creation mark: now it is a store
+            group["path"][:] = _encode_paths(paths, width)
+        group.attrs.put({"mad": values})  # last, replacing the creation mark: now it is a store
         return cls(group, location)
+
+    @staticmethod
+    def remove(location: str) -> None:
+        """Delete a store's contents, but not the lock files (`.mad-*`) of the run that holds it."""
+        if is_url(location):
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(location)
+            fs.rm(path, recursive=True)
+            return
+        for entry in Path(location).iterdir():
+            if not entry.name.startswith(".mad-"):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
     def append_videos(self, paths: list[str], labels: list[int]) -> None:
         """Grow every per-video array by len(paths) pending videos."""
         if not paths:
             return
         V0, n = self.num_videos, len(paths)
-        for array in self._per_video_arrays():
-            array.resize((V0 + n,) + array.shape[1:])
-        self._layer_arrays.clear()  # their shapes changed
-        self.group["label"][V0:] = np.asarray(labels, dtype=np.int32)
-        self.group["path"][V0:] = np.asarray(paths, dtype=object)
+        path_array = self._array("path")
+        legacy = path_array.ndim == 1
+        width = path_array.shape[1] if not legacy else 0
+        for name in self._per_video_arrays():
+            array = self._array(name)
+            shape = (V0 + n,) + array.shape[1:]
+            if name == "path" and not legacy:
+                width = max(width, _path_width(paths))
+                shape = (V0 + n, width)
+            array.resize(shape)
+        self._arrays.clear()  # their shapes changed
+        self._array("label")[V0:] = np.asarray(labels, dtype=np.int32)
+        self._array("path")[V0:] = np.asarray(paths, dtype=object) if legacy else _encode_paths(paths, width)
 
-    def _per_video_arrays(self):
-        yield from (self.group["layers"][str(layer)] for layer in self.layers)
-        yield from (self.group[name] for name in ("label", "path", "frame_index", "num_frames", "status"))
+    def _per_video_arrays(self) -> list[str]:
+        return [f"layers/{layer}" for layer in self.layers] + ["label", "path", "frame_index", "num_frames", "status"]
 
-    def set_manifest(self, **updates) -> None:
-        self.manifest.update(updates)
-        self.group.attrs["mad"] = self.manifest
+    def set_class_names(self, class_names: list[str]) -> None:
+        self.manifest.class_names = list(class_names)
+        self._group.attrs["mad"] = self.manifest.to_dict()
+
+    def _array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            self._arrays[name] = self._group[name]
+        return self._arrays[name]
 
     # ---- reading ----------------------------------------------------------------
 
     @property
     def layers(self) -> list[int]:
-        return list(self.manifest["layers"])
+        return list(self.manifest.layers)
 
     @property
     def num_videos(self) -> int:
-        return int(self.group["status"].shape[0])
+        return int(self._array("status").shape[0])
 
     @property
     def shard_size(self) -> int:
-        return int(self.manifest["shard_size"])
+        return self.manifest.shard_size
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.manifest.get("class_names") or [])
-
-    def layer_array(self, layer: int) -> zarr.Array:
-        if layer not in self._layer_arrays:
-            self._layer_arrays[layer] = self.group["layers"][str(layer)]
-        return self._layer_arrays[layer]
+        return list(self.manifest.class_names)
 
     def status(self) -> np.ndarray:
-        return self.group["status"][:]
+        return self._array("status")[:]
 
     def labels(self) -> np.ndarray:
-        return self.group["label"][:]
+        return self._array("label")[:]
 
     def paths(self) -> list[str]:
-        return [str(p) for p in self.group["path"][:]] if self.num_videos else []
+        if not self.num_videos:
+            return []
+        stored = self._array("path")[:]
+        if stored.ndim == 1:  # format 1: variable-length strings
+            return [str(p) for p in stored]
+        return [bytes(row).rstrip(b"\0").decode() for row in stored]
 
     def frame_index(self) -> np.ndarray:
-        return self.group["frame_index"][:]
+        return self._array("frame_index")[:]
+
+    def num_frames(self) -> np.ndarray:
+        return self._array("num_frames")[:]
+
+    def layer_shape(self, layer: int) -> tuple[int, ...]:
+        """[V, views, T, N, D] of a layer array."""
+        return tuple(self._array(f"layers/{layer}").shape)
 
     def read_layer(self, layer: int, videos=slice(None), out: np.ndarray | None = None) -> np.ndarray:
         """float16 [n, views, T, N, D] for the selected videos; a damaged chunk is a StoreError.
@@ -201,12 +250,13 @@ class Store:
         With `out` (an array of the selection's shape) the chunks are decoded straight into it:
         one copy fewer than reading and then placing them (a batch reads ~1.5x faster).
         """
+        array = self._array(f"layers/{layer}")
         try:
             if out is None:
-                return self.layer_array(layer)[videos]
+                return array[videos]
             from zarr.core.buffer.cpu import NDBuffer
 
-            self.layer_array(layer).get_basic_selection(videos, out=NDBuffer.from_numpy_array(out))
+            array.get_basic_selection(videos, out=NDBuffer.from_numpy_array(out))
             return out
         except ValueError as e:  # zarr's crc32c codec: "Stored and computed checksum do not match"
             raise StoreError(f"{self.location}/layers/{layer}: damaged data for videos {_describe(videos)} "
@@ -217,35 +267,75 @@ class Store:
         return {"videos": int(status.size), "done": int((status == DONE).sum()),
                 "failed": int((status == FAILED).sum()), "pending": int((status == PENDING).sum())}
 
+    def verify(self) -> list[dict]:
+        """Read every block of every array; return [{array, videos, reason}] for those that fail.
+
+        Chunks carry crc32c checksums, so flipped bytes fail to decode instead of
+        reading back as plausible numbers.
+        """
+        problems = []
+        S, V = self.shard_size, self.num_videos
+        for name in self._per_video_arrays():
+            array = self._array(name)
+            for start in range(0, V, S):
+                stop = min(start + S, V)
+                try:
+                    array[start:stop]
+                except Exception as e:  # zarr raises codec-specific errors on bad checksums
+                    problems.append({"array": name, "videos": [start, stop], "reason": f"{type(e).__name__}: {e}"})
+        return problems
+
     # ---- writing ----------------------------------------------------------------
 
-    def write_block(self, start: int, layer_tokens: dict[int, np.ndarray], frame_index: np.ndarray,
-                    status: np.ndarray) -> None:
-        """Write videos [start, start + n) of one shard block, status last.
+    def write_block(self, block: int, results: list[VideoResult]) -> None:
+        """Write the results of videos in shard block `block`, status last; log the failures.
 
-        `layer_tokens[layer]` is [n, views, T, N, D]; videos whose status is not DONE
-        must hold zeros there. The block must lie inside one shard, so one call is
-        one write of each shard file.
+        Videos of the block done by an earlier run are read back and written again
+        with it (a shard is written whole), so one call is one write of each shard file.
         """
-        n = len(status)
-        stop = start + n
-        if start // self.shard_size != (stop - 1) // self.shard_size:
-            raise ValueError(f"block [{start}, {stop}) crosses a shard boundary")
+        S, m = self.shard_size, self.manifest
+        start, stop = block * S, min((block + 1) * S, self.num_videos)
+        if any(not start <= r.video < stop for r in results):
+            raise ValueError(f"results outside shard block {block} ([{start}, {stop}))")
+        status = self._array("status")[start:stop]
+        frame_index = self._array("frame_index")[start:stop]
+        num_frames = self._array("num_frames")[start:stop]
+        new = np.zeros(stop - start, bool)
+        new[[r.video - start for r in results]] = True
+        keep = (status == DONE) & ~new
+        layer_tokens = {}
         for layer in self.layers:
-            self.layer_array(layer)[start:stop] = layer_tokens[layer].astype(np.float16, copy=False)
-        self.group["frame_index"][start:stop] = frame_index
-        self.group["status"][start:stop] = status  # last: marks the data above complete
+            tokens = (self.read_layer(layer, slice(start, stop)) if keep.any()
+                      else np.zeros((stop - start, m.views, m.frames, m.tokens, m.width), np.float16))
+            tokens[~keep] = 0
+            layer_tokens[layer] = tokens
+        errors = []
+        for r in results:
+            i = r.video - start
+            num_frames[i] = r.num_frames
+            if r.error is None:
+                for layer in self.layers:
+                    layer_tokens[layer][i] = r.layer_tokens[layer]
+                frame_index[i], status[i] = r.frame_index, DONE
+            else:
+                frame_index[i], status[i] = -1, FAILED
+                errors.append({"path": r.path, "reason": r.error})
+        for layer in self.layers:
+            self._array(f"layers/{layer}")[start:stop] = layer_tokens[layer]
+        self._array("frame_index")[start:stop] = frame_index
+        self._array("num_frames")[start:stop] = num_frames
+        self._array("status")[start:stop] = status  # last: marks the data above complete
+        self._log_errors(errors)
 
-    def log_errors(self, records: list[dict]) -> None:
+    def _log_errors(self, records: list[dict]) -> None:
         """Append failure records ({"path", "reason"}) to errors.jsonl beside the store."""
         if not records:
             return
         lines = "".join(json.dumps(r) + "\n" for r in records)
-        if _is_url(self.location):
+        if is_url(self.location):
             import fsspec
 
-            url = self.location.rstrip("/") + "/errors.jsonl"
-            fs, fpath = fsspec.core.url_to_fs(url)
+            fs, fpath = fsspec.core.url_to_fs(self.errors_location)
             old = fs.cat_file(fpath).decode() if fs.exists(fpath) else ""
             fs.pipe_file(fpath, (old + lines).encode())
         else:
@@ -257,9 +347,9 @@ class Store:
         return self.location.rstrip("/") + "/errors.jsonl"
 
     def bytes_on_disk(self) -> dict[int, int]:
-        """Stored bytes per layer (0 for remote stores where listing is costly)."""
-        if _is_url(self.location):
-            return {layer: int(self.layer_array(layer).nbytes_stored()) for layer in self.layers}
+        """Stored bytes per layer."""
+        if is_url(self.location):
+            return {layer: int(self._array(f"layers/{layer}").nbytes_stored()) for layer in self.layers}
         result = {}
         for layer in self.layers:
             root = Path(self.location) / "layers" / str(layer)

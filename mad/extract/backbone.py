@@ -21,11 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mad._compat import import_open_clip
+from mad.errors import MadError
+from mad.runtime import DTYPES
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-class BackboneError(Exception):
+class BackboneError(MadError):
     """A model, checkpoint or layer request that cannot be served (message says why)."""
 
 
@@ -114,20 +114,21 @@ class BackboneInfo:
 class Backbone(nn.Module):
     """open_clip's visual tower, truncated after the deepest requested block, frozen."""
 
-    def __init__(self, visual: nn.Module, layers: list[int], info: BackboneInfo, dtype: torch.dtype, pool: int = 1):
+    def __init__(self, visual: nn.Module, layers: list[int], info: BackboneInfo, dtype: torch.dtype,
+                 grid_downsample: int = 1):
         super().__init__()
         self.visual = visual
         self.layers = layers
         self.info = info
         self.dtype = dtype
-        self.pool = pool
+        self.grid_downsample = grid_downsample
         self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)
 
     @property
     def tokens(self) -> int:
         h, w = self.info.grid
-        return 1 + (h // self.pool) * (w // self.pool)
+        return 1 + (h // self.grid_downsample) * (w // self.grid_downsample)
 
     @torch.no_grad()
     def forward(self, frames: torch.Tensor) -> list[torch.Tensor]:
@@ -143,23 +144,24 @@ class Backbone(nn.Module):
         )
         levels = []
         for cls, patches in zip(out["image_intermediates_prefix"], out["image_intermediates"]):
-            if self.pool > 1:
+            if self.grid_downsample > 1:
                 B, L, D = patches.shape
                 h, w = self.info.grid
                 grid = patches.transpose(1, 2).reshape(B, D, h, w)
-                patches = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # [B, h*w/pool^2, D]
+                patches = F.avg_pool2d(grid, self.grid_downsample).flatten(2).transpose(1, 2)  # [B, h*w/n^2, D]
             levels.append(torch.cat([cls, patches], dim=1))  # [B, 1 + H*W, D]
         return levels
 
 
-def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] = "-1", device: str = "cpu",
-                  precision: str = "bf16", pool: int = 1, model_config: dict | None = None) -> Backbone:
+def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] = "-1",
+                  device: str | torch.device = "cpu", precision: str = "bf16", grid_downsample: int = 1,
+                  model_config: dict | None = None) -> Backbone:
     """Build the frozen visual tower. `pretrained`: a tag (openai, laion2b_...), a local
     checkpoint file (its sha256 is recorded), or 'none' for random weights."""
     open_clip = import_open_clip()
     name = register_model_config(model, model_config)
-    if precision not in PRECISIONS:
-        raise BackboneError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision not in DTYPES:
+        raise BackboneError(f"precision {precision!r}: use one of {', '.join(DTYPES)}")
     pretrained = pretrained or "none"
     sha = None
     if pretrained == "none":
@@ -196,22 +198,15 @@ def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] 
     image_size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
     patch = visual.patch_size if isinstance(visual.patch_size, int) else visual.patch_size[0]
     grid = tuple(visual.grid_size)
-    if pool > 1 and (grid[0] % pool or grid[1] % pool):
-        raise BackboneError(f"--pool {pool} does not divide the {grid[0]}x{grid[1]} patch grid")
+    if grid_downsample > 1 and (grid[0] % grid_downsample or grid[1] % grid_downsample):
+        raise BackboneError(f"--grid-downsample {grid_downsample} does not divide the {grid[0]}x{grid[1]} patch grid")
     info = BackboneInfo(
         model=model, pretrained=pretrained, pretrained_sha256=sha, depth=depth, width=visual.transformer.width,
         image_size=image_size, patch_size=patch, grid=grid,
         mean=tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD)),
     )
-    dtype = PRECISIONS[precision]
+    dtype = DTYPES[precision]
     visual = visual.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return Backbone(visual, blocks, info, dtype, pool).to(device)
+    return Backbone(visual, blocks, info, dtype, grid_downsample).to(device)
 
-
-def resolve_device(device: str = "auto") -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackboneError(f"--device {device}: CUDA is not available on this machine")
-    return device

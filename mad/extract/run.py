@@ -9,12 +9,7 @@ in flight; re-running resumes from the store's status.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import queue
-import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mad.cache.store import (DONE, FAILED, IDENTITY_KEYS, PENDING, IncompleteStoreError, Store, StoreError,
-                             manifest_differences)
-from mad.extract.backbone import BackboneError, load_backbone, model_config_of, resolve_device
+from mad.cache.locks import StoreLocks
+from mad.cache.manifest import IDENTITY_KEYS, Manifest
+from mad.cache.store import FAILED, PENDING, IncompleteStoreError, Store, StoreError, VideoResult, is_url
+from mad.errors import MadError
+from mad.extract.backbone import load_backbone, model_config_of
 from mad.extract.decode import DecodeError, decode_clip
-from mad.extract.videos import VideoListError, find_videos
+from mad.extract.videos import find_videos
+from mad.extract.writer import BlockWriter
+from mad.runtime import resolve_device, versions
 
 
-class ExtractError(Exception):
+class ExtractError(MadError):
     """The extraction cannot start (bad options, incompatible store, ...)."""
 
 
@@ -44,7 +43,7 @@ class ExtractConfig:
     clips: int = 1
     crops: int = 1
     labels: str | None = None
-    pool: int = 1
+    grid_downsample: int = 1     # average the patch grid in n x n cells before writing
     batch_size: int = 4          # videos per forward pass
     workers: int = -1            # decoding processes; -1: automatic, 0: decode in this process
     device: str = "auto"
@@ -71,26 +70,27 @@ class VideoDecodeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict:
-        video, path = self.indices[i], self.paths[i]
-        item = {"video": video, "path": path, "frames": None, "frame_index": None, "num_frames": 0, "error": None}
-        full = os.path.join(self.root, path)
+    def __getitem__(self, i: int) -> tuple[VideoResult, torch.Tensor | None]:
+        """(the video's result so far, its uint8 frames [views, T, 3, S, S] or None when it failed)."""
+        result = VideoResult(video=self.indices[i], path=self.paths[i], layer_tokens=None, frame_index=None)
+        full = os.path.join(self.root, result.path)
         try:
             if not os.path.isfile(full):
                 raise DecodeError("file not found")
             if os.path.getsize(full) == 0:
                 raise DecodeError("empty file (0 bytes)")
             clip = decode_clip(full, self.frames, self.clips, self.crops, self.size)
-            item.update(frames=torch.from_numpy(clip.frames), frame_index=clip.frame_index,
-                        num_frames=clip.num_frames)
         except DecodeError as e:
-            item["error"] = str(e)
+            result.error = str(e)
+            return result, None
         except Exception as e:  # a decoder bug on one file must not stop the run
-            item["error"] = f"{type(e).__name__}: {e}"
-        return item
+            result.error = f"{type(e).__name__}: {e}"
+            return result, None
+        result.frame_index, result.num_frames = clip.frame_index, clip.num_frames
+        return result, torch.from_numpy(clip.frames)
 
 
-def _decoded_items(dataset: VideoDecodeDataset, workers: int):
+def decoded_videos(dataset: VideoDecodeDataset, workers: int):
     if workers == 0:
         yield from (dataset[i] for i in range(len(dataset)))
         return
@@ -102,182 +102,31 @@ def _decoded_items(dataset: VideoDecodeDataset, workers: int):
     yield from loader
 
 
-# ---- writing (a thread in the main process) -----------------------------------------
-
-
-class BlockWriter:
-    """Collects results per shard block; writes a block when all its scheduled videos are in."""
-
-    def __init__(self, store: Store, scheduled: list[int]):
-        self.store = store
-        self.S = store.shard_size
-        self.expected: dict[int, set[int]] = {}
-        for v in scheduled:
-            self.expected.setdefault(v // self.S, set()).add(v)
-        self.results: dict[int, dict[int, dict]] = {}
-        self.queue: queue.Queue = queue.Queue(maxsize=64)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="mad-writer", daemon=True)
-        self.thread.start()
-
-    def put(self, result: dict) -> None:
-        if self.error:
-            raise self.error
-        self.queue.put(result)
-
-    def close(self) -> None:
-        """Write every block that has results (complete or not) and stop."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error:
-            raise self.error
-
-    def _run(self) -> None:
-        try:
-            while (result := self.queue.get()) is not None:
-                block = result["video"] // self.S
-                self.results.setdefault(block, {})[result["video"]] = result
-                if len(self.results[block]) == len(self.expected[block]):
-                    self._write(block)
-            for block in list(self.results):
-                self._write(block)
-        except BaseException as e:  # surfaced to the main thread on its next put/close
-            self.error = e
-
-    def _write(self, block: int) -> None:
-        results = self.results.pop(block)
-        store, m = self.store, self.store.manifest
-        start, stop = block * self.S, min((block + 1) * self.S, store.num_videos)
-        status = store.group["status"][start:stop]
-        keep = (status == DONE) & ~np.isin(np.arange(start, stop), list(results))
-        views, T, N, D = m["clips"] * m["crops"], m["frames"], m["tokens"], m["width"]
-        layer_tokens, frame_index = {}, store.group["frame_index"][start:stop]
-        num_frames = store.group["num_frames"][start:stop]
-        for layer in store.layers:
-            # Earlier runs' videos in this block are rewritten with the block, so read them back.
-            slab = store.read_layer(layer, slice(start, stop)) if keep.any() else None
-            layer_tokens[layer] = slab if slab is not None else np.zeros((stop - start, views, T, N, D), np.float16)
-            layer_tokens[layer][~keep] = 0
-        errors = []
-        for v, r in results.items():
-            i = v - start
-            num_frames[i] = r["num_frames"]
-            if r["error"] is None:
-                for layer in store.layers:
-                    layer_tokens[layer][i] = r["tokens"][layer]
-                frame_index[i], status[i] = r["frame_index"], DONE
-            else:
-                frame_index[i], status[i] = -1, FAILED
-                errors.append({"path": r["path"], "reason": r["error"]})
-        store.group["num_frames"][start:stop] = num_frames
-        store.write_block(start, layer_tokens, frame_index, status)
-        store.log_errors(errors)
-
-
 # ---- the run ------------------------------------------------------------------------
 
 
 def _check_config(cfg: ExtractConfig) -> None:
-    for name in ("frames", "clips", "batch_size", "shard_size", "pool"):
+    for name in ("frames", "clips", "batch_size", "shard_size", "grid_downsample"):
         if getattr(cfg, name) < 1:
             raise ExtractError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.crops not in (1, 3):
         raise ExtractError("--crops must be 1 or 3")
 
 
-def _versions() -> dict:
-    import av
-    import zarr
-
-    import mad
-    from mad._compat import import_open_clip
-
-    return {"mad": mad.__version__, "torch": torch.__version__, "open_clip": import_open_clip().__version__,
-            "zarr": zarr.__version__, "av": av.__version__}
-
-
-def _manifest(cfg: ExtractConfig, backbone, class_names: list[str], videos_root: str, labelled_by: str) -> dict:
+def _manifest(cfg: ExtractConfig, backbone, video_list) -> Manifest:
     info = backbone.info
-    return {
-        "model": cfg.model, "model_config": model_config_of(cfg.model),
-        "pretrained": "none" if cfg.pretrained in (None, "", "none") else (
+    return Manifest(
+        model=cfg.model, model_config=model_config_of(cfg.model),
+        pretrained="none" if cfg.pretrained in (None, "", "none") else (
             os.path.basename(cfg.pretrained) if info.pretrained_sha256 else cfg.pretrained),
-        "pretrained_sha256": info.pretrained_sha256,
-        "layers": backbone.layers, "depth": info.depth,
-        "frames": cfg.frames, "clips": cfg.clips, "crops": cfg.crops,
-        "image_size": info.image_size, "patch_size": info.patch_size, "grid": list(info.grid),
-        "pool": cfg.pool, "tokens": backbone.tokens, "width": info.width,
-        "mean": list(info.mean), "std": list(info.std), "precision": cfg.precision, "dtype": "float16",
-        "sampling": "tsn-middle", "class_names": class_names, "labelled_by": labelled_by,
-        "videos_root": videos_root, "shard_size": cfg.shard_size, "versions": _versions(),
-    }
-
-
-class _StoreLocks:
-    """flock-based locks on a local store for the length of a run.
-
-    A whole-store run holds `.mad-lock` exclusively; a slice of a sharded run holds
-    it shared plus `.mad-lock-I-of-N` exclusively, so slices run side by side but
-    never beside a whole-store run or a twin of themselves. Creating or extending
-    the store happens under `.mad-create`, one process at a time. flock, not pid
-    files: the kernel drops a lock when its process dies, SIGKILL included.
-    """
-
-    def __init__(self, out: str, index: int, count: int):
-        self.out, self.files = out, []
-        if "://" in out:
-            return  # remote stores: one writer per shard block is the caller's contract
-        Path(out).mkdir(parents=True, exist_ok=True)
-        if count == 1:
-            self._take(".mad-lock", exclusive=True)
-        else:
-            self._take(".mad-lock", exclusive=False)
-            self._take(f".mad-lock-{index}-of-{count}", exclusive=True)
-
-    def _take(self, name: str, exclusive: bool, wait: bool = False):
-        import fcntl
-
-        file = open(Path(self.out) / name, "a+")
-        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(file, mode)
-        except BlockingIOError:
-            file.seek(0)
-            holder = file.read().strip() or "another process"
-            file.close()
-            self.release()
-            raise ExtractError(f"{self.out}: another extraction is writing to this store ({holder}); "
-                               "wait for it to finish or use another --out") from None
-        if exclusive:
-            file.seek(0)
-            file.truncate()
-            file.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-            file.flush()
-        self.files.append(file)
-        return file
-
-    def creating(self):
-        """A context in which this process alone creates or extends the store."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def held():
-            if "://" in self.out:
-                yield
-                return
-            file = self._take(".mad-create", exclusive=True, wait=True)
-            try:
-                yield
-            finally:
-                self.files.remove(file)
-                file.close()
-
-        return held()
-
-    def release(self) -> None:
-        for file in self.files:
-            file.close()  # closing drops the flock
-        self.files = []
+        pretrained_sha256=info.pretrained_sha256, layers=backbone.layers, depth=info.depth,
+        frames=cfg.frames, clips=cfg.clips, crops=cfg.crops, image_size=info.image_size,
+        patch_size=info.patch_size, grid=list(info.grid), grid_downsample=cfg.grid_downsample,
+        tokens=backbone.tokens, width=info.width, mean=list(info.mean), std=list(info.std),
+        precision=cfg.precision, sampling="tsn-middle", class_names=video_list.class_names,
+        labelled_by=video_list.labelled_by, videos_root=str(Path(cfg.videos).resolve()),
+        shard_size=cfg.shard_size, versions=versions(),
+    )
 
 
 def _slice(cfg: ExtractConfig) -> tuple[int, int]:
@@ -294,37 +143,21 @@ def _slice(cfg: ExtractConfig) -> tuple[int, int]:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
-def _clear(out: str) -> None:
-    """Remove a store's contents, but not the lock files this run holds."""
-    if "://" in out:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(out)
-        fs.rm(path, recursive=True)
-        return
-    for entry in Path(out).iterdir():
-        if not entry.name.startswith(".mad-"):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-
-
-def _open_or_create(cfg: ExtractConfig, manifest: dict, video_list) -> Store:
+def _open_or_create(cfg: ExtractConfig, manifest: Manifest, video_list) -> Store:
     out = cfg.out
     try:
         Store.open(out) if Store.exists(out) else None
     except IncompleteStoreError:  # killed while creating it: make it again
-        _clear(out)
+        Store.remove(out)
         return Store.create(out, manifest, video_list.paths, video_list.labels)
     except StoreError:
         pass  # reported below, unless --overwrite
     if Store.exists(out) and cfg.overwrite:
-        _clear(out)
+        Store.remove(out)
     if not Store.exists(out):
         return Store.create(out, manifest, video_list.paths, video_list.labels)
-    try:
-        store = Store.open(out, mode="r+")
-    except StoreError as e:
-        raise ExtractError(str(e)) from None
-    differences = manifest_differences(store.manifest, manifest, IDENTITY_KEYS)
+    store = Store.open(out, mode="r+")
+    differences = store.manifest.differences(manifest, IDENTITY_KEYS)
     if differences:
         raise ExtractError(f"{out} was made with different settings ({'; '.join(differences)}); "
                            "use another --out, or --overwrite to start over")
@@ -339,7 +172,7 @@ def _open_or_create(cfg: ExtractConfig, manifest: dict, video_list) -> Store:
         index = {name: i for i, name in enumerate(class_names)}
         labels = [index[video_list.class_names[label]] if label >= 0 else -1 for _, label in new]
         store.append_videos([p for p, _ in new], labels)
-        store.set_manifest(class_names=class_names)
+        store.set_class_names(class_names)
     return store
 
 
@@ -349,20 +182,16 @@ def extract(cfg: ExtractConfig) -> dict:
     index, count = _slice(cfg)
     if count > 1 and cfg.overwrite:
         raise ExtractError("--overwrite cannot be combined with a sharded run: start over with one process first")
-    try:
-        video_list = find_videos(cfg.videos, cfg.labels)
-        device = resolve_device(cfg.device)
-        if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        backbone = load_backbone(cfg.model, cfg.pretrained, cfg.layers, device, cfg.precision, cfg.pool)
-    except (VideoListError, BackboneError) as e:
-        raise ExtractError(str(e)) from None
-    manifest = _manifest(cfg, backbone, video_list.class_names, str(Path(cfg.videos).resolve()),
-                         video_list.labelled_by)
-    if not Store.exists(cfg.out) and "://" not in cfg.out and Path(cfg.out).exists() and \
+    video_list = find_videos(cfg.videos, cfg.labels)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU each
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.layers, device, cfg.precision, cfg.grid_downsample)
+    manifest = _manifest(cfg, backbone, video_list)
+    if not Store.exists(cfg.out) and not is_url(cfg.out) and Path(cfg.out).exists() and \
             any(not p.name.startswith(".mad-") for p in Path(cfg.out).iterdir()):
         raise ExtractError(f"{cfg.out}: exists and is not a mad cache; choose another --out")
-    locks = _StoreLocks(cfg.out, index, count)
+    locks = StoreLocks(cfg.out, index, count)
     try:
         with locks.creating():
             store = _open_or_create(cfg, manifest, video_list)
@@ -371,7 +200,8 @@ def extract(cfg: ExtractConfig) -> dict:
         locks.release()
 
 
-def _extract_slice(cfg: ExtractConfig, store: Store, backbone, device: str, index: int, count: int) -> dict:
+def _extract_slice(cfg: ExtractConfig, store: Store, backbone, device: torch.device, index: int, count: int
+                   ) -> dict:
     """Extract the pending videos of slice `index` of `count`: whole shard blocks, so one writer each."""
     status = store.status()
     wanted = (status == PENDING) | ((status == FAILED) if cfg.retry_failed else False)
@@ -383,7 +213,7 @@ def _extract_slice(cfg: ExtractConfig, store: Store, backbone, device: str, inde
     if cfg.limit is not None:
         scheduled = scheduled[: cfg.limit]
     paths = store.paths()
-    workers = cfg.workers if cfg.workers >= 0 else (1 if device == "cpu" else min(8, os.cpu_count() or 1))
+    workers = cfg.workers if cfg.workers >= 0 else (1 if device.type == "cpu" else min(8, os.cpu_count() or 1))
     dataset = VideoDecodeDataset(cfg.videos, [paths[v] for v in scheduled], scheduled, cfg.frames, cfg.clips,
                                  cfg.crops, backbone.info.image_size)
     summary = {"videos": store.num_videos, "scheduled": len(scheduled), "done_now": 0, "failed_now": 0,
@@ -392,14 +222,14 @@ def _extract_slice(cfg: ExtractConfig, store: Store, backbone, device: str, inde
     writer = BlockWriter(store, scheduled)
     progress = _Progress(len(scheduled), cfg.progress, f"extract [{index}/{count}]" if count > 1 else "extract")
     try:
-        batch: list[dict] = []
-        for item in _decoded_items(dataset, workers):
-            if item["error"] is not None:
-                writer.put(item)
+        batch: list[tuple[VideoResult, torch.Tensor]] = []
+        for result, frames in decoded_videos(dataset, workers):
+            if result.error is not None:
+                writer.put(result)
                 summary["failed_now"] += 1
                 progress.advance(failed=True)
                 continue
-            batch.append(item)
+            batch.append((result, frames))
             if len(batch) == cfg.batch_size:
                 summary["done_now"] += _run_batch(backbone, batch, writer, device)
                 progress.advance(len(batch))
@@ -420,20 +250,20 @@ def _extract_slice(cfg: ExtractConfig, store: Store, backbone, device: str, inde
 
 
 @torch.no_grad()
-def _run_batch(backbone, batch: list[dict], writer: BlockWriter, device: str) -> int:
+def _run_batch(backbone, batch: list[tuple[VideoResult, torch.Tensor]], writer: BlockWriter,
+               device: torch.device) -> int:
     """Frames of a few videos through the model in one pass; hand each video's tokens to the writer."""
-    sizes = [item["frames"].shape[0] * item["frames"].shape[1] for item in batch]  # views * T per video
-    frames = torch.cat([item["frames"].flatten(0, 1) for item in batch]).to(device, non_blocking=True)
+    sizes = [frames.shape[0] * frames.shape[1] for _, frames in batch]  # views * T per video
+    frames = torch.cat([frames.flatten(0, 1) for _, frames in batch]).to(device, non_blocking=True)
     levels = backbone(frames)  # per layer: [sum(views * T), N, D]
     levels = [level.to(torch.float16).cpu().numpy() for level in levels]
     offset = 0
-    for item, size in zip(batch, sizes):
-        views, T = item["frames"].shape[:2]
-        item["tokens"] = {layer: level[offset:offset + size].reshape(views, T, *level.shape[1:])
-                          for layer, level in zip(backbone.layers, levels)}
-        item["frames"] = None
+    for (result, frames), size in zip(batch, sizes):
+        views, T = frames.shape[:2]
+        result.layer_tokens = {layer: level[offset:offset + size].reshape(views, T, *level.shape[1:])
+                               for layer, level in zip(backbone.layers, levels)}
         offset += size
-        writer.put(item)
+        writer.put(result)
     return len(batch)
 
 
@@ -480,6 +310,3 @@ def _print_summary(summary: dict) -> None:
     if summary["failed_total"]:
         console.print(f"failures and reasons: {summary['errors']}")
 
-
-def config_json(cfg: ExtractConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=2)

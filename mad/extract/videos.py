@@ -14,10 +14,12 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mad.errors import MadError
+
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
 
 
-class VideoListError(Exception):
+class VideoListError(MadError):
     """The videos folder or the label file cannot be used (message says why)."""
 
 

@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from mad.cache.store import DONE, FAILED, Store
+from mad.cache.manifest import Manifest
+from mad.cache.store import Store, VideoResult
 
 CLASS_NAMES = {"direction": ["left_to_right", "right_to_left"], "appearance": ["object_a", "object_b"]}
 
 
 def synthetic_manifest(layers=(2, 4), frames=8, grid=4, width=32, clips=1, crops=1, shard_size=8,
-                       task="direction") -> dict:
-    return {
-        "model": "synthetic", "model_config": None, "pretrained": "none", "pretrained_sha256": None,
-        "layers": list(layers), "frames": frames, "clips": clips, "crops": crops,
-        "tokens": 1 + grid * grid, "width": width, "image_size": 16 * grid, "grid": [grid, grid], "pool": 1,
-        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "precision": "fp32",
-        "class_names": CLASS_NAMES[task], "shard_size": shard_size, "sampling": "tsn-middle",
-    }
+                       task="direction") -> Manifest:
+    return Manifest(model="synthetic", pretrained="none", layers=list(layers), frames=frames, clips=clips,
+                    crops=crops, tokens=1 + grid * grid, width=width, image_size=16 * grid, grid=[grid, grid],
+                    mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], precision="fp32", class_names=CLASS_NAMES[task],
+                    shard_size=shard_size)
 
 
 def synthetic_tokens(label: int, rng: np.random.Generator, layers, frames, grid, width, views, task,
@@ -80,7 +78,8 @@ def make_cache(path, videos_per_class=16, layers=(2, 4), frames=8, grid=4, width
     `failed` video indices are marked failed (zeros); `unlabelled` get label -1.
     """
     manifest = synthetic_manifest(layers, frames, grid, width, clips, crops, shard_size, task)
-    manifest.update(manifest_overrides)
+    for key, value in manifest_overrides.items():
+        setattr(manifest, key, value)
     num_videos = 2 * videos_per_class
     labels = [i % 2 for i in range(num_videos)]
     stored_labels = [-1 if i in unlabelled else label for i, label in enumerate(labels)]
@@ -88,17 +87,14 @@ def make_cache(path, videos_per_class=16, layers=(2, 4), frames=8, grid=4, width
     store = Store.create(path, manifest, paths, stored_labels)
     views = clips * crops
     rng = np.random.default_rng(seed)
-    for start in range(0, num_videos, shard_size):
-        stop = min(start + shard_size, num_videos)
-        block = {layer: np.zeros((stop - start, views, frames, 1 + grid * grid, width), np.float16) for layer in layers}
-        status = np.full(stop - start, DONE, np.uint8)
-        for i in range(start, stop):
+    frame_index = np.tile(np.arange(frames, dtype=np.int32), (clips, 1))
+    for block, start in enumerate(range(0, num_videos, shard_size)):
+        results = []
+        for i in range(start, min(start + shard_size, num_videos)):
             if i in failed:
-                status[i - start] = FAILED
+                results.append(VideoResult(i, paths[i], None, None, error="synthetic failure"))
                 continue
             tokens = synthetic_tokens(labels[i], rng, layers, frames, grid, width, views, task)
-            for layer in layers:
-                block[layer][i - start] = tokens[layer]
-        frame_index = np.tile(np.arange(frames, dtype=np.int32), (stop - start, clips, 1))
-        store.write_block(start, block, frame_index, status)
+            results.append(VideoResult(i, paths[i], tokens, frame_index, num_frames=frames))
+        store.write_block(block, results)
     return store

@@ -1,8 +1,8 @@
 """`mad predict`: end to end on new videos (decode -> frozen backbone -> trained branch).
 
-The only part of `adapt/` that imports `extract/`: it rebuilds the backbone that
-made the run's training cache from that cache's manifest, so tokens are produced
-exactly as they were for training (model, weights, layers, frames, views, pool).
+Sits above both stages: it rebuilds the backbone that made the run's training
+cache from that cache's manifest, so tokens are produced exactly as they were for
+training (model, weights, layers, frames, views, grid downsampling).
 """
 
 from __future__ import annotations
@@ -13,18 +13,21 @@ from pathlib import Path
 
 import torch
 
-from mad.adapt.madapter import CheckpointError, load_model
-from mad.extract.backbone import BackboneError, load_backbone, resolve_device, sha256_file
+from mad.adapt.checkpoint import load_model
+from mad.cache.manifest import Manifest
+from mad.errors import MadError
+from mad.extract.backbone import load_backbone, sha256_file
 from mad.extract.decode import DecodeError, decode_clip
+from mad.runtime import resolve_device
 
 
-class PredictError(Exception):
-    pass
+class PredictError(MadError):
+    """Videos cannot be classified with this run (message says why)."""
 
 
-def _weights_for(manifest: dict, pretrained: str | None) -> str:
+def _weights_for(manifest: Manifest, pretrained: str | None) -> str:
     """The `pretrained` argument that reproduces the cache's backbone, checked against its sha256."""
-    recorded, sha = manifest.get("pretrained", "none"), manifest.get("pretrained_sha256")
+    recorded, sha = manifest.pretrained, manifest.pretrained_sha256
     if sha is None:
         if pretrained and pretrained != recorded:
             raise PredictError(f"the run was trained on {recorded!r} features; --pretrained {pretrained} differs")
@@ -44,26 +47,20 @@ def predict_videos(videos: list[str], run: str, top: int = 5, pretrained: str | 
                    device: str = "auto", precision: str | None = None) -> list[dict]:
     """[{path, top: [(class name, probability)...]} or {path, error}] for each video."""
     model_file = Path(run) / "model.safetensors" if Path(run).is_dir() else Path(run)
-    try:
-        branch, info = load_model(model_file)
-    except CheckpointError as e:
-        raise PredictError(str(e)) from None
-    manifest = info["manifest"]
-    class_names = info.get("class_names") or [str(i) for i in range(info["model_args"]["num_classes"])]
-    try:
-        device = resolve_device(device)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*random weights.*")
-            backbone = load_backbone(manifest["model"], _weights_for(manifest, pretrained), manifest["layers"],
-                                     device, precision or manifest.get("precision", "bf16"), manifest.get("pool", 1),
-                                     model_config=manifest.get("model_config"))
-    except BackboneError as e:
-        raise PredictError(str(e)) from None
+    branch, info = load_model(model_file)
+    manifest = Manifest.from_dict(info["manifest"], str(model_file))
+    class_names = info.get("class_names") or [str(i) for i in range(info["branch"].num_classes)]
+    device = resolve_device(device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*random weights.*")
+        backbone = load_backbone(manifest.model, _weights_for(manifest, pretrained), manifest.layers, device,
+                                 precision or manifest.precision, manifest.grid_downsample,
+                                 model_config=manifest.model_config)
     branch = branch.to(device)
     results = []
     for path in videos:
         try:
-            clip = decode_clip(path, manifest["frames"], manifest["clips"], manifest["crops"], manifest["image_size"])
+            clip = decode_clip(path, manifest.frames, manifest.clips, manifest.crops, manifest.image_size)
         except DecodeError as e:
             results.append({"path": path, "error": str(e)})
             continue
