@@ -61,6 +61,13 @@ def extract(
     labels: Optional[Path] = typer.Option(None, help="'path label' list (with label_map.txt beside it) or CSV path,label."),
     grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample", "--pool",
                                         help="Average the patch grid in NxN cells before writing (N^2 x smaller)."),
+    store: str = typer.Option(EXTRACT.store, "--store", help="compact: what the branch reads (cells, patch matches, "
+                              "CLS, token means), 8-bit, 1/6 of the bytes, fixes --cell-size and --correlation for "
+                              "training; full: every token, float16 (to sweep those settings)."),
+    cell_size: str = typer.Option(EXTRACT.cell_size, "--cell-size", help="--store compact: the branch's cells "
+                                  "(auto: no fewer than 7x7)."),
+    correlation: int = typer.Option(EXTRACT.correlation, help="--store compact: radius of the stored patch matches "
+                                    "(0: none)."),
     batch_size: int = typer.Option(EXTRACT.batch_size, help="Videos per forward pass."),
     workers: int = typer.Option(EXTRACT.workers, help="Decoding worker processes (-1: automatic)."),
     device: str = typer.Option(EXTRACT.device, help="cpu, cuda, cuda:N or auto."),
@@ -78,6 +85,7 @@ def extract(
     summary = run_extract(ExtractConfig(
         videos=str(videos), out=out, layers=layers, model=model, pretrained=pretrained, frames=frames,
         clips=clips, crops=crops, labels=str(labels) if labels else None, grid_downsample=grid_downsample,
+        store=store, cell_size=cell_size, correlation=correlation,
         batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
         shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit,
     ))
@@ -202,6 +210,34 @@ def predict(
 
 
 @app.command()
+def plan(
+    videos: Optional[Path] = typer.Option(None, "--videos", help="Folder of videos to count and probe."),
+    num_videos: Optional[int] = typer.Option(None, "--num-videos", help="Or a number of videos."),
+    model: str = typer.Option(EXTRACT.model, help="open_clip model name or a model-config .json path."),
+    layers: str = typer.Option(EXTRACT.layers),
+    frames: int = typer.Option(EXTRACT.frames),
+    clips: int = typer.Option(EXTRACT.clips),
+    crops: int = typer.Option(EXTRACT.crops),
+    views: Optional[int] = typer.Option(None, help="Views per video (clips x crops), e.g. 9 for 3 x 3."),
+    grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample"),
+    cell_size: str = typer.Option(EXTRACT.cell_size, "--cell-size", help="Compact stores' cells."),
+    correlation: int = typer.Option(EXTRACT.correlation, help="Compact stores' correlation radius."),
+    device: str = typer.Option(EXTRACT.device),
+    precision: str = typer.Option(EXTRACT.precision),
+    batch_size: int = typer.Option(EXTRACT.batch_size),
+    probe: int = typer.Option(4, help="Videos to decode and model batches to time."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+):
+    """Before any work: bytes on disk per storage mode, estimated extraction time here, read volume per epoch."""
+    from mad.plan import PlanConfig, plan as run_plan, print_plan
+
+    print_plan(run_plan(PlanConfig(
+        videos=str(videos) if videos else None, num_videos=num_videos, model=model, layers=layers, frames=frames,
+        clips=clips, crops=crops, views=views, grid_downsample=grid_downsample, cell_size=cell_size,
+        correlation=correlation, device=device, precision=precision, batch_size=batch_size, probe=probe)), as_json)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the demo's videos, caches and runs."),
     epochs: int = typer.Option(30),
@@ -288,6 +324,29 @@ def bench_train(
 
     run(str(videos), model, layers, frames, batch_size, epochs, width, online_steps, workers, limit, device,
         precision, cache, grid_downsample, str(out) if out else None, branch_precision, cell_size)
+
+
+@bench_app.command("storage")
+def bench_storage(
+    videos: Path = typer.Option(Path("../shared/data/k2/train"), "--videos", help="Folder of videos."),
+    model: str = typer.Option("ViT-B-16", help="open_clip model name or config .json (random weights)."),
+    layers: str = typer.Option("4,8,12"),
+    frames: int = typer.Option(8),
+    limit: Optional[int] = typer.Option(16, help="Use only the first N videos."),
+    batch_size: int = typer.Option(8, help="Clips per training step and per read batch."),
+    epochs: int = typer.Option(2, help="Timed epochs per source (after one warm-up epoch)."),
+    workers: int = typer.Option(2, help="Reader processes for the streamed source."),
+    device: str = typer.Option("auto"),
+    precision: str = typer.Option("bf16", help="Backbone precision for extraction."),
+    seeds: str = typer.Option("0,1,2", help="Seeds of the demo-task accuracy runs ('' to skip them)."),
+    demo_epochs: int = typer.Option(30, help="Epochs of each demo-task run."),
+    out: Optional[Path] = typer.Option(None, help="Write the figures as JSON into this folder."),
+):
+    """Storage modes side by side: bytes per video-view, extraction, reading, step time, demo accuracy."""
+    from mad.bench.storage import bench_storage as run
+
+    run(str(videos), model, layers, frames, limit, batch_size, epochs, workers, device, precision, seeds,
+        demo_epochs, str(out) if out else None)
 
 
 @bench_app.command("scaling")

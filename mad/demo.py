@@ -32,12 +32,30 @@ class DemoConfig:
     progress: bool = True
 
 
+def demo_extract_config(videos, out, cfg: DemoConfig, **overrides):
+    """How the demo extracts: its small random-weight ViT, fp32, one decoding worker."""
+    from mad.extract.run import ExtractConfig
+
+    return ExtractConfig(videos=str(videos), out=str(out), model=DEMO_MODEL, pretrained="none", layers=cfg.layers,
+                         frames=cfg.frames, precision="fp32", batch_size=8, workers=1, shard_size=16,
+                         progress=cfg.progress, **overrides)
+
+
+def demo_train_config(cache, val, arch: str, out, cfg: DemoConfig, seed: int | None = None, **overrides):
+    """How the demo trains: a branch of width 128 for its 128-wide ViT."""
+    from mad.adapt.train import TrainConfig
+
+    return TrainConfig(cache=str(cache), val=str(val), arch=arch, epochs=cfg.epochs,
+                       seed=cfg.seed if seed is None else seed, out=str(out), overwrite=True, width=128, heads=4,
+                       batch_size=16, lr=1e-3, **overrides)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from mad.adapt.train import TrainConfig, train
-    from mad.extract.run import ExtractConfig, extract
+    from mad.adapt.train import train
+    from mad.extract.run import extract
     from mad.synthetic import make_demo_videos
 
     console = Console()
@@ -53,16 +71,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random weights.*")
         for split in ("train", "val"):
-            extract(ExtractConfig(videos=str(videos[split]), out=str(out / "cache" / split), model=DEMO_MODEL,
-                                  pretrained="none", layers=cfg.layers, frames=cfg.frames, precision="fp32",
-                                  batch_size=8, workers=1, shard_size=16, progress=cfg.progress))
+            extract(demo_extract_config(videos[split], out / "cache" / split, cfg))
     results = {}
     for arch in cfg.archs:
         console.print(f"training [bold]{arch}[/bold] from the cache")
-        summary = train(TrainConfig(cache=str(out / "cache" / "train"), val=str(out / "cache" / "val"), arch=arch,
-                                    epochs=cfg.epochs, seed=cfg.seed, out=str(out / "runs" / arch), overwrite=True,
-                                    width=128, heads=4, batch_size=16, lr=1e-3),
-                        quiet=not cfg.progress)
+        summary = train(demo_train_config(out / "cache" / "train", out / "cache" / "val", arch, out / "runs" / arch,
+                                          cfg), quiet=not cfg.progress)
         results[arch] = summary
     seconds = time.perf_counter() - started
 

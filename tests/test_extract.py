@@ -216,7 +216,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_store(tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "mad", "extract", "--videos", str(videos), "--out", str(out), "--model",
                TINY_MODEL, "--pretrained", "none", "--layers", "2,4", "--precision", "fp32", "--workers", "0",
-               "--shard-size", "2", "--batch-size", "2"]
+               "--shard-size", "2", "--batch-size", "2", "--store", "full"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     done = 0
@@ -291,14 +291,14 @@ def test_second_extraction_on_the_same_store_is_refused(tmp_path):
     assert (Store.open(tmp_path / "cache").status() == DONE).all()
 
 
-@pytest.mark.parametrize("launcher", ["shards", "torchrun"])
-def test_two_processes_give_the_same_store_as_one(tmp_path, launcher):
+@pytest.mark.parametrize("launcher, store", [("shards", "full"), ("torchrun", "compact")])
+def test_two_processes_give_the_same_store_as_one(tmp_path, launcher, store):
     """Two slices (--shard 0/2 + 1/2 side by side, or torchrun with 2 ranks) equal a one-process run."""
     videos = _demo_videos(tmp_path, per_class=2)  # 12 videos, 6 blocks of 2
-    extract(extract_config(videos, tmp_path / "one", shard_size=2))
+    extract(extract_config(videos, tmp_path / "one", shard_size=2, store=store))
     options = ["extract", "--videos", str(videos), "--out", str(tmp_path / "two"), "--model", TINY_MODEL,
                "--pretrained", "none", "--layers", "2,4", "--precision", "fp32", "--workers", "0",
-               "--shard-size", "2"]
+               "--shard-size", "2", "--store", store]
     if launcher == "shards":
         processes = [subprocess.Popen([sys.executable, "-m", "mad", *options, "--shard", f"{i}/2"],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -309,7 +309,7 @@ def test_two_processes_give_the_same_store_as_one(tmp_path, launcher):
                                  "--master-port", "0", "-m", "mad", *options], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
     one, two = Store.open(tmp_path / "one"), Store.open(tmp_path / "two")
-    assert two.paths() == one.paths() and (two.status() == DONE).all()
-    for layer in one.layers:
-        assert np.array_equal(two.read_layer(layer), one.read_layer(layer))
+    assert two.paths() == one.paths() and (two.status() == DONE).all() and two.manifest.storage == store
+    for name in one.data_arrays:
+        assert np.array_equal(two.read(name), one.read(name))
     assert np.array_equal(two.frame_index(), one.frame_index())

@@ -32,9 +32,10 @@ def test_random_sigkills_never_corrupt_and_resume_completes(tmp_path):
 
     videos = make_demo_videos(tmp_path / "demo", videos_per_class=10, val_per_class=0, num_frames=12,
                               size=64)["train"]  # 60 videos
-    extract(extract_config(videos, tmp_path / "reference", shard_size=2, batch_size=2))
+    # compact, the default `mad extract` store below (test_extract's SIGKILL test covers full stores)
+    extract(extract_config(videos, tmp_path / "reference", shard_size=2, batch_size=2, store="compact"))
     reference = Store.open(tmp_path / "reference")
-    expected = {layer: reference.read_layer(layer) for layer in reference.layers}
+    expected = {name: reference.read(name) for name in reference.data_arrays}
 
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "mad", "extract", "--videos", str(videos), "--out", str(out), "--model",
@@ -60,17 +61,17 @@ def test_random_sigkills_never_corrupt_and_resume_completes(tmp_path):
         store = Store.open(out)
         done = np.flatnonzero(store.status() == DONE)
         kills_with_progress += len(done) > before
-        for layer in store.layers:
-            data = store.read_layer(layer)
+        for name in store.data_arrays:
+            data = store.read(name)
             for v in done:  # done means complete: never partial data
-                assert np.array_equal(data[v], expected[layer][v]), (trial, v, layer)
+                assert np.array_equal(data[v], expected[name][v]), (trial, v, name)
     # Timing decides how many kills land mid-work (a loaded machine is slower); most must.
     assert kills_with_progress >= 3, f"only {kills_with_progress} of 10 kills landed while work was under way"
     subprocess.run(command, check=True, capture_output=True)
     store = Store.open(out)
     assert (store.status() == DONE).all() and store.paths() == reference.paths()
-    for layer in store.layers:
-        assert np.array_equal(store.read_layer(layer), expected[layer])
+    for name in store.data_arrays:
+        assert np.array_equal(store.read(name), expected[name])
     assert np.array_equal(store.frame_index(), reference.frame_index())
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from mad.adapt.checkpoint import CheckpointError, load_model, load_state, save_model
-from mad.adapt.madapter import (ARCHS, BranchConfig, Correlation, SpaceTimeConv, TemporalConv, average_cells,
-                                build_model, count_parameters, resolve_cell_size)
+from mad.adapt.madapter import (ARCHS, BranchConfig, Correlation, SpaceTimeConv, TemporalConv, build_model,
+                                count_parameters, resolve_cell_size)
+from mad.cache.inputs import average_cells, branch_inputs, normalized_cells
 
 SMALL = dict(width=16, heads=2, dropout=0.0)
 
@@ -82,7 +83,7 @@ def test_correlation_finds_where_a_patch_came_from():
     for t in range(T):
         x[0, t, 1 + 2 * side + (1 + t)] = thing  # ...but one, at row 2, column 1 + t
     module.proj = torch.nn.Identity()  # read the features: [p (9 offsets), p*x, p*y]
-    features = module([x])
+    features = module(module.match([x]))
     assert features.shape == (1, T, 1 + side * side, 27)
     assert torch.equal(features[:, :, 0], torch.zeros(1, T, 27))  # CLS
     p = features[0, 1, 1 + 2 * side + 2, :9]  # the patch's new place at t = 1
@@ -92,33 +93,46 @@ def test_correlation_finds_where_a_patch_came_from():
     p_right = features[0, 1, 1 + 2 * side + 4, :9]  # a background patch at column 4 (x = 1)
     assert torch.allclose(features[0, 1, 1 + 2 * side + 4, 9:18], p_right)
     moving_left = x.flip(1)  # the same clip backwards: the peak is on the other side
-    q = module([moving_left])[0, 1, 1 + 2 * side + 2, :9]
+    q = module(module.match([moving_left]))[0, 1, 1 + 2 * side + 2, :9]
     assert q.argmax().item() == 5  # offset (0, +1): it came from the right
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("pool", [1, 2])
-def test_level_projection_keeps_no_copy_but_gives_autograd_gradients(dtype, pool):
+@pytest.mark.parametrize("cell", [1, 2])
+def test_projection_of_cells_keeps_no_copy_but_gives_autograd_gradients(cell):
     from mad.adapt.madapter import LevelProjection
 
     torch.manual_seed(0)
-    projection = LevelProjection(24, 8, cell=pool)
+    projection = LevelProjection(24, 8)
     norm, linear = torch.nn.LayerNorm(24, elementwise_affine=False), torch.nn.Linear(24, 8)
     linear.load_state_dict(projection.proj.state_dict())
 
-    def reference(x):  # project every patch, then average the grid (what pooling first must equal)
-        return average_cells(linear(norm(x)), pool)
+    def reference(x):  # project every patch, then average the grid (what averaging first must equal)
+        return average_cells(linear(norm(x)), cell)
 
-    x = (torch.randn(2, 3, 1 + 5 * 5, 24) * 3 + 1).to(dtype)  # a cached level: no gradient wanted
-    target = torch.randn(2, 3, 1 + (3 if pool == 2 else 5) ** 2, 8)
-    ((projection(x) - target) ** 2).sum().backward()
-    ((reference(x.float()) - target) ** 2).sum().backward()
+    x = (torch.randn(2, 3, 1 + 5 * 5, 24) * 3 + 1).half()  # a cached level: no gradient wanted
+    cells = normalized_cells(x, cell)
+    assert cells.dtype == torch.float16 and cells.shape == (2, 3, 1 + (3 if cell == 2 else 5) ** 2, 24)
+    target = torch.randn(2, 3, cells.shape[2], 8)
+    assert torch.allclose(cells.float(), average_cells(norm(x.float()), cell), atol=4e-3)  # float16 of LN + cells
+    ((projection(cells, normalized=True) - target) ** 2).sum().backward()
+    ((linear(cells.float()) - target) ** 2).sum().backward()  # autograd on the same cells
     for mine, theirs in zip(projection.proj.parameters(), linear.parameters()):
-        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(projection(x), reference(x.float()), atol=1e-5)
-    x.requires_grad_(True)  # a level that does want a gradient takes autograd's path and gets one
-    projection(x).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(projection(cells, normalized=True), reference(x.float()), atol=5e-3)
+    raw = x.float().requires_grad_(True)  # a level that does want a gradient takes autograd's path and gets one
+    projection(raw).sum().backward()
+    assert raw.grad is not None and raw.grad.abs().sum() > 0
+
+
+def test_branch_inputs_are_what_the_branch_reads_of_full_levels():
+    levels = levels_for(2, tokens=1 + 6 * 6)
+    inputs = branch_inputs(levels, cell=2, radius=1, groups=4)
+    assert [c.shape for c in inputs.cells] == [(2, 4, 1 + 3 * 3, 24)] * 2
+    assert inputs.similarity.shape == (2, 4, 6, 6, 2 * 4, 9)
+    assert torch.equal(inputs.cls[1], levels[1][:, :, 0]) and torch.allclose(inputs.token_mean[0],
+                                                                            levels[0].mean(dim=2))
+    model = branch("madapter", 2, 24, 1 + 6 * 6, 4, 3, **SMALL, cell_size=2).eval()
+    assert torch.equal(model(levels), model(inputs))  # the model reads full levels through the same inputs
 
 
 def test_mlp_gradients_equal_autograd_through_gelu():
@@ -149,11 +163,11 @@ def test_correlation_matches_on_every_level_at_the_full_grid_when_the_branch_poo
     x[0, 0, 1 + 0 * side + 0] = thing  # row 0, column 0, then column 1
     x[0, 1, 1 + 0 * side + 1] = thing
     still = torch.randn(1, 1, 1 + side * side, 8).expand(1, T, -1, -1).clone()  # a second level: nothing moves
-    features = full([x, still])
+    features = full(full.match([x, still]))
     assert features.shape == (1, T, 1 + side * side, 2 * 27)
     assert features[0, 1, 1 + 1, :9].argmax().item() == 3  # level 1: it came from the left
     assert features[0, 1, 1 + 1, 27:36].argmax().item() == 4  # level 2 (its p follows level 1's 27): it stayed
-    cells = pooled([x, still])
+    cells = pooled(pooled.match([x, still]))
     assert cells.shape == (1, T, 1 + 3 * 3, 2 * 27)
     # the pooled cell (0, 0) is the mean of its four patches' features
     expected = features[:, :, 1:].reshape(1, T, 3, 2, 3, 2, 54)[:, :, 0, :, 0].mean(dim=(2, 3))

@@ -54,8 +54,8 @@ def test_only_done_labelled_videos_are_used(tmp_path):
     data = open_tokens(store, "yes", progress=False)
     assert isinstance(data, InMemoryTokens)
     assert data.videos.tolist() == [0, 3, 4, 5, 6, 7]
-    assert data.levels[0].shape == (6, 1, 8, 17, 32) and data.levels[0].dtype == torch.float16
-    assert torch.equal(data.levels[1][1], torch.from_numpy(store.read_layer(4, slice(3, 4))[0]))
+    assert data.arrays[0].shape == (6, 1, 8, 17, 32) and data.arrays[0].dtype == torch.float16
+    assert torch.equal(data.arrays[1][1], torch.from_numpy(store.read_layer(4, slice(3, 4))[0]))
 
 
 def test_streaming_gives_the_same_batches_as_ram(caches):
@@ -77,7 +77,7 @@ def test_streaming_gives_the_same_batches_as_ram(caches):
                 if i == stop:
                     break
         levels, position, view = streamed._reader[(3, 1)]  # one item, read in this process
-        assert (position, view) == (3, 1) and all(torch.equal(x, y[3, 1]) for x, y in zip(levels, in_ram.levels))
+        assert (position, view) == (3, 1) and all(torch.equal(x, y[3, 1]) for x, y in zip(levels, in_ram.arrays))
         views = torch.cat([v for *_, v in in_ram.train_batches(16, seed=0, epoch=1)])
         assert set(views.tolist()) == {0, 1}  # one random view of the two per video
         assert sum(len(b[1]) for b in streamed.eval_batches(8, all_views=True)) == 2 * in_ram.num_videos
@@ -180,12 +180,13 @@ def test_evaluate_single_and_multi_view(caches, tmp_path):
 
 def test_sweep_trains_every_combination_from_one_read(caches, tmp_path, monkeypatch):
     reads = []
-    original = Store.read_layer
+    original = Store.read
+
     def counting(self, *args, **kwargs):
         reads.append(self.location)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Store, "read_layer", counting)
+    monkeypatch.setattr(Store, "read", counting)
     base = TrainConfig(epochs=1, **TINY)
     results = sweep(caches["train"], caches["val"], "lr=1e-3,3e-3 arch=madapter,linear", str(tmp_path / "sweep"),
                     base=base, quiet=True)
@@ -271,7 +272,7 @@ def test_cell_size_is_resolved_into_the_model_and_bad_values_are_refused(caches,
     assert saved["train"]["cell_size"] == "2" and saved["model"]["cell_size"] == 2
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["model"]["cell_size"] == 1  # 4x4 grid: kept
     model, info = load_model(tmp_path / "cells" / "model.safetensors")
-    assert model.fusion.projections[0].cell == 2 and info["branch"].cell_size == 2
+    assert model.cell == 2 and info["branch"].cell_size == 2
     assert auto["train/loss"] != cells["train/loss"]
     for bad in ("0", "half"):
         with pytest.raises(MadError, match=f"--cell-size '{bad}': give auto, 1"):

@@ -33,9 +33,10 @@ def predict_probs(model: torch.nn.Module, data: CachedTokens, batch_size: int, d
     views_used = data.num_views if all_views else 1
     probs = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    for levels, _, positions, views in data.eval_batches(batch_size, all_views):
+    for arrays, _, positions, views in data.eval_batches(batch_size, all_views):
+        inputs = data.to_model(arrays, device)
         with autocast:
-            logits = model([x.to(device, non_blocking=True) for x in levels])
+            logits = model(inputs)
         p = logits.float().softmax(dim=-1).cpu()
         if probs is None:
             probs = torch.zeros(data.num_videos, views_used, p.shape[1])

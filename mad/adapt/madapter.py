@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mad.cache.inputs import BranchInputs, average_cells, branch_inputs, match_similarity, resolve_cell_size
+
 ARCHS = ("madapter", "meanpool", "linear")
 TEMPORAL = ("conv", "conv3d", "attn", "none")
 
@@ -81,114 +83,68 @@ class BranchConfig:
 _RENAMED = {"grid_pool": "cell_size"}  # names in checkpoints written before mad 0.2
 
 
-def average_cells(x: torch.Tensor, cell: int) -> torch.Tensor:
-    """Average the square patch grid of [B, T, 1+H*W, C] tokens in `cell` x `cell` cells (CLS kept):
-    [B, T, 1+H'*W', C].
+class _Project(torch.autograd.Function):
+    """Linear(x) for an input that needs no gradient (normalised cells), keeping x itself for backward.
 
-    A grid side that `cell` does not divide keeps a smaller last row and column,
-    averaged over the patches it has (14 -> 7, 16 -> 8, 7 -> 4).
-    """
-    if cell == 1:
-        return x
-    B, T, N, C = x.shape
-    side = math.isqrt(N - 1)
-    grid = x[:, :, 1:].reshape(B * T, side, side, C).permute(0, 3, 1, 2)  # [B*T, C, H, W]
-    grid = F.avg_pool2d(grid, cell, ceil_mode=True)  # [B*T, C, H', W']
-    patches = grid.flatten(2).transpose(1, 2).reshape(B, T, -1, C)  # [B, T, H'*W', C]
-    return torch.cat([x[:, :, :1], patches], dim=2)
-
-
-class _NormProject(torch.autograd.Function):
-    """Linear(average_cells(LayerNorm(x))) for a level that needs no gradient, keeping little for backward.
-
-    Autograd would keep two float32 copies of every level (LayerNorm's input and
-    output) until the backward pass: with several levels of a ViT they are most of
-    the branch's memory. On the full grid the level itself, float16 as read from the
-    cache and held anyway, is enough: the backward pass normalises it again (cheap)
-    to get the weight gradient. In cells, the normalised cells are kept instead (a
-    quarter of the tokens at 2x2). Gradients never flow into the levels: they come
-    from a frozen model. Averaging before the Linear equals averaging after it, at
-    1/cell^2 of the cost.
+    Autograd would keep a float32 copy of every level's cells (the input cast to the
+    weight's dtype) until the backward pass: with several levels of a ViT that is most
+    of the branch's memory. The float16 cells are held anyway; the backward pass casts
+    them again to get the weight gradient. Gradients never flow into them: they come
+    from a frozen model.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, eps, cell):
-        normed = _norm_cells(x, weight.dtype, eps, cell)
-        ctx.save_for_backward(normed if cell > 1 else x, weight)
-        ctx.eps, ctx.cell = eps, cell
-        return F.linear(normed, weight, bias)
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.to(weight.dtype), weight, bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):  # grad: [..., d]
-        saved, weight = ctx.saved_tensors
-        normed = saved if ctx.cell > 1 else _norm_cells(saved, weight.dtype, ctx.eps, 1)
-        normed = normed.reshape(-1, normed.shape[-1])  # [M, D]
+        x, weight = ctx.saved_tensors
         grad = grad.reshape(-1, grad.shape[-1])  # [M, d]
-        grad_weight = (grad.t() @ normed.to(grad.dtype)).to(weight.dtype)  # [d, D]
-        grad_bias = grad.sum(dim=0).to(weight.dtype)
-        return None, grad_weight, grad_bias, None, None
-
-
-def _norm_cells(x, dtype, eps, cell):
-    if cell == 1:
-        return F.layer_norm(x.to(dtype), x.shape[-1:], eps=eps)
-    return by_clips(lambda clips: average_cells(F.layer_norm(clips.to(dtype), x.shape[-1:], eps=eps), cell), x)
-
-
-def by_clips(fn, x: torch.Tensor) -> torch.Tensor:
-    """fn(x) for an fn that works clip by clip, run on a few clips at a time on CPU, so its temporaries stay small.
-
-    glibc serves allocations over 32 MiB straight from the kernel and gives them
-    back on free, so every full-grid float32 temporary of a whole batch (38 MiB per
-    ViT-B level at batch 8) would cost fresh zeroed pages (README, "Where mad departs").
-    CUDA's caching allocator has no such cost, so there it is one call.
-    """
-    if x.is_cuda or x.dim() < 2:
-        return fn(x)
-    clip_bytes = 4 * x[0].numel()  # as float32; pieces of about 8 MiB
-    step = max(1, (8 << 20) // clip_bytes)
-    return torch.cat([fn(x[i:i + step]) for i in range(0, x.shape[0], step)]) if step < x.shape[0] else fn(x)
+        grad_weight = (grad.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)).to(weight.dtype)  # [d, D]
+        return None, grad_weight, grad.sum(dim=0).to(weight.dtype)
 
 
 class LevelProjection(nn.Module):
-    """P_k = Linear(D -> d) . average_cells . LayerNorm(D): puts one cached level into the branch's width (and grid).
+    """P_k = Linear(D -> d) . LayerNorm(D): puts one level into the branch's width.
 
-    The LayerNorm has no affine parameters of its own: the Linear that follows
-    absorbs them (same functions, fewer parameters), which lets `_NormProject` keep
-    no float32 copy of the level. Takes a level in any float dtype (float16 as cached):
-    [B, T, N, D] tokens when cell > 1, any leading shape otherwise.
+    The LayerNorm has no affine parameters of its own: the Linear that follows absorbs
+    them (same functions, fewer parameters). `normalized` input (the cells of
+    `BranchInputs`, float16) skips the LayerNorm and keeps no float32 copy for backward.
     """
 
-    def __init__(self, in_width: int, width: int, eps: float = 1e-5, cell: int = 1):
+    def __init__(self, in_width: int, width: int, eps: float = 1e-5):
         super().__init__()
-        self.eps, self.cell = eps, cell
+        self.eps = eps
         self.proj = nn.Linear(in_width, width)
 
-    def forward(self, x):  # [..., D] -> [..., d]
-        if x.requires_grad:  # not a cached level: let autograd handle it
-            return self.proj(_norm_cells(x, self.proj.weight.dtype, self.eps, self.cell))
-        return _NormProject.apply(x, self.proj.weight, self.proj.bias, self.eps, self.cell)
+    def forward(self, x, normalized: bool = False):  # [..., D] -> [..., d]
+        if normalized and not x.requires_grad:
+            return _Project.apply(x, self.proj.weight, self.proj.bias)
+        x = x.to(self.proj.weight.dtype)
+        return self.proj(x if normalized else F.layer_norm(x, x.shape[-1:], eps=self.eps))
 
 
 class GatedFusion(nn.Module):
     """h_1 = P_1(x_1); h_k = g_k * h_{k-1} + (1 - g_k) * P_k(x_k), shallow to deep.
 
     g_k = sigmoid(gate_k) is learned per channel and starts at 0.5. Works on any
-    leading shape ([B, T, N, D] tokens or [B, D] pooled vectors).
+    leading shape ([B, T, N, D] cells or [B, D] pooled vectors).
     """
 
-    def __init__(self, num_levels: int, in_width: int, width: int, cell: int = 1):
+    def __init__(self, num_levels: int, in_width: int, width: int):
         super().__init__()
-        self.projections = nn.ModuleList(LevelProjection(in_width, width, cell=cell) for _ in range(num_levels))
+        self.projections = nn.ModuleList(LevelProjection(in_width, width) for _ in range(num_levels))
         self.gates = nn.Parameter(torch.zeros(num_levels - 1, width))
 
-    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        h = self.projections[0](levels[0])
+    def forward(self, levels: list[torch.Tensor], normalized: bool = False) -> torch.Tensor:
+        h = self.projections[0](levels[0], normalized)
         for k in range(1, len(levels)):
             g = torch.sigmoid(self.gates[k - 1])
-            level = self.projections[k](levels[k])
+            level = self.projections[k](levels[k], normalized)
             h = level + g * (h - level)  # = g * h + (1 - g) * level; keeps one tensor, not two, for backward
         return h
 
@@ -285,10 +241,10 @@ class Correlation(nn.Module):
     (divergence = zoom, curl = rotation, shear): without them a mean over tokens cannot
     tell clockwise from anticlockwise motion. CLS gets zeros.
 
-    Matches are taken on the cached levels (LayerNorm, no projection) at their full
-    grid, so a branch that pools the grid still sees motion of one patch; the
-    features are averaged to the branch's grid before the projection (the mean of
-    position-weighted terms keeps the moments).
+    The matches (`mad.cache.inputs.match_similarity`) are taken on the cached levels
+    (LayerNorm, no projection) at their full grid, so a branch that averages the grid
+    in cells still sees motion of one patch; the features are averaged into the cells
+    before the projection (the mean of position-weighted terms keeps the moments).
     """
 
     def __init__(self, num_levels: int, in_width: int, width: int, radius: int = 1, groups: int = 4, cell: int = 1):
@@ -299,28 +255,18 @@ class Correlation(nn.Module):
         self.temperature = nn.Parameter(torch.tensor(10.0))  # cosine similarities are in [-1, 1]; sharpen them
         self.proj = nn.Linear(3 * num_levels * groups * (2 * radius + 1) ** 2, width)
 
-    def similarity(self, x, side):  # [B, T, N, D] -> [B, T, H, W, G, K]: cosine to K = (2r+1)^2 offsets in frame t-1
-        B, T, N, D = x.shape
-        r, G = self.radius, self.groups
-        x = F.layer_norm(x[:, :, 1:].float(), (D,)).view(B, T, side, side, G, D // G)
-        x = F.normalize(x, dim=-1)  # [B, T, H, W, G, c]
-        prev = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # frame t-1 (frame 0 is matched with itself)
-        prev = F.pad(prev, (0, 0, 0, 0, r, r, r, r))  # zero features around the grid: [B, T, H+2r, W+2r, G, c]
-        return torch.stack([(x * prev[:, :, dy:dy + side, dx:dx + side]).sum(-1)  # [B, T, H, W, G]
-                            for dy in range(2 * r + 1) for dx in range(2 * r + 1)], dim=-1)
+    def match(self, levels: list[torch.Tensor]) -> torch.Tensor:  # K x [B, T, N, D] -> [B, T, H, W, K*G, (2r+1)^2]
+        with torch.no_grad():  # matches are read, not trained through
+            return torch.cat([match_similarity(x, self.radius, self.groups) for x in levels], dim=-2)
 
-    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:  # K x [B, T, N, D] -> [B, T, N', d]
-        B, T, N, _ = levels[0].shape
-        side = math.isqrt(N - 1)
-        with torch.no_grad():  # matches are read, not trained through: most of their time and memory saved
-            similarity = torch.cat([by_clips(lambda clips: self.similarity(clips, side), x) for x in levels],
-                                   dim=-2)  # [B, T, H, W, K*G, (2r+1)^2]
+    def forward(self, similarity: torch.Tensor) -> torch.Tensor:  # [B, T, H, W, K*G, (2r+1)^2] -> [B, T, N', d]
+        B, T, side = similarity.shape[:3]
         # softmax over the offsets laid out first: on CPU much faster than over a last dim of 9
         p = torch.softmax((similarity * self.temperature).movedim(-1, 0).contiguous(), dim=0).movedim(0, -1)
         coords = torch.linspace(-1, 1, side, device=p.device, dtype=p.dtype)
         ys, xs = coords.view(side, 1, 1, 1), coords.view(1, side, 1, 1)
-        features = torch.cat([p, p * xs, p * ys], dim=-1).reshape(B, T, N - 1, -1)  # [B, T, H*W, F]
-        if self.cell > 1:  # to the branch's grid: [B, T, H'*W', F]
+        features = torch.cat([p, p * xs, p * ys], dim=-1).reshape(B, T, side * side, -1)  # [B, T, H*W, F]
+        if self.cell > 1:  # into the branch's cells: [B, T, H'*W', F]
             features = average_cells(F.pad(features, (0, 0, 1, 0)), self.cell)[:, :, 1:]
         y = self.proj(features)  # [B, T, H'*W', d]
         return torch.cat([torch.zeros_like(y[:, :, :1]), y], dim=2)
@@ -443,11 +389,11 @@ class MAdapter(nn.Module):
 
     def __init__(self, cfg: BranchConfig):
         super().__init__()
-        cell = int(cfg.cell_size)
-        self.fusion = GatedFusion(cfg.num_levels, cfg.in_width, cfg.width, cell=cell)
+        self.cell = int(cfg.cell_size)
+        self.fusion = GatedFusion(cfg.num_levels, cfg.in_width, cfg.width)
         self.motion = Motion(cfg.width) if cfg.motion else None
         self.correlation = (Correlation(cfg.num_levels, cfg.in_width, cfg.width, radius=cfg.correlation,
-                                        groups=cfg.correlation_groups, cell=cell) if cfg.correlation else None)
+                                        groups=cfg.correlation_groups, cell=self.cell) if cfg.correlation else None)
         self.time_embed = nn.Parameter(torch.zeros(cfg.num_frames, cfg.width))
         nn.init.trunc_normal_(self.time_embed, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.temporal, cfg.kernel_size, cfg.mlp_ratio,
@@ -455,16 +401,22 @@ class MAdapter(nn.Module):
         self.cls_proj = LevelProjection(cfg.in_width, cfg.width)
         self.head = Head(cfg.width, cfg.num_classes, cfg.dropout)
 
-    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        h = self.fusion(levels)  # [B, T, N', d], N' = 1 + the cells
+    def inputs(self, levels: list[torch.Tensor]) -> BranchInputs:
+        """What this branch reads of K full levels [B, T, N, D] (a compact store holds it already)."""
+        c = self.correlation
+        return branch_inputs(levels, self.cell, c.radius if c is not None else 0, c.groups if c is not None else 4)
+
+    def forward(self, x: list[torch.Tensor] | BranchInputs) -> torch.Tensor:
+        x = x if isinstance(x, BranchInputs) else self.inputs(x)
+        h = self.fusion(x.cells, normalized=True)  # [B, T, N', d], N' = 1 + the cells
         motion = self.motion(h) if self.motion is not None else 0
-        correlation = self.correlation(levels) if self.correlation is not None else 0
+        correlation = self.correlation(x.similarity) if self.correlation is not None else 0
         h = h + motion + correlation
         h = h + self.time_embed[:, None, :]  # same embedding for every token of frame t
         for block in self.blocks:
             h = block(h)
         pooled = h.mean(dim=(1, 2))  # [B, d]
-        cls = self.cls_proj(levels[-1][:, :, 0].mean(dim=1, dtype=torch.float32))  # deepest CLS over time: [B, d]
+        cls = self.cls_proj(x.cls[-1].mean(dim=1))  # deepest CLS over time: [B, d]
         return self.head(pooled + cls)
 
 
@@ -476,8 +428,9 @@ class MeanPool(nn.Module):
         self.fusion = GatedFusion(cfg.num_levels, cfg.in_width, cfg.width)
         self.head = Head(cfg.width, cfg.num_classes, cfg.dropout)
 
-    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        pooled = [x.mean(dim=(1, 2), dtype=torch.float32) for x in levels]  # K x [B, D]
+    def forward(self, x: list[torch.Tensor] | BranchInputs) -> torch.Tensor:
+        x = x if isinstance(x, BranchInputs) else branch_inputs(x, cells=False)
+        pooled = [m.mean(dim=1) for m in x.token_mean]  # K x [B, D]
         return self.head(self.fusion(pooled))
 
 
@@ -488,27 +441,9 @@ class LinearProbe(nn.Module):
         super().__init__()
         self.head = Head(cfg.in_width, cfg.num_classes, cfg.dropout)
 
-    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        return self.head(levels[-1][:, :, 0].mean(dim=1, dtype=torch.float32))  # [B, D] -> [B, C]
-
-
-def resolve_cell_size(setting, num_tokens: int) -> int:
-    """`cell_size` as a number: "auto" takes the largest cell that leaves at least 7 cells per grid side.
-
-    7 x 7 is the grid of a ViT-B/32 at 224 px, the grid CLIP video models are commonly
-    trained on: a ViT-B/16's 14 x 14 is averaged to it, a ViT-L/14's 16 x 16 to 8 x 8;
-    finer grids stay as they are. A grid that is not square keeps every patch.
-    """
-    if str(setting) == "auto":
-        side = math.isqrt(num_tokens - 1)
-        return max(1, side // 7) if side * side == num_tokens - 1 else 1
-    try:
-        cell = int(setting)
-    except ValueError:
-        cell = 0
-    if cell < 1:
-        raise ValueError(f"cell_size {setting!r}: give auto, 1 (every patch) or more")
-    return cell
+    def forward(self, x: list[torch.Tensor] | BranchInputs) -> torch.Tensor:
+        cls = x.cls[-1] if isinstance(x, BranchInputs) else x[-1][:, :, 0].float()  # [B, T, D]
+        return self.head(cls.mean(dim=1))  # [B, D] -> [B, C]
 
 
 def check_branch(cfg: BranchConfig) -> BranchConfig:

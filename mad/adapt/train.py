@@ -131,10 +131,11 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
         prepare_run_dir(cfg)
     dist.barrier()
     run = Path(cfg.out)
+    branch = fit_to_store(cfg.branch(train_data.manifest, count_classes(train_data, val_data)), train_data, cfg)
     try:
-        branch = check_branch(cfg.branch(train_data.manifest, count_classes(train_data, val_data)))
+        branch = check_branch(branch)
     except ValueError as e:
-        raise TrainError(f"{cfg.cache}: {e}") from None
+        raise TrainError(f"{train_data.location}: {e}") from None
     torch.manual_seed(cfg.seed)
     model = build_model(branch).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -201,12 +202,12 @@ def train_one_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainC
     model.train()
     started = time.perf_counter()
     loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
-    for levels, labels, _, _ in data.train_batches(cfg.batch_size, cfg.seed, epoch):
+    for arrays, labels, _, _ in data.train_batches(cfg.batch_size, cfg.seed, epoch):
         global_batch = len(labels)
-        levels, labels = dist.share(levels, labels)
-        levels = [x.to(device, non_blocking=True) for x in levels]  # float16 as cached: the branch upcasts per level
+        arrays, labels = dist.share(arrays, labels)
+        inputs = data.to_model(arrays, device)
         labels = labels.to(device)
-        loss, logits = train_step(lambda: model(levels), labels, optimizer, model.parameters(), autocast,
+        loss, logits = train_step(lambda: model(inputs), labels, optimizer, model.parameters(), autocast,
                                   cfg.label_smoothing, cfg.clip_grad, loss_weight=dist.world / global_batch)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
@@ -262,6 +263,27 @@ class EpochLog:
                              status=f"loss {row['train/loss']:.4f}  acc {row['train/acc']:.3f}{val}  "
                                     f"{row['clips_per_second']:.0f} clips/s")
         self.task = None
+
+
+def fit_to_store(branch: BranchConfig, data: CachedTokens, cfg: TrainConfig) -> BranchConfig:
+    """The branch as a compact store can serve it: its cells and correlation come from the store.
+
+    A compact store holds what the branch reads for one cell size and one correlation
+    radius; other settings are refused in one line (correlation 0 is served: the stored
+    matches are left unread).
+    """
+    m = data.manifest
+    if m.storage != "compact" or branch.arch != "madapter":
+        return branch
+    fixed = m.compact
+    remedy = "extract a full store (mad extract --store full) or a compact one with that setting"
+    if cfg.cell_size != "auto" and str(cfg.cell_size) != str(fixed["cell_size"]):
+        raise TrainError(f"{data.location}: a compact store with cells of {fixed['cell_size']} patches cannot serve "
+                         f"--cell-size {cfg.cell_size}; {remedy}")
+    if branch.correlation not in (0, fixed["correlation"]):
+        raise TrainError(f"{data.location}: a compact store with correlation radius {fixed['correlation']} cannot "
+                         f"serve --correlation {branch.correlation}; {remedy}")
+    return dataclasses.replace(branch, cell_size=fixed["cell_size"], correlation_groups=fixed["correlation_groups"])
 
 
 def describe_branch(branch: BranchConfig, model, cell_setting: str) -> str:

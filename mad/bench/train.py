@@ -53,10 +53,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _step(branch, optimizer, levels, labels, device, precision: str) -> None:
+def _step(branch, optimizer, inputs, labels, device, precision: str) -> None:
     """One training step, as `mad train` takes it (its step, its default smoothing and clipping)."""
-    levels = [x.to(device, non_blocking=True) for x in levels]
-    train_step(lambda: branch(levels), labels.to(device), optimizer, branch.parameters(),
+    train_step(lambda: branch(inputs), labels.to(device), optimizer, branch.parameters(),
                branch_autocast(precision, device), TRAIN.label_smoothing, TRAIN.clip_grad)
 
 
@@ -74,8 +73,8 @@ def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device, 
     _sync(device)
     started = last = time.perf_counter()
     step_seconds = []
-    for levels, labels, _, _ in data.train_batches(batch_size, seed=0, epoch=epoch):
-        _step(branch, optimizer, levels, labels, device, precision)
+    for arrays, labels, _, _ in data.train_batches(batch_size, seed=0, epoch=epoch):
+        _step(branch, optimizer, data.to_model(arrays, device), labels, device, precision)
         _sync(device)
         now = time.perf_counter()
         step_seconds.append(now - last)
@@ -117,7 +116,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             with random_weights_expected():
                 extract(ExtractConfig(videos=str(root), out=cache, layers=layers, model=model, pretrained="none",
                                       frames=frames, precision=precision, grid_downsample=grid_downsample,
-                                      device=str(device),
+                                      device=str(device), store="full",  # every token: the committed figures
                                       progress=False))
             extract_seconds = time.perf_counter() - started
         store = Store.open(cache)
@@ -129,7 +128,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             branch_cfg = check_branch(BranchConfig(
                 num_levels=len(m.layers), in_width=m.width, num_tokens=m.tokens, num_frames=m.frames,
                 num_classes=num_classes, width=width, heads=next(h for h in (6, 4, 2, 1) if width % h == 0),
-                cell_size=cell_size))
+                cell_size=m.compact["cell_size"] if m.storage == "compact" else cell_size))
         except ValueError as e:
             raise BenchTrainError(f"--cell-size: {e}") from None
         branch_cell = int(branch_cfg.cell_size)

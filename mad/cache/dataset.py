@@ -8,11 +8,14 @@ numbers whichever is used:
                (clips x crops) drawn at random
     eval       the first view of every video, or every view of every video
 
-A batch is (levels, labels, positions, views): `levels` one float16 tensor
-[B, T, N, D] per cached layer (shallow to deep), `positions` the videos' indices
-within the source (0..num_videos-1), `views` the view of each item.
+A batch is (arrays, labels, positions, views): `arrays` one tensor per data array
+of the store, as stored (full stores: float16 [B, T, N, D] per cached layer, shallow
+to deep; compact stores: uint8 records [B, R]), `positions` the videos' indices
+within the source (0..num_videos-1), `views` the view of each item. `to_model` turns
+`arrays` into what the branch takes, on the training device (compact records are
+decoded there: a quarter of the bytes cross to the GPU).
 
-Streaming reads one (video, view) chunk per layer per item in DataLoader workers
+Streaming reads one (video, view) chunk per data array per item in DataLoader workers
 started with `spawn`: zarr v3 runs an event-loop thread, and a forked copy of a
 process that holds one can deadlock. Each worker opens the store itself.
 """
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mad.cache import compact
 from mad.cache.store import DONE, Store, StoreError
 from mad.runtime import available_memory
 
@@ -44,9 +48,9 @@ def usable_videos(store: Store) -> np.ndarray:
 
 
 def cache_bytes(store: Store, num_videos: int) -> int:
-    """Bytes that `num_videos` videos of every layer take as float16 in memory."""
-    m = store.manifest
-    return m.views * m.frames * m.tokens * m.width * 2 * num_videos * len(store.layers)
+    """Bytes that `num_videos` videos of the store's data arrays take in memory."""
+    per_video = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in store.data_arrays.values())
+    return per_video * num_videos
 
 
 def epoch_order(num_videos: int, num_views: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +82,16 @@ class CachedTokens:
         self.paths = [paths[v] for v in videos]
         self.class_names = store.class_names
         self.num_views = self.manifest.views
+        self.array_names = list(store.data_arrays)
+        self.array_shapes = {name: (shape[1:], dtype) for name, (shape, dtype) in store.data_arrays.items()}
+
+    def to_model(self, arrays: list[torch.Tensor], device):
+        """A batch's arrays as the branch takes them: full levels, or compact records decoded (BranchInputs)."""
+        m = self.manifest
+        if m.storage == "compact":
+            return compact.decode(arrays[0].to(device, non_blocking=True), m.compact["layout"], len(m.layers),
+                                  m.side or 0, m.compact["correlation_groups"])
+        return [x.to(device, non_blocking=True) for x in arrays]  # float16 as cached: the branch upcasts
 
     @property
     def num_videos(self) -> int:
@@ -97,13 +111,12 @@ class CachedTokens:
 
 
 class InMemoryTokens(CachedTokens):
-    """Every layer of the selected videos read once into one float16 tensor [V, views, T, N, D]."""
+    """Every data array of the selected videos read once into one tensor [V, views, ...] (as stored)."""
 
     def __init__(self, store: Store, videos: np.ndarray | None = None, progress: bool = True):
         super().__init__(store, usable_videos(store) if videos is None else videos)
-        m = self.manifest
-        shape = (self.num_videos, self.num_views, m.frames, m.tokens, m.width)
-        self.levels = [torch.empty(shape, dtype=torch.float16) for _ in self.layers]
+        self.arrays = [torch.empty((self.num_videos, self.num_views, *shape), dtype=getattr(torch, dtype))
+                       for shape, dtype in self.array_shapes.values()]
         # Read whole shards (one request per shard file) and keep the selected rows.
         step = store.shard_size
         blocks = [(start, min(start + step, store.num_videos)) for start in range(0, store.num_videos, step)]
@@ -114,18 +127,18 @@ class InMemoryTokens(CachedTokens):
 
         with Progress(transient=True, disable=not (progress and Console().is_terminal)) as bar:
             name = os.path.basename(self.location.rstrip("/"))
-            task = bar.add_task(f"reading {name}", total=len(blocks) * len(self.layers))
-            for level, layer in zip(self.levels, self.layers):
+            task = bar.add_task(f"reading {name}", total=len(blocks) * len(self.arrays))
+            for array, array_name in zip(self.arrays, self.array_names):
                 for start, stop in blocks:
-                    chunk = store.read_layer(layer, slice(start, stop))  # [stop-start, views, T, N, D]
+                    chunk = store.read(array_name, slice(start, stop))  # [stop-start, views, ...]
                     wanted = self.videos[(self.videos >= start) & (self.videos < stop)]
-                    level[[rows[v] for v in wanted.tolist()]] = torch.from_numpy(chunk[wanted - start])
+                    array[[rows[v] for v in wanted.tolist()]] = torch.from_numpy(chunk[wanted - start])
                     bar.advance(task)
 
     def _batches(self, positions, views, batch_size) -> Iterator[Batch]:
         for i in range(0, len(positions), batch_size):
             p, v = positions[i:i + batch_size], views[i:i + batch_size]
-            yield [level[p, v] for level in self.levels], self.labels[p], p, v
+            yield [array[p, v] for array in self.arrays], self.labels[p], p, v
 
 
 class StreamingTokens(CachedTokens):
@@ -134,7 +147,7 @@ class StreamingTokens(CachedTokens):
     def __init__(self, store: Store, videos: np.ndarray | None = None, workers: int = 2):
         super().__init__(store, usable_videos(store) if videos is None else videos)
         self.workers = workers
-        self._reader = ChunkReader(self.location, self.layers, self.videos)
+        self._reader = ChunkReader(self.location, self.array_shapes, self.videos)
         self._sampler = _ListSampler()
         self._loader = None
 
@@ -158,10 +171,10 @@ class StreamingTokens(CachedTokens):
 
 
 class ChunkReader(Dataset):
-    """Item (position, view) -> one float16 [T, N, D] tensor per layer. Opens the store lazily, per process."""
+    """Item (position, view) -> one tensor per data array. Opens the store lazily, per process."""
 
-    def __init__(self, location: str, layers: list[int], videos: np.ndarray):
-        self.location, self.layers, self.videos = location, layers, videos
+    def __init__(self, location: str, array_shapes: dict, videos: np.ndarray):
+        self.location, self.array_shapes, self.videos = location, array_shapes, videos
         self._store = None
 
     def __getstate__(self):  # what a spawned worker receives: no open store
@@ -176,17 +189,17 @@ class ChunkReader(Dataset):
     def __getitems__(self, items):  # a whole batch: what the DataLoader asks for (then `_as_is` collates it)
         if self._store is None:
             self._store = Store.open(self.location)  # inside the worker: Zarr must not cross a fork
-        levels = []
-        for layer in self.layers:
+        arrays = []
+        for name, (shape, dtype) in self.array_shapes.items():
             # the batch's tensor, in shared memory in a reader process (as torch's default_collate
             # makes it): every chunk is decoded straight into its row, and reaches the trainer uncopied
-            level = _new_batch_tensor((len(items), *self._store.layer_shape(layer)[2:]))  # [B, T, N, D]
+            batch = _new_batch_tensor((len(items), *shape), getattr(torch, dtype))
             for row, (position, view) in enumerate(items):
-                self._store.read_layer(layer, (int(self.videos[position]), view), out=level[row].numpy())
-            levels.append(level)
+                self._store.read(name, (int(self.videos[position]), view), out=batch[row].numpy())
+            arrays.append(batch)
         positions = torch.tensor([position for position, _ in items])
         views = torch.tensor([view for _, view in items])
-        return levels, positions, views
+        return arrays, positions, views
 
 
 class _ListSampler(Sampler):
@@ -211,11 +224,11 @@ def _unbatch(batch):
     return [level[0] for level in levels], int(positions[0]), int(views[0])
 
 
-def _new_batch_tensor(shape) -> torch.Tensor:
+def _new_batch_tensor(shape, dtype) -> torch.Tensor:
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float16)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 2)  # float16: 2 bytes
-    return torch.tensor([], dtype=torch.float16).set_(storage).view(shape)
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.tensor([], dtype=dtype).set_(storage).view(shape)
 
 
 def open_tokens(store: Store | str, in_ram: str = "auto", workers: int = 2, reserve: float = 0.5,

@@ -28,7 +28,8 @@ def show_info(location: str, verify: bool = False, console: Console | None = Non
     console.print(f"[bold]{location}[/bold]  mad cache format {m['format_version']}, created {m.get('created')}")
     table = Table(show_header=False, box=None)
     for key in ("model", "pretrained", "pretrained_sha256", "layers", "frames", "clips", "crops", "image_size",
-                "grid", "grid_downsample", "tokens", "width", "precision", "sampling", "shard_size", "videos_root"):
+                "grid", "grid_downsample", "tokens", "width", "precision", "sampling", "storage", "shard_size",
+                "videos_root"):
         if m.get(key) is not None:
             table.add_row(key, json.dumps(m[key]) if isinstance(m[key], (list, dict)) else str(m[key]))
     names = m.get("class_names") or []
@@ -39,13 +40,17 @@ def show_info(location: str, verify: bool = False, console: Console | None = Non
                   f"[red]{counts['failed']} failed[/red], {counts['pending']} pending")
     if counts["failed"]:
         console.print(f"failure reasons: {store.errors_location}")
-    layers = Table("layer", "shape [V, views, T, N, D]", "dtype", "on disk", "per done video")
+    arrays = Table("array", "shape [V, views, ...]", "dtype", "on disk", "per done video-view")
     on_disk = store.bytes_on_disk()
-    for layer in store.layers:
-        per_video = on_disk[layer] / counts["done"] if counts["done"] else 0
-        layers.add_row(str(layer), str(list(store.layer_shape(layer))), "float16", _human(on_disk[layer]),
-                       _human(per_video))
-    console.print(layers)
+    views_done = counts["done"] * store.manifest.views
+    for name, (shape, dtype) in store.data_arrays.items():
+        per_view = on_disk[name] / views_done if views_done else 0
+        arrays.add_row(name, str([store.num_videos, *shape]), dtype, _human(on_disk[name]), _human(per_view))
+    console.print(arrays)
+    total = sum(on_disk.values())
+    console.print(f"storage [bold]{store.manifest.storage}[/bold]: "
+                  + (f"{total / views_done / 1e6:.3f} MB per video-view on disk" if views_done else "nothing done yet")
+                  + (f"; fixed for training: {_fixed(store.manifest.compact)}" if store.manifest.compact else ""))
     labels = store.labels()[store.status() == DONE]
     if labels.size and (labels >= 0).any():
         per_class = np.bincount(labels[labels >= 0], minlength=len(names))
@@ -61,3 +66,10 @@ def show_info(location: str, verify: bool = False, console: Console | None = Non
         console.print(f"[red]damaged[/red] {location}/{p['array']} videos {p['videos'][0]}..{p['videos'][1] - 1}: "
                       f"{p['reason']}")
     return False
+
+
+def _fixed(compact: dict) -> str:
+    return (f"cells of {compact['cell_size']}x{compact['cell_size']} patches, correlation radius "
+            f"{compact['correlation']} in {compact['correlation_groups']} groups, values {compact['values']}, "
+            f"{compact['record_bytes']:,} bytes per record")
+

@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 
 from mad.errors import MadError
 
-FORMAT_VERSION = 2  # 2: paths as UTF-8 bytes (uint8), `grid_downsample` (was `pool`)
+FORMAT_VERSION = 2  # 2: paths as UTF-8 bytes (uint8), `grid_downsample` (was `pool`), storage modes
 READABLE_VERSIONS = (1, 2)
 
 # Settings that must match for a run to resume into an existing store: anything that changes what it holds.
 IDENTITY_KEYS = ("model", "pretrained", "pretrained_sha256", "layers", "frames", "clips", "crops", "image_size",
-                 "grid_downsample", "sampling", "precision")
+                 "grid_downsample", "sampling", "precision", "storage", "compact")
 # What train and val (or train and eval) caches must agree on for one model to read both.
 TRAINING_KEYS = ("model", "pretrained", "pretrained_sha256", "layers", "frames", "image_size", "grid_downsample",
-                 "tokens", "width")
+                 "tokens", "width", "storage", "compact")
+STORAGE = ("full", "compact")
 _RENAMED = {"pool": "grid_downsample"}  # format 1 names
 _DROPPED = ("dtype",)  # format 1 wrote "dtype": "float16" (every layer is float16)
 
@@ -52,6 +53,8 @@ class Manifest:
     videos_root: str | None = None
     shard_size: int = 32            # videos per shard block (one writer each)
     versions: dict = field(default_factory=dict)
+    storage: str = "full"           # full: every token, float16; compact: what the branch reads, 8-bit
+    compact: dict | None = None     # compact stores: what the store fixed (`mad.cache.compact`)
     format_version: int = FORMAT_VERSION
     created: str | None = None
 
@@ -59,6 +62,10 @@ class Manifest:
     def views(self) -> int:
         """Views per video: clips x crops (clip-major)."""
         return self.clips * self.crops
+
+    @property
+    def patches(self) -> int:
+        return self.tokens - 1
 
     @property
     def side(self) -> int | None:

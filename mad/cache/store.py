@@ -2,8 +2,10 @@
 
 Layout (DESIGN.md, "Store schema"; every array a standard Zarr v3 data type):
     zarr.json            attributes["mad"]: the manifest (`Manifest`)
-    layers/<n>           float16 [V, views, T, N, D]; chunk = one (video, view);
+    layers/<n>           full stores: float16 [V, views, T, N, D]; chunk = one (video, view);
                          shard = `shard_size` consecutive videos; crc32c per chunk
+    records              compact stores: uint8 [V, views, R], one record per (video, view):
+                         what the branch reads, 8-bit (`mad.cache.compact`); chunks, shards as above
     label                int32 [V]          (-1 when unlabelled)
     path                 uint8 [V, L]       UTF-8 path relative to the videos root, zero-padded
     frame_index          int32 [V, clips, T]
@@ -53,11 +55,11 @@ class IncompleteStoreError(StoreError):
 
 @dataclass
 class VideoResult:
-    """What extraction produced for one video: its tokens, or the reason it failed."""
+    """What extraction produced for one video: its data, or the reason it failed."""
 
     video: int                                   # index in the store
     path: str
-    layer_tokens: dict[int, np.ndarray] | None   # layer -> [views, T, N, D]; None when failed
+    data: dict[str, np.ndarray] | None           # data array name -> [views, ...]; None when failed
     frame_index: np.ndarray | None               # int32 [clips, T]
     num_frames: int = 0
     error: str | None = None
@@ -133,16 +135,17 @@ class Store:
         values["created"] = values["created"] or datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
         m = Manifest.from_dict(values, location)
-        S, V, views, T, N, D = m.shard_size, len(paths), m.views, m.frames, m.tokens, m.width
+        S, V, T = m.shard_size, len(paths), m.frames
         # Marked as being created until the manifest lands, so an interrupted creation
         # is recognised as ours (and empty) rather than as a foreign Zarr group.
         # create_group, not open_group(mode="w"): that would wipe the folder, the run's lock files with it.
         group = zarr.create_group(location, attributes={"mad_creating": True})
-        layers = group.create_group("layers")
-        for layer in m.layers:
-            layers.create_array(
-                str(layer), shape=(V, views, T, N, D), dtype="float16",
-                chunks=(1, 1, T, N, D), shards=(S, views, T, N, D),
+        if m.storage == "full":
+            group.create_group("layers")
+        for name, (shape, dtype) in _data_arrays(m).items():
+            parent, _, leaf = name.rpartition("/")
+            (group[parent] if parent else group).create_array(
+                leaf, shape=(V, *shape), dtype=dtype, chunks=(1, 1, *shape[1:]), shards=(S, *shape),
                 compressors=[Crc32cCodec()], fill_value=0,  # checksums: a flipped byte is an error, not garbage
             )
         width = _path_width(paths)
@@ -191,7 +194,12 @@ class Store:
         self._array("path")[V0:] = np.asarray(paths, dtype=object) if legacy else _encode_paths(paths, width)
 
     def _per_video_arrays(self) -> list[str]:
-        return [f"layers/{layer}" for layer in self.layers] + ["label", "path", "frame_index", "num_frames", "status"]
+        return list(self.data_arrays) + ["label", "path", "frame_index", "num_frames", "status"]
+
+    @property
+    def data_arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The arrays that hold the extracted data: name -> (per-video shape, dtype)."""
+        return _data_arrays(self.manifest)
 
     def set_class_names(self, class_names: list[str]) -> None:
         self.manifest.class_names = list(class_names)
@@ -245,12 +253,16 @@ class Store:
         return tuple(self._array(f"layers/{layer}").shape)
 
     def read_layer(self, layer: int, videos=slice(None), out: np.ndarray | None = None) -> np.ndarray:
-        """float16 [n, views, T, N, D] for the selected videos; a damaged chunk is a StoreError.
+        """float16 [n, views, T, N, D] of a full store's layer for the selected videos."""
+        return self.read(f"layers/{layer}", videos, out)
+
+    def read(self, name: str, videos=slice(None), out: np.ndarray | None = None) -> np.ndarray:
+        """The selected videos of data array `name`; a damaged chunk is a StoreError.
 
         With `out` (an array of the selection's shape) the chunks are decoded straight into it:
         one copy fewer than reading and then placing them (a batch reads ~1.5x faster).
         """
-        array = self._array(f"layers/{layer}")
+        array = self._array(name)
         try:
             if out is None:
                 return array[videos]
@@ -259,7 +271,7 @@ class Store:
             array.get_basic_selection(videos, out=NDBuffer.from_numpy_array(out))
             return out
         except ValueError as e:  # zarr's crc32c codec: "Stored and computed checksum do not match"
-            raise StoreError(f"{self.location}/layers/{layer}: damaged data for videos {_describe(videos)} "
+            raise StoreError(f"{self.location}/{name}: damaged data for videos {_describe(videos)} "
                              f"({e}); run `mad info {self.location} --verify`") from None
 
     def counts(self) -> dict:
@@ -293,7 +305,7 @@ class Store:
         Videos of the block done by an earlier run are read back and written again
         with it (a shard is written whole), so one call is one write of each shard file.
         """
-        S, m = self.shard_size, self.manifest
+        S = self.shard_size
         start, stop = block * S, min((block + 1) * S, self.num_videos)
         if any(not start <= r.video < stop for r in results):
             raise ValueError(f"results outside shard block {block} ([{start}, {stop}))")
@@ -303,25 +315,24 @@ class Store:
         new = np.zeros(stop - start, bool)
         new[[r.video - start for r in results]] = True
         keep = (status == DONE) & ~new
-        layer_tokens = {}
-        for layer in self.layers:
-            tokens = (self.read_layer(layer, slice(start, stop)) if keep.any()
-                      else np.zeros((stop - start, m.views, m.frames, m.tokens, m.width), np.float16))
-            tokens[~keep] = 0
-            layer_tokens[layer] = tokens
+        data = {}
+        for name, (shape, dtype) in self.data_arrays.items():
+            values = self.read(name, slice(start, stop)) if keep.any() else np.zeros((stop - start, *shape), dtype)
+            values[~keep] = 0
+            data[name] = values
         errors = []
         for r in results:
             i = r.video - start
             num_frames[i] = r.num_frames
             if r.error is None:
-                for layer in self.layers:
-                    layer_tokens[layer][i] = r.layer_tokens[layer]
+                for name in data:
+                    data[name][i] = r.data[name]
                 frame_index[i], status[i] = r.frame_index, DONE
             else:
                 frame_index[i], status[i] = -1, FAILED
                 errors.append({"path": r.path, "reason": r.error})
-        for layer in self.layers:
-            self._array(f"layers/{layer}")[start:stop] = layer_tokens[layer]
+        for name, values in data.items():
+            self._array(name)[start:stop] = values
         self._array("frame_index")[start:stop] = frame_index
         self._array("num_frames")[start:stop] = num_frames
         self._array("status")[start:stop] = status  # last: marks the data above complete
@@ -346,12 +357,18 @@ class Store:
     def errors_location(self) -> str:
         return self.location.rstrip("/") + "/errors.jsonl"
 
-    def bytes_on_disk(self) -> dict[int, int]:
-        """Stored bytes per layer."""
+    def bytes_on_disk(self) -> dict[str, int]:
+        """Stored bytes per data array."""
         if is_url(self.location):
-            return {layer: int(self._array(f"layers/{layer}").nbytes_stored()) for layer in self.layers}
+            return {name: int(self._array(name).nbytes_stored()) for name in self.data_arrays}
         result = {}
-        for layer in self.layers:
-            root = Path(self.location) / "layers" / str(layer)
-            result[layer] = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        for name in self.data_arrays:
+            root = Path(self.location) / name
+            result[name] = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
         return result
+
+
+def _data_arrays(m: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
+    if m.storage == "compact":
+        return {"records": ((m.views, m.compact["record_bytes"]), "uint8")}
+    return {f"layers/{layer}": ((m.views, m.frames, m.tokens, m.width), "float16") for layer in m.layers}

@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mad.cache import compact
+from mad.cache.inputs import branch_inputs, resolve_cell_size
 from mad.cache.locks import StoreLocks
-from mad.cache.manifest import IDENTITY_KEYS, Manifest
+from mad.cache.manifest import IDENTITY_KEYS, STORAGE, Manifest
 from mad.cache.store import FAILED, PENDING, IncompleteStoreError, Store, StoreError, VideoResult, is_url
 from mad.errors import MadError
 from mad.extract.backbone import load_backbone, model_config_of
@@ -44,6 +46,10 @@ class ExtractConfig:
     crops: int = 1
     labels: str | None = None
     grid_downsample: int = 1     # average the patch grid in n x n cells before writing
+    store: str = "compact"       # compact: what the branch reads, 8-bit (1/6 of full); full: every token, float16
+    cell_size: str = "auto"      # compact: the branch's cells (auto: no fewer than 7 per side)
+    correlation: int = 1         # compact: radius of the stored patch matches (0: none)
+    correlation_groups: int = 4  # compact: channel groups matched separately
     batch_size: int = 4          # videos per forward pass
     workers: int = -1            # decoding processes; -1: automatic, 0: decode in this process
     device: str = "auto"
@@ -72,7 +78,7 @@ class VideoDecodeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[VideoResult, torch.Tensor | None]:
         """(the video's result so far, its uint8 frames [views, T, 3, S, S] or None when it failed)."""
-        result = VideoResult(video=self.indices[i], path=self.paths[i], layer_tokens=None, frame_index=None)
+        result = VideoResult(video=self.indices[i], path=self.paths[i], data=None, frame_index=None)
         full = os.path.join(self.root, result.path)
         try:
             if not os.path.isfile(full):
@@ -111,6 +117,10 @@ def _check_config(cfg: ExtractConfig) -> None:
             raise ExtractError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.crops not in (1, 3):
         raise ExtractError("--crops must be 1 or 3")
+    if cfg.store not in STORAGE:
+        raise ExtractError(f"--store {cfg.store!r}: use {' or '.join(STORAGE)}")
+    if cfg.correlation < 0:
+        raise ExtractError(f"--correlation {cfg.correlation}: give a radius in patches, or 0 for none")
 
 
 def _manifest(cfg: ExtractConfig, backbone, video_list) -> Manifest:
@@ -125,8 +135,29 @@ def _manifest(cfg: ExtractConfig, backbone, video_list) -> Manifest:
         tokens=backbone.tokens, width=info.width, mean=list(info.mean), std=list(info.std),
         precision=cfg.precision, sampling="tsn-middle", class_names=video_list.class_names,
         labelled_by=video_list.labelled_by, videos_root=str(Path(cfg.videos).resolve()),
-        shard_size=cfg.shard_size, versions=versions(),
+        shard_size=cfg.shard_size, versions=versions(), storage=cfg.store,
+        compact=_compact_settings(cfg, backbone) if cfg.store == "compact" else None,
     )
+
+
+def _compact_settings(cfg: ExtractConfig, backbone) -> dict:
+    """What a compact store fixes: the branch's cells, the correlation's radius and groups, the record layout."""
+    tokens, width = backbone.tokens, backbone.info.width
+    try:
+        cell = resolve_cell_size(cfg.cell_size, tokens)
+    except ValueError as e:
+        raise ExtractError(f"--cell-size: {e}") from None
+    side = int(round((tokens - 1) ** 0.5))
+    if (cell > 1 or cfg.correlation) and side * side != tokens - 1:
+        raise ExtractError(f"--store compact: the {tokens - 1}-patch grid is not square; pass --cell-size 1 and "
+                           "--correlation 0")
+    if cfg.correlation and width % cfg.correlation_groups:
+        raise ExtractError(f"--correlation-groups {cfg.correlation_groups} does not divide the width {width}")
+    cells = 1 + (-(-side // cell)) ** 2
+    match_features = cfg.correlation_groups * (2 * cfg.correlation + 1) ** 2 if cfg.correlation else 0
+    layout = compact.record_layout(len(backbone.layers), cfg.frames, cells, tokens - 1, width, match_features)
+    return {"cell_size": cell, "correlation": cfg.correlation, "correlation_groups": cfg.correlation_groups,
+            "values": compact.VALUES, "record_bytes": compact.record_bytes(layout), "layout": layout}
 
 
 def _slice(cfg: ExtractConfig) -> tuple[int, int]:
@@ -256,12 +287,25 @@ def _run_batch(backbone, batch: list[tuple[VideoResult, torch.Tensor]], writer: 
     sizes = [frames.shape[0] * frames.shape[1] for _, frames in batch]  # views * T per video
     frames = torch.cat([frames.flatten(0, 1) for _, frames in batch]).to(device, non_blocking=True)
     levels = backbone(frames)  # per layer: [sum(views * T), N, D]
+    m = writer.store.manifest
+    if m.storage == "compact":  # what the branch reads, 8-bit: one record per video-view
+        c = m.compact
+        views = sum(size // m.frames for size in sizes)
+        inputs = branch_inputs([level.view(views, m.frames, *level.shape[1:]) for level in levels],
+                               c["cell_size"], c["correlation"], c["correlation_groups"])
+        records = compact.encode(inputs, c["layout"]).cpu().numpy()  # [sum(views), R]
+        offset = 0
+        for (result, frames), size in zip(batch, sizes):
+            result.data = {"records": records[offset:offset + frames.shape[0]]}
+            offset += frames.shape[0]
+            writer.put(result)
+        return len(batch)
     levels = [level.to(torch.float16).cpu().numpy() for level in levels]
     offset = 0
     for (result, frames), size in zip(batch, sizes):
         views, T = frames.shape[:2]
-        result.layer_tokens = {layer: level[offset:offset + size].reshape(views, T, *level.shape[1:])
-                               for layer, level in zip(backbone.layers, levels)}
+        result.data = {f"layers/{layer}": level[offset:offset + size].reshape(views, T, *level.shape[1:])
+                       for layer, level in zip(backbone.layers, levels)}
         offset += size
         writer.put(result)
     return len(batch)

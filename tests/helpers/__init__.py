@@ -32,6 +32,6 @@ def extract_config(videos, out, **overrides):
     from mad.extract.run import ExtractConfig
 
     options = dict(videos=str(videos), out=str(out), model=TINY_MODEL, pretrained="none", layers="2,4",
-                   frames=8, workers=0, progress=False, shard_size=4, precision="fp32")
+                   frames=8, workers=0, progress=False, shard_size=4, precision="fp32", store="full")
     options.update(overrides)
     return ExtractConfig(**options)

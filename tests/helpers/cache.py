@@ -95,6 +95,7 @@ def make_cache(path, videos_per_class=16, layers=(2, 4), frames=8, grid=4, width
                 results.append(VideoResult(i, paths[i], None, None, error="synthetic failure"))
                 continue
             tokens = synthetic_tokens(labels[i], rng, layers, frames, grid, width, views, task)
-            results.append(VideoResult(i, paths[i], tokens, frame_index, num_frames=frames))
+            data = {f"layers/{layer}": values for layer, values in tokens.items()}
+            results.append(VideoResult(i, paths[i], data, frame_index, num_frames=frames))
         store.write_block(block, results)
     return store
