@@ -13,10 +13,12 @@ with random weights, whose speed does not depend on weight values):
 
 from __future__ import annotations
 
+import datetime
 import json
-import math
 import os
+import shlex
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -144,7 +146,8 @@ def plan(cfg: PlanConfig) -> dict:
             "read_bytes_per_epoch": num_videos * per_view[mode],
             "extraction_seconds": num_videos * per_video,
         }
-    return {"config": asdict(cfg), "num_videos": num_videos, "views": views, "tokens": per_view["tokens"],
+    return {"command": shlex.join(["mad", *sys.argv[1:]]), "date": datetime.date.today().isoformat(),
+            "config": asdict(cfg), "num_videos": num_videos, "views": views, "tokens": per_view["tokens"],
             "compact_cell_size": per_view["cell_size"], "source_bytes": source_bytes,
             "seconds_per_video": seconds, "decode_probed": seconds["decoded_files"] > 0, "modes": modes}
 
