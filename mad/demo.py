@@ -2,7 +2,7 @@
 
 Draws a labelled video set in which only temporal order decides the class (each
 class pair is an exact time reversal), encodes it to mp4, extracts it with a small
-random-weight ViT, trains the M-adapter branch and the static `linear` baseline
+random-weight ViT, trains the M-adapter branch and the static `meanpool` and `linear` baselines
 from the cache, and prints both accuracies side by side. A static model sees the
 same distribution for both classes of a pair, so it cannot beat 1/2 within a pair.
 """
@@ -28,7 +28,7 @@ class DemoConfig:
     layers: str = "1,2"             # random blocks mix tokens globally: the shallow ones keep more layout
     epochs: int = 30
     seed: int = 0
-    archs: tuple[str, ...] = ("madapter", "linear")
+    archs: tuple[str, ...] = ("madapter", "meanpool", "linear")
     progress: bool = True
 
 

@@ -7,15 +7,16 @@ import json
 from mad.demo import DemoConfig, run_demo
 
 
-def test_demo_madapter_learns_temporal_order_that_linear_cannot(tmp_path):
-    # The shipped defaults (videos, backbone, epochs), not a reduced copy: ~3 min on 2 CPU cores.
+def test_demo_madapter_learns_temporal_order_that_static_models_cannot(tmp_path):
+    # The shipped defaults (videos, backbone, epochs, compact store), not a reduced copy: ~4 min on 2 CPU cores.
     report = run_demo(DemoConfig(out=str(tmp_path / "demo"), progress=False))
-    madapter, linear = report["results"]["madapter"], report["results"]["linear"]
-    assert madapter["val_top1_last"] >= 0.9, report
-    # Every class pair is an exact time reversal, so a static model's ceiling is 1/2.
-    assert linear["val_top1_best"] <= 0.5, report
+    results = report["results"]
+    assert results["madapter"]["val_top1_last"] >= 0.9, report
+    # Every class pair is an exact time reversal, so a static model's ceiling is 1/2 (with these random-weight
+    # features both static baselines stay near chance, 1/6: they do not even separate the pairs; issue #11).
+    assert results["meanpool"]["val_top1_best"] <= 0.5 and results["linear"]["val_top1_best"] <= 0.5, report
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["results"] == report["results"]
-    for arch in ("madapter", "linear"):
+    for arch in ("madapter", "meanpool", "linear"):
         assert (tmp_path / "demo" / "runs" / arch / "model.safetensors").is_file()
     # the demo ViT's 14x14 grid is pooled to 7x7 as a ViT-B/16's is: the demo trains the default branch
     config = json.loads((tmp_path / "demo" / "runs" / "madapter" / "config.json").read_text())
