@@ -272,3 +272,16 @@ def test_foreign_files_are_refused(tmp_path):
         load_model(tmp_path / "junk.safetensors")
     with pytest.raises(CheckpointError, match="no such model file"):
         load_model(tmp_path / "missing.safetensors")
+
+
+def test_branch_inputs_are_float32_work_also_under_cpu_bf16_autocast():
+    """ViT-B-sized levels are split clip by clip on CPU: the float16 pieces must still be joined under autocast."""
+    levels = [torch.randn(2, 8, 197, 768).half() for _ in range(2)]
+    model = branch("madapter", 2, 768, 197, 8, 3, width=32, heads=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(levels)
+    reference = branch_inputs(levels, cell=2, radius=1, groups=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = branch_inputs(levels, cell=2, radius=1, groups=4)
+    assert logits.shape == (2, 3) and torch.equal(inside.cells[0], reference.cells[0])
+    assert inside.similarity.dtype == torch.float32 and torch.equal(inside.similarity, reference.similarity)

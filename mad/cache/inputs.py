@@ -115,7 +115,16 @@ def resolve_cell_size(setting, num_tokens: int) -> int:
 def branch_inputs(levels: list[torch.Tensor], cell: int = 1, radius: int = 0, groups: int = 4,
                   cells: bool = True) -> BranchInputs:
     """What the branch reads of full levels (see the module docstring); `radius` 0: no similarity,
-    `cells` False: no cells (the baselines read only cls and token_mean)."""
+    `cells` False: no cells (the baselines read only cls and token_mean).
+
+    Always in float32 (cells stored as float16), also inside a training step's autocast: these are the
+    values a compact store holds, and CPU autocast cannot even concatenate float16 tensors.
+    """
+    with torch.autocast(levels[0].device.type, enabled=False):
+        return _branch_inputs(levels, cell, radius, groups, cells)
+
+
+def _branch_inputs(levels, cell, radius, groups, cells) -> BranchInputs:
     return BranchInputs(
         cells=[normalized_cells(x, cell) for x in levels] if cells else [],
         cls=[x[:, :, 0].float() for x in levels],
