@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from tests.helpers.cache import make_cache
@@ -277,3 +278,26 @@ def test_cell_size_is_resolved_into_the_model_and_bad_values_are_refused(caches,
     for bad in ("0", "half"):
         with pytest.raises(MadError, match=f"--cell-size '{bad}': give auto, 1"):
             train(config(caches, tmp_path / "bad", cell_size=bad), quiet=True)
+
+
+def test_format_1_stores_still_open_append_and_train(tmp_path):
+    """Stores written before format 2 (paths as zarr-python strings, `pool`, `dtype` in the manifest)."""
+    import zarr
+
+    store = make_cache(tmp_path / "old", videos_per_class=4)
+    paths = store.paths()
+    group = zarr.open_group(str(tmp_path / "old"), mode="r+")
+    del group["path"]
+    group.create_array("path", shape=(len(paths),), dtype=str, chunks=(8,))
+    group["path"][:] = np.asarray(paths, dtype=object)
+    manifest = dict(group.attrs["mad"])
+    manifest.update(format_version=1, pool=manifest.pop("grid_downsample"), dtype="float16")
+    for key in ("storage", "compact"):
+        manifest.pop(key)
+    group.attrs["mad"] = manifest
+    old = Store.open(tmp_path / "old", mode="r+")
+    assert old.manifest.format_version == 1 and old.paths() == paths and old.manifest.storage == "full"
+    old.append_videos(["left_to_right/new.mp4"], [0])
+    assert Store.open(tmp_path / "old").paths() == paths + ["left_to_right/new.mp4"] and old.verify() == []
+    summary = train(TrainConfig(cache=str(tmp_path / "old"), out=str(tmp_path / "run"), epochs=1, **TINY), quiet=True)
+    assert math.isfinite(summary["train/loss"])
