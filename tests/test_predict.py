@@ -61,3 +61,22 @@ def test_predict_cli_reports_bad_files_and_refuses_a_missing_run(trained_run, tm
     assert f"{bad}: error: not a video file" in result.stderr
     with pytest.raises(MadError, match="no such model file"):
         predict_videos([good], str(tmp_path / "nothing"))
+
+
+def test_predict_averages_the_softmax_over_every_view(trained_run, tmp_path):
+    """A run trained on a 2 clips x 3 crops cache: predict decodes the same 6 views and averages their softmax."""
+    _, videos = trained_run
+    extract(extract_config(videos, tmp_path / "cache", precision="bf16", clips=2, crops=3))
+    train(TrainConfig(cache=str(tmp_path / "cache"), width=32, heads=2, epochs=1, batch_size=4,
+                      out=str(tmp_path / "run"), device="cpu"), quiet=True)
+    store = Store.open(tmp_path / "cache")
+    branch, info = load_model(tmp_path / "run" / "model.safetensors")
+    (result,) = predict_videos([str(videos / store.paths()[0])], str(tmp_path / "run"), top=6)
+    levels = [torch.from_numpy(store.read_layer(layer, 0).astype(np.float32)) for layer in store.layers]
+    assert levels[0].shape[0] == 6  # views
+    with torch.no_grad():
+        per_view = branch(levels).softmax(-1)  # [6, C]
+    assert not torch.allclose(per_view[0], per_view[3], atol=1e-4)  # the clips differ: averaging matters
+    got = dict(result["top"])
+    for c, name in enumerate(info["class_names"]):
+        assert abs(got[name] - per_view.mean(dim=0)[c].item()) < 1e-4, name
