@@ -71,17 +71,22 @@ def test_cached_tokens_match_open_clip_forward(tmp_path):
     checkpoint = tmp_path / "tiny.pt"
     torch.save(open_clip.create_model("mad-tiny-vit").state_dict(), checkpoint)
 
-    extract(extract_config(videos, tmp_path / "cache", pretrained=str(checkpoint), layers="1,-1"))
+    extract(extract_config(videos, tmp_path / "cache", pretrained=str(checkpoint), layers="1,-1", clips=2, crops=3))
     store = Store.open(tmp_path / "cache")
     assert store.manifest.pretrained_sha256 and store.manifest.layers == [1, 4]
-    assert (store.status() == DONE).all()
+    assert (store.status() == DONE).all() and store.frame_index().shape[1:] == (2, 8)
     for v, path in enumerate(store.paths()):
-        reference = _open_clip_reference(str(videos / path), store.frame_index()[v, 0], str(checkpoint), [1, 4])
-        for layer, ref in zip([1, 4], reference):
-            cached = torch.from_numpy(store.read_layer(layer, v)[0].astype(np.float32))  # [T, N, D]
-            assert cached.shape == ref.shape
-            cos = torch.nn.functional.cosine_similarity(cached.flatten(1), ref.flatten(1), dim=1)
-            assert cos.min() > 0.999, (path, layer, cos)
+        for clip in range(2):  # views are clip-major, crops left / centre / right: open_clip's is the centre
+            reference = _open_clip_reference(str(videos / path), store.frame_index()[v, clip], str(checkpoint),
+                                             [1, 4])
+            for layer, ref in zip([1, 4], reference):
+                views = torch.from_numpy(store.read_layer(layer, v).astype(np.float32))  # [6, T, N, D]
+                cached = views[clip * 3 + 1]
+                assert cached.shape == ref.shape
+                cos = torch.nn.functional.cosine_similarity(cached.flatten(1), ref.flatten(1), dim=1)
+                assert cos.min() > 0.999, (path, clip, layer, cos)
+                assert not torch.allclose(views[clip * 3], cached)  # wide videos: the side crops differ
+        assert not np.array_equal(store.frame_index()[v, 0], store.frame_index()[v, 1])  # the clips are shifted
 
 
 def test_real_clips_and_bad_corpus_in_one_run(tmp_path):
