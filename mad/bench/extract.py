@@ -27,8 +27,13 @@ import torch
 from mad.extract.backbone import load_backbone
 from mad.extract.decode import decode_clip
 from mad.extract.run import ExtractConfig, VideoDecodeDataset, decoded_videos, extract
+from mad.errors import MadError
 from mad.extract.videos import find_videos
 from mad.runtime import machine_info, resolve_device
+
+
+class BenchExtractError(MadError):
+    """An extraction the benchmark started failed (message says which and why)."""
 
 
 def _cut(source: Path, dest: Path, seconds: float) -> None:
@@ -157,7 +162,7 @@ def bench_extract(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
     _print(result)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        name = f"extract_{device.type.replace('cuda', 'gpu')}_{model}.json"
+        name = f"extract_{device.type.replace('cuda', 'gpu')}_{Path(model).stem}.json"
         (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -238,10 +243,11 @@ def bench_scaling(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
                         for i in range(count)]
             running = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                        for c in commands]
-            for p in running:
+            for command, p in zip(commands, running):
                 _, err = p.communicate()
                 if p.returncode:
-                    raise RuntimeError(f"extract failed: {err.strip().splitlines()[-1:]}")
+                    last = (err.strip().splitlines() or ["(no message)"])[-1]
+                    raise BenchExtractError(f"{' '.join(command[2:])} failed: {last}")
             timings[count] = time.perf_counter() - started
     result = {"machine": machine_info("cpu"), "date": datetime.date.today().isoformat(),
               "settings": {"videos": videos, "clips": len(paths), "model": model, "layers": layers,
@@ -257,5 +263,5 @@ def bench_scaling(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
                     f"speed-up {result['speedup']:.2f}x on {os.cpu_count()} cores")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"extract_scaling_cpu_{model}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (Path(out) / f"extract_scaling_cpu_{Path(model).stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
