@@ -308,8 +308,11 @@ def bench_train(
     width: int = typer.Option(384, help="M-adapter branch width."),
     online_steps: int = typer.Option(3, help="Online steps to time (after one warm-up), extrapolated to an epoch."),
     workers: int = typer.Option(2, help="Reader processes for the streamed mode."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N videos (smoke runs)."),
+    decode_workers: int = typer.Option(2, help="DataLoader processes decoding videos in the online mode."),
+    repeats: int = typer.Option(3, help="Run the whole comparison this many times (min / median / max)."),
+    limit: Optional[int] = typer.Option(None, help="Use N videos: the first N, or the list repeated up to N."),
     cache: Optional[str] = typer.Option(None, help="Existing cache of --videos (default: extract one now, timed)."),
+    store: str = typer.Option("compact", help="Store to extract: compact (the default of mad extract) or full."),
     device: str = typer.Option("auto"),
     precision: str = typer.Option("bf16", help="Backbone precision for extraction and online mode."),
     grid_downsample: int = typer.Option(1, "--grid-downsample", "--pool",
@@ -323,7 +326,8 @@ def bench_train(
     from mad.bench.train import bench_train as run
 
     run(str(videos), model, layers, frames, batch_size, epochs, width, online_steps, workers, limit, device,
-        precision, cache, grid_downsample, str(out) if out else None, branch_precision, cell_size)
+        precision, cache, grid_downsample, str(out) if out else None, branch_precision, cell_size, store, repeats,
+        decode_workers)
 
 
 @bench_app.command("storage")

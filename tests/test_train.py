@@ -246,13 +246,20 @@ def test_bench_train_smoke(tmp_path):
     from mad.synthetic import make_demo_videos
 
     videos = make_demo_videos(tmp_path / "videos", videos_per_class=1, val_per_class=0, num_frames=8, size=64)
+    # 6 videos, limit 8: the list repeats; 2 repeats of the comparison, decoding in 1 worker process
     result = bench_train(str(videos["train"]), model=TINY_MODEL, layers="2,4", frames=4, batch_size=2, epochs=1,
-                         width=32, online_steps=1, workers=1, limit=4, precision="fp32", device="cpu",
-                         out=str(tmp_path / "out"))
-    assert result["steps_per_epoch"] == 2 and result["settings"]["clips"] == 4
-    assert result["online_over_cache"] > 1.0  # decoding and the ViT cost something on top of the branch
-    assert 0 < result["stream_over_ram"] < 20
-    assert len(list((tmp_path / "out").glob("train_cpu_*.json"))) == 1
+                         width=32, online_steps=1, workers=1, limit=8, precision="fp32", device="cpu",
+                         out=str(tmp_path / "out"), repeats=2, decode_workers=1)
+    assert result["steps_per_epoch"] == 4 and result["settings"]["clips"] == 8 and len(result["runs"]) == 2
+    for run in result["runs"]:  # the ViT costs something on top of the branch, and decoding on top of that
+        assert run["online_decoded_over_ram"] > 1.0 and run["online_over_stream"] > 1.0
+        assert run["online_over_ram"] == pytest.approx(run["online_step_seconds"] * 4 / run["ram_epoch_seconds"])
+    for key in ("online_over_stream", "stream_over_ram"):
+        spread = result[key]
+        assert spread["min"] <= spread["median"] <= spread["max"]
+        assert spread["min"] == min(r[key] for r in result["runs"])
+    assert result["settings"]["store"] == "compact"
+    assert len(list((tmp_path / "out").glob("train_cpu_*_compact.json"))) == 1
 
 
 def test_bf16_autocast_on_cpu_trains_and_bad_precision_is_refused(caches, tmp_path):
