@@ -58,7 +58,13 @@ def extract(
     frames: int = typer.Option(EXTRACT.frames, help="Frames per clip (T)."),
     clips: int = typer.Option(EXTRACT.clips, help="Temporal views per video."),
     crops: int = typer.Option(EXTRACT.crops, help="Spatial views per clip: 1 (centre) or 3."),
-    labels: Optional[Path] = typer.Option(None, help="'path label' list (with label_map.txt beside it) or CSV path,label."),
+    labels: Optional[Path] = typer.Option(None, help="Annotations: an MMAction2 list (label_map.txt beside it), a "
+                                          "path,label CSV, a Kinetics CSV, an SSv2 train/validation JSON, a UCF101 "
+                                          "trainlist/testlist, or a folder of HMDB51 (or UCF101) split files."),
+    labels_format: str = typer.Option(EXTRACT.labels_format, "--labels-format", help="auto (from the file), "
+                                      "mmaction, csv, kinetics, ssv2, ucf101 or hmdb51."),
+    labels_split: Optional[str] = typer.Option(None, "--labels-split", help="With a folder of split files: "
+                                               "train1, train2, train3, test1, test2 or test3."),
     grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample", "--pool",
                                         help="Average the patch grid in NxN cells before writing (N^2 x smaller)."),
     store: str = typer.Option(EXTRACT.store, "--store", help="compact: what the branch reads (cells, patch matches, "
@@ -84,7 +90,8 @@ def extract(
 
     summary = run_extract(ExtractConfig(
         videos=str(videos), out=out, layers=layers, model=model, pretrained=pretrained, frames=frames,
-        clips=clips, crops=crops, labels=str(labels) if labels else None, grid_downsample=grid_downsample,
+        clips=clips, crops=crops, labels=str(labels) if labels else None,
+        labels_format=labels_format, labels_split=labels_split, grid_downsample=grid_downsample,
         store=store, cell_size=cell_size, correlation=correlation,
         batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
         shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit,

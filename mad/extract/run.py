@@ -45,6 +45,8 @@ class ExtractConfig:
     clips: int = 1
     crops: int = 1
     labels: str | None = None
+    labels_format: str = "auto"  # mmaction, csv, kinetics, ssv2, ucf101, hmdb51; auto: detected from --labels
+    labels_split: str | None = None  # train1..3 / test1..3 when --labels is a folder of split files
     grid_downsample: int = 1     # average the patch grid in n x n cells before writing
     store: str = "compact"       # compact: what the branch reads, 8-bit (1/6 of full); full: every token, float16
     cell_size: str = "auto"      # compact: the branch's cells (auto: no fewer than 7 per side)
@@ -213,7 +215,7 @@ def extract(cfg: ExtractConfig) -> dict:
     index, count = _slice(cfg)
     if count > 1 and cfg.overwrite:
         raise ExtractError("--overwrite cannot be combined with a sharded run: start over with one process first")
-    video_list = find_videos(cfg.videos, cfg.labels)
+    video_list = find_videos(cfg.videos, cfg.labels, cfg.labels_format, cfg.labels_split)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU each
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

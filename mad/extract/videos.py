@@ -1,20 +1,21 @@
 """Find videos and their labels.
 
-Three ways to label, in this order of precedence:
-- `--labels list.txt`: MMAction2-style `path label` per line (path relative to the
-  videos root, integer label), class names from `label_map.txt` beside the list;
-- `--labels file.csv`: a header with `path,label`; labels are integers or class names;
+Labels come from, in this order of precedence:
+- `--labels FILE` (or a folder of split files): a dataset's annotations, read by `annotations.py`
+  (MMAction2 list, `path,label` CSV, Kinetics CSV, Something-Something v2 JSON, UCF101 and HMDB51
+  split files); listed videos missing on disk are skipped with a warning, unlisted ones left out;
 - class folders: every video at `DIR/<class>/<clip>` (sorted class names -> 0, 1, ...).
 Anything else is unlabelled (label -1).
 """
 
 from __future__ import annotations
 
-import csv
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mad.errors import MadError
+from mad.extract.annotations import Annotations, read_annotations
 
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
 
@@ -29,22 +30,21 @@ class VideoList:
     paths: list[str]                         # relative to root, '/'-separated, sorted
     labels: list[int]                        # -1 when unlabelled
     class_names: list[str] = field(default_factory=list)
-    labelled_by: str = "none"                # class-folders | list | csv | none
+    labelled_by: str = "none"                # class-folders | none | an annotation format (mmaction, kinetics, ...)
+    missing: list[str] = field(default_factory=list)  # listed in the annotations, not found under root
+    unlisted: int = 0                        # videos under root the annotations do not list
 
 
-def find_videos(root: str | Path, labels: str | Path | None = None) -> VideoList:
+def find_videos(root: str | Path, labels: str | Path | None = None, labels_format: str = "auto",
+                labels_split: str | None = None) -> VideoList:
     root = Path(root)
     if not root.is_dir():
         raise VideoListError(f"{root}: not a folder")
     if labels is not None:
-        labels = Path(labels)
-        if not labels.is_file():
-            raise VideoListError(f"{labels}: label file not found")
-        return _from_csv(root, labels) if labels.suffix.lower() == ".csv" else _from_list(root, labels)
-    paths = sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*")
-        if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file() and not p.name.startswith(".")
-    )
+        return _match(root, read_annotations(labels, labels_format, labels_split))
+    if labels_format != "auto" or labels_split is not None:
+        raise VideoListError("--labels-format and --labels-split need --labels")
+    paths = _video_files(root)
     if not paths:
         raise VideoListError(f"{root}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
     if all(path.count("/") == 1 for path in paths):
@@ -54,53 +54,49 @@ def find_videos(root: str | Path, labels: str | Path | None = None) -> VideoList
     return VideoList(root, paths, [-1] * len(paths), [], "none")
 
 
-def _from_list(root: Path, list_file: Path) -> VideoList:
-    entries = {}
-    for number, line in enumerate(list_file.read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        parts = line.rsplit(maxsplit=1)
-        try:
-            path, label = (parts[0], int(parts[1])) if len(parts) == 2 else (parts[0], -1)
-        except ValueError:
-            raise VideoListError(f"{list_file}:{number}: expected 'path label' with an integer label") from None
-        entries[_clean(path)] = label
-    if not entries:
-        raise VideoListError(f"{list_file}: no entries")
-    label_map = list_file.parent / "label_map.txt"
-    if label_map.is_file():
-        class_names = [line.strip() for line in label_map.read_text().splitlines() if line.strip()]
+def _video_files(root: Path) -> list[str]:
+    """Every video file under root, relative and sorted."""
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*")
+        if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
+
+
+def _match(root: Path, annotations: Annotations) -> VideoList:
+    """The listed videos found under root, by relative path or (for datasets that name clips) by file stem."""
+    on_disk = _video_files(root)
+    found: dict[str, int] = {}  # path under root -> label
+    missing: list[str] = []
+    if annotations.by_stem:  # Kinetics, SSv2, UCF101, HMDB51: in class folders or flat, any container
+        by_stem: dict[str, list[str]] = {}
+        for path in on_disk:
+            by_stem.setdefault(Path(path).stem, []).append(path)
+        for stem, label in annotations.videos.items():
+            paths = by_stem.get(stem, [])
+            if len(paths) > 1:
+                raise VideoListError(f"{annotations.file}: {stem} is {len(paths)} files under {root} "
+                                     f"({', '.join(paths[:3])}); keep one")
+            if paths:
+                found[paths[0]] = label
+            else:
+                missing.append(stem)
     else:
-        class_names = [str(i) for i in range(max(entries.values()) + 1)]
-    bad = [label for label in entries.values() if label >= len(class_names)]
-    if bad:
-        raise VideoListError(f"{list_file}: label {bad[0]} has no name in {label_map} ({len(class_names)} classes)")
-    paths = sorted(entries)
-    return VideoList(root, paths, [entries[p] for p in paths], class_names, "list")
-
-
-def _from_csv(root: Path, csv_file: Path) -> VideoList:
-    with open(csv_file, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise VideoListError(f"{csv_file}: needs a header with 'path' (and 'label') columns")
-        rows = [(_clean(row["path"]), (row.get("label") or "").strip()) for row in reader if row.get("path")]
-    if not rows:
-        raise VideoListError(f"{csv_file}: no rows")
-    values = [label for _, label in rows if label != ""]
-    if all(v.lstrip("-").isdigit() for v in values):
-        numbers = {path: int(label) if label != "" else -1 for path, label in rows}
-        class_names = [str(i) for i in range(max([*numbers.values(), -1]) + 1)]
-    else:
-        class_names = sorted(set(values))
-        index = {name: i for i, name in enumerate(class_names)}
-        numbers = {path: index[label] if label != "" else -1 for path, label in rows}
-    paths = sorted(numbers)
-    return VideoList(root, paths, [numbers[p] for p in paths], class_names, "csv")
-
-
-def _clean(path: str) -> str:
-    path = path.strip()
-    while path.startswith("./"):
-        path = path[2:]
-    return Path(path).as_posix()
+        known = set(on_disk)
+        for path, label in annotations.videos.items():
+            if path in known or (root / path).is_file():  # is_file: a listed file with an unusual extension
+                found[path] = label
+            else:
+                missing.append(path)
+    listed = len(annotations.videos)
+    if not found:
+        raise VideoListError(f"{annotations.file}: none of its {listed} videos is under {root} "
+                             f"(first: {', '.join(missing[:3])})")
+    if missing:
+        warnings.warn(f"{annotations.file}: {len(missing)} of {listed} listed videos are not under {root}, "
+                      f"skipped (first: {', '.join(missing[:3])})")
+    unlisted = len(set(on_disk) - set(found))
+    if unlisted:
+        warnings.warn(f"{root}: {unlisted} videos are not listed in {annotations.file}, left out")
+    paths = sorted(found)
+    return VideoList(root, paths, [found[p] for p in paths], annotations.class_names, annotations.format,
+                     missing, unlisted)
