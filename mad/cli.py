@@ -256,6 +256,19 @@ def demo(
     run_demo(DemoConfig(out=str(out), epochs=epochs, seed=seed))
 
 
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run folders (mad train) and sweep folders (mad sweep: all its runs)."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
+    worst: int = typer.Option(8, help="Worst-scored val videos to show per run (with their sampled frames)."),
+    device: str = typer.Option("auto", help="Where to score the runs' models on their val caches."),
+):
+    """One self-contained HTML page: leaderboard, curves, confusion matrices, per-class accuracy, worst videos."""
+    from mad.report import write_report
+
+    typer.echo(f"wrote {write_report(runs, out, device=device, worst=worst)}")
+
+
 @bench_app.command("extract")
 def bench_extract(
     videos: Path = typer.Option(..., "--videos", help="Folder of videos (e.g. ../shared/data/k2/train)."),

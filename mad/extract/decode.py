@@ -197,6 +197,38 @@ def decode_clip(path: str, frames: int = 8, clips: int = 1, crops: int = 1, size
     )
 
 
+def decode_frames(path: str, frame_index, size: int) -> np.ndarray:
+    """The frames numbered `frame_index` (e.g. those a cache recorded), uint8 [n, H, W, 3], short side `size`.
+
+    No crop: for showing what was sampled (`mad report`). Raises DecodeError with the reason if it can't.
+    """
+    wanted = np.asarray(frame_index, dtype=np.int64).reshape(1, -1)
+    try:
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.error.InvalidDataError:
+        raise DecodeError("not a video file (invalid data)") from None
+    except (av.error.FFmpegError, OSError) as e:
+        raise DecodeError(f"cannot open: {_reason(e)}") from None
+    with container:
+        if not container.streams.video:
+            raise DecodeError("no video stream (audio-only or data file)")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
+        keyframes = _keyframes(container, stream, fps)
+    images = {}
+    for keys in (keyframes, []):  # by timestamp; counting frames if the timestamps prove unreliable
+        with av.open(str(path), metadata_errors="ignore") as container:
+            try:
+                images, _ = _read_frames(container, container.streams.video[0], fps, wanted, size, keys)
+                break
+            except _TimestampsUnreliable:
+                continue
+    if not images:
+        raise DecodeError("no decodable video frames")
+    known = sorted(images)  # frames past a broken tail repeat the last good one, as in decode_clip
+    return np.stack([images[max([k for k in known if k <= t], default=known[0])] for t in wanted[0]])
+
+
 def _keyframes(container, stream, fps: float) -> list[tuple[int, int]]:
     """[(frame index, pts)] of the keyframes, or [] where timestamps can't give frame indices.
 
