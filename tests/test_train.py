@@ -247,13 +247,15 @@ def test_bench_train_smoke(tmp_path):
 
     videos = make_demo_videos(tmp_path / "videos", videos_per_class=1, val_per_class=0, num_frames=8, size=64)
     # 6 videos, limit 8: the list repeats; 2 repeats of the comparison, decoding in 1 worker process
-    result = bench_train(str(videos["train"]), model=TINY_MODEL, layers="2,4", frames=4, batch_size=2, epochs=1,
-                         width=32, online_steps=1, workers=1, limit=8, precision="fp32", device="cpu",
+    result = bench_train(str(videos["train"]), model=TINY_MODEL, layers="2,4", frames=4, batch_size=2, epochs=2,
+                         width=32, online_steps=2, workers=1, limit=8, precision="fp32", device="cpu",
                          out=str(tmp_path / "out"), repeats=2, decode_workers=1)
     assert result["steps_per_epoch"] == 4 and result["settings"]["clips"] == 8 and len(result["runs"]) == 2
-    for run in result["runs"]:  # the ViT costs something on top of the branch, and decoding on top of that
-        assert run["online_decoded_over_ram"] > 1.0 and run["online_over_stream"] > 1.0
+    for run in result["runs"]:  # each ratio is its own run's epoch times (timings themselves are noise here)
+        assert all(run[k] > 0 for k in ("ram_epoch_seconds", "stream_epoch_seconds", "online_step_seconds"))
         assert run["online_over_ram"] == pytest.approx(run["online_step_seconds"] * 4 / run["ram_epoch_seconds"])
+        assert run["online_decoded_over_stream"] == pytest.approx(
+            run["online_decoded_step_seconds"] * 4 / run["stream_epoch_seconds"])
     for key in ("online_over_stream", "stream_over_ram"):
         spread = result[key]
         assert spread["min"] <= spread["median"] <= spread["max"]

@@ -23,7 +23,6 @@ import contextlib
 import datetime
 import json
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -36,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mad.adapt.step import make_optimizer, train_step
 from mad.adapt.train import TrainConfig
+from mad.bench import video_subset
 from mad.errors import MadError
 from mad.runtime import branch_autocast, machine_info, resolve_device
 
@@ -127,21 +127,6 @@ def _take(loader: DataLoader, count: int, kept: list):
                 return
 
 
-def _video_subset(videos: str, limit: int, into: Path) -> Path:
-    """`limit` videos of `videos` as symlinks under `into`; past the folder's end the list repeats
-    (as `<class>/repeat<k>-<name>`): time does not depend on what a clip shows, and epochs get long enough."""
-    from mad.extract.videos import find_videos
-
-    paths = find_videos(videos).paths
-    for i in range(limit):
-        path = paths[i % len(paths)]
-        repeat = i // len(paths)
-        name = into / path if repeat == 0 else into / Path(path).parent / f"repeat{repeat}-{Path(path).name}"
-        name.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(Path(videos).resolve() / path, name)
-    return into
-
-
 def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", frames: int = 8, batch_size: int = 8,
                 epochs: int = 2, width: int = 384, online_steps: int = 3, workers: int = 2, limit: int | None = None,
                 device: str = "auto", precision: str = "bf16", cache: str | None = None, grid_downsample: int = 1,
@@ -168,7 +153,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
         root = Path(videos)  # the store's paths are relative to this
         if cache is None:
             if limit is not None:
-                root = _video_subset(videos, limit, Path(tmp.name) / "videos")
+                root = video_subset(videos, limit, Path(tmp.name) / "videos")
             cache = str(Path(tmp.name) / "cache")
             started = time.perf_counter()
             with random_weights_expected():

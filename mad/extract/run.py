@@ -267,6 +267,9 @@ def _extract_slice(cfg: ExtractConfig, store: Store, backbone, device: torch.dev
                 summary["done_now"] += _run_batch(backbone, batch, writer, device)
                 progress.advance(len(batch))
                 batch = []
+                if "first_batch_seconds" not in summary:  # start-up: spawning readers, first decodes, warm-up
+                    summary["first_batch_seconds"] = time.perf_counter() - started
+                    summary["first_batch_clips"] = summary["done_now"]
         if batch:
             summary["done_now"] += _run_batch(backbone, batch, writer, device)
             progress.advance(len(batch))
