@@ -78,6 +78,8 @@ def extract(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry videos that failed before."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store and start over."),
     limit: Optional[int] = typer.Option(None, help="Process at most this many pending videos (then stop)."),
+    progress: bool = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="Progress and summary: a bar "
+                                  "on a terminal, plain lines (every 10%) in a log file or pipe."),
 ):
     """Run the frozen model over every video and cache per-layer tokens (resumable)."""
     from mad.extract.run import extract as run_extract
@@ -87,7 +89,7 @@ def extract(
         clips=clips, crops=crops, labels=str(labels) if labels else None, grid_downsample=grid_downsample,
         store=store, cell_size=cell_size, correlation=correlation,
         batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
-        shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit,
+        shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit, progress=progress,
     ))
     if summary["done_now"] == 0 and summary["failed_now"] > 0 and summary["done_total"] == 0:
         typer.echo(f"error: no video could be extracted; reasons in {summary['errors']}", err=True)

@@ -14,12 +14,12 @@ import dataclasses
 import itertools
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from mad.adapt.train import TrainConfig, TrainError, train_on
 from mad.cache.dataset import open_tokens
 from mad.cache.store import Store
+from mad.progress import make_console
 
 # Settings a grid may not vary: they name the data and the run, not the training.
 FIXED = ("cache", "val", "out", "resume", "overwrite")
@@ -62,7 +62,7 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
     options = parse_grid(grid)
     base = base or TrainConfig()
     combinations = [dict(zip(options, values)) for values in itertools.product(*options.values())]
-    console = Console(quiet=quiet, highlight=False)
+    console = make_console(quiet)
     train_store = Store.open(cache)
     val_store = Store.open(val) if val else None
     if val_store is not None:

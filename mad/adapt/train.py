@@ -39,6 +39,7 @@ from mad.cache.dataset import CachedTokens, open_tokens
 from mad.cache.manifest import Manifest
 from mad.cache.store import Store
 from mad.errors import MadError
+from mad.progress import make_console, plain
 from mad.runtime import branch_autocast, resolve_device
 
 _BRANCH = BranchConfig()
@@ -227,17 +228,18 @@ def validate(model, data: CachedTokens, batch_size: int, device) -> dict:
 
 
 class EpochLog:
-    """A rich progress bar per epoch (or nothing when quiet), fed by the epoch loop."""
+    """Training progress fed by the epoch loop: a rich bar per epoch on a terminal, one plain line per
+    epoch elsewhere (Slurm, nohup, CI: `mad.progress`), nothing when quiet."""
 
     def __init__(self, quiet: bool, epochs: int, steps_per_epoch: int):
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = Console(quiet=quiet, highlight=False)
+        self.console = make_console(quiet)
         self.epochs, self.steps = epochs, steps_per_epoch
+        self.plain = plain()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console,
-                                 disable=quiet)
+                                 disable=quiet or self.plain)
         self.task = None
 
     def print(self, text: str) -> None:
@@ -251,17 +253,22 @@ class EpochLog:
         return self.progress.__exit__(*exc)
 
     def step(self, status: str) -> None:
+        if self.plain:
+            return
         if self.task is None:
             self.task = self.progress.add_task(f"epoch {len(self.progress.tasks) + 1}", total=self.steps, status="")
         self.progress.update(self.task, advance=1, status=status)
 
     def epoch_done(self, row: dict) -> None:
         val = f"  val {row['val/acc/top1']:.3f}" if "val/acc/top1" in row else ""
+        status = (f"loss {row['train/loss']:.4f}  acc {row['train/acc']:.3f}{val}  "
+                  f"{row['clips_per_second']:.0f} clips/s")
+        if self.plain:
+            self.print(f"epoch {row['epoch']}/{self.epochs}  {status}  {row['epoch_seconds']:.1f} s")
+            return
         if self.task is None:
             self.task = self.progress.add_task("", total=self.steps, status="")
-        self.progress.update(self.task, description=f"epoch {row['epoch']}/{self.epochs}",
-                             status=f"loss {row['train/loss']:.4f}  acc {row['train/acc']:.3f}{val}  "
-                                    f"{row['clips_per_second']:.0f} clips/s")
+        self.progress.update(self.task, description=f"epoch {row['epoch']}/{self.epochs}", status=status)
         self.task = None
 
 

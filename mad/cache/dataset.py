@@ -122,10 +122,11 @@ class InMemoryTokens(CachedTokens):
         blocks = [(start, min(start + step, store.num_videos)) for start in range(0, store.num_videos, step)]
         blocks = [(a, b) for a, b in blocks if np.any((self.videos >= a) & (self.videos < b))]
         rows = {v: i for i, v in enumerate(self.videos.tolist())}
-        from rich.console import Console
         from rich.progress import Progress
 
-        with Progress(transient=True, disable=not (progress and Console().is_terminal)) as bar:
+        from mad.progress import plain
+
+        with Progress(transient=True, disable=not progress or plain()) as bar:  # a passing bar: none in logs
             name = os.path.basename(self.location.rstrip("/"))
             task = bar.add_task(f"reading {name}", total=len(blocks) * len(self.arrays))
             for array, array_name in zip(self.arrays, self.array_names):
