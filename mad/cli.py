@@ -137,6 +137,8 @@ def train(
     in_ram: str = typer.Option(TRAIN.in_ram, "--in-ram", help="Hold the cache in RAM: auto, yes or no."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
+    log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
+                            "(<run>/tensorboard; pip install tensorboard)."),
 ):
     """Train the M-adapter branch (or a baseline) from cached tokens; no image model is loaded."""
     import dataclasses
@@ -182,11 +184,13 @@ def sweep(
     device: str = typer.Option(TRAIN.device),
     seed: int = typer.Option(TRAIN.seed),
     in_ram: str = typer.Option(TRAIN.in_ram, "--in-ram", help="auto, yes or no."),
+    log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
+                            "(<run>/tensorboard; pip install tensorboard)."),
 ):
     """Train every combination of a grid from one read of the cache; print and save a leaderboard."""
     from mad.adapt.sweep import sweep as run_sweep
 
-    base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram)
+    base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram, log=log)
     run_sweep(cache, val, grid, out, base)
 
 

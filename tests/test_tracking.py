@@ -43,6 +43,76 @@ def metrics(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def tensorboard_scalars(run) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} as TensorBoard reads the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def assert_tensorboard_equals_metrics(run) -> None:
+    rows = metrics(run)
+    expected = {tag: [(row["epoch"], float(np.float32(row[tag]))) for row in rows] for tag in rows[0] if tag != "epoch"}
+    assert "val/acc/top1" in expected and "train/loss" in expected
+    assert tensorboard_scalars(run) == expected  # same names, step = epoch, values to float32 (TensorBoard's type)
+
+
+# ---- tensorboard ---------------------------------------------------------------------
+
+
+def test_train_log_tensorboard_writes_the_metrics_jsonl_scalars(caches, tmp_path):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--cache", caches["train"], "--val", caches["val"], "--epochs", "2",
+                                      "--width", "16", "--heads", "2", "--batch-size", "8", "--workers", "0",
+                                      "--out", str(run), "--log", "tensorboard"])
+    assert result.exit_code == 0, result.output
+    assert len(metrics(run)) == 2
+    assert_tensorboard_equals_metrics(run)
+
+    # Resumed with --log tensorboard after running without it: the earlier epochs are logged from metrics.jsonl.
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    cut = TrainConfig(cache=caches["train"], val=caches["val"], epochs=3, out=str(tmp_path / "cut"), **TINY)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, on_epoch_end=stop_after_two, quiet=True)
+    assert not (tmp_path / "cut" / "tensorboard").exists()
+    cut.resume, cut.log = True, "tensorboard"
+    train(cut, quiet=True)
+    assert [row["epoch"] for row in metrics(tmp_path / "cut")] == [1, 2, 3]
+    assert_tensorboard_equals_metrics(tmp_path / "cut")
+
+
+def test_sweep_log_tensorboard_gives_every_run_its_scalars(caches, tmp_path):
+    base = TrainConfig(epochs=1, log="tensorboard", **TINY)
+    results = sweep(caches["train"], caches["val"], "lr=1e-3,3e-3", str(tmp_path / "sweep"), base=base, quiet=True)
+    assert len(results) == 2
+    for summary in results:
+        assert_tensorboard_equals_metrics(tmp_path / "sweep" / os.path.basename(summary["run"]))
+
+
+def test_log_without_tensorboard_installed_fails_at_start_in_one_line(caches, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    runner = CliRunner()
+    run = tmp_path / "run"
+    common = ["--cache", caches["train"], "--val", caches["val"], "--epochs", "1", "--out", str(run)]
+    result = runner.invoke(app, ["train", *common, "--log", "tensorboard"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --log tensorboard needs the tensorboard package: pip install tensorboard "
+        "(or pip install 'mad[tensorboard]')"]
+    assert not run.exists()  # refused before the run folder was made
+    result = runner.invoke(app, ["sweep", "--grid", "lr=1e-3", "--cache", caches["train"], "--log", "tensorboard"])
+    assert result.exit_code == 2 and "pip install tensorboard" in result.output
+    result = runner.invoke(app, ["train", *common, "--log", "tensorboard,wandb"])
+    assert result.exit_code == 2
+    assert "error: --log 'tensorboard,wandb': 'wandb' is not a tracker; use none or tensorboard" in result.output
+
+
 # ---- plain-line logs ------------------------------------------------------------------
 
 PLAIN_LINE = re.compile(r"extract (\d+)/(\d+) \((\d+)%\)  (\d+\.\d\d) videos/s  ETA (\d+:\d\d:\d\d)  (\d+) failed")
