@@ -164,13 +164,15 @@ def evaluate_command(
     in_ram: str = typer.Option("auto", "--in-ram", help="auto, yes or no."),
     workers: int = typer.Option(2),
 ):
-    """Top-1, top-5 and mean class accuracy, single view and all views; writes eval-<cache>.json in the run."""
+    """Top-1, top-5 and mean class accuracy, single view and all views; writes eval-<cache>.json and
+    predictions-<cache>.csv (one row per video: true class, top-5 with probabilities) in the run."""
     from mad.adapt.evaluate import evaluate
 
     result = evaluate(run, cache, batch_size, device, in_ram, workers)
     typer.echo(f"{result['videos']} videos, {result['views']} views each")
     for view in ("single_view", "multi_view"):
         typer.echo(f"{view:11s} " + "  ".join(f"{k} {v:.4f}" for k, v in result[view].items()))
+    typer.echo(f"per-video predictions: {result['predictions']}")
 
 
 @app.command()

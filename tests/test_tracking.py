@@ -113,6 +113,55 @@ def test_log_without_tensorboard_installed_fails_at_start_in_one_line(caches, tm
     assert "error: --log 'tensorboard,wandb': 'wandb' is not a tracker; use none or tensorboard" in result.output
 
 
+# ---- predictions CSV ------------------------------------------------------------------
+
+
+def test_predictions_csv_reproduces_mad_eval(tmp_path):
+    """Single- and multi-view top-1/top-5 from the CSV equal `mad eval`'s; probabilities are the softmax's."""
+    make_cache(tmp_path / "train", videos_per_class=8, class_names=SIX_CLASSES)
+    val = make_cache(tmp_path / "val", videos_per_class=6, clips=3, seed=2, unlabelled=(1, 4),
+                     class_names=SIX_CLASSES)
+    train(TrainConfig(cache=str(tmp_path / "train"), epochs=1, out=str(tmp_path / "run"), **TINY), quiet=True)
+    result = CliRunner().invoke(app, ["eval", "--run", str(tmp_path / "run"), "--cache", str(tmp_path / "val"),
+                                      "--device", "cpu", "--in-ram", "yes"])
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "run" / "predictions-val.csv"
+    assert f"per-video predictions: {path}" in result.output
+    reported = json.loads((tmp_path / "run" / "eval-val.json").read_text())  # what `mad eval` printed, unrounded
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    # One row per extracted video, unlabelled ones too (no true class, no score).
+    assert [int(r["video"]) for r in rows] == list(range(12)) and [r["path"] for r in rows] == val.paths()
+    assert [r["true_class"] for r in rows] == ["" if i in (1, 4) else SIX_CLASSES[i % 2] for i in range(12)]
+    assert all(r["single_correct"] == r["multi_correct"] == "" for r in rows if not r["true_class"])
+    labelled = [r for r in rows if r["true_class"]]
+    assert reported["videos"] == len(labelled) == 10 and reported["views"] == 3
+    for view in ("single", "multi"):
+        top1 = [r[f"{view}_class1"] == r["true_class"] for r in labelled]
+        top5 = [r["true_class"] in [r[f"{view}_class{i}"] for i in range(1, 6)] for r in labelled]
+        assert [int(r[f"{view}_correct"]) for r in labelled] == [int(x) for x in top1]
+        assert sum(top1) == round(reported[f"{view}_view"]["acc/top1"] * len(labelled))
+        assert np.mean(top1) == pytest.approx(reported[f"{view}_view"]["acc/top1"], abs=1e-6)
+        assert np.mean(top5) == pytest.approx(reported[f"{view}_view"]["acc/top5"], abs=1e-6)
+        for r in rows:
+            probs = [float(r[f"{view}_prob{i}"]) for i in range(1, 6)]
+            assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
+            assert len({r[f"{view}_class{i}"] for i in range(1, 6)}) == 5
+
+    # The probabilities are the model's softmax: view 0, and the mean over the 3 views.
+    model, _ = load_model(tmp_path / "run" / "model.safetensors")
+    done = np.arange(12)
+    probs = predict_probs(model, open_tokens(val, "yes", progress=False, videos=done), 4, torch.device("cpu"),
+                          all_views=True)
+    for view, p in (("single", probs[:, 0]), ("multi", probs.mean(dim=1))):
+        values, indices = p.topk(5, dim=1)
+        assert [[r[f"{view}_class{i}"] for i in range(1, 6)] for r in rows] == \
+            [[SIX_CLASSES[c] for c in row] for row in indices.tolist()]
+        assert np.allclose([[float(r[f"{view}_prob{i}"]) for i in range(1, 6)] for r in rows], values, atol=1e-6)
+    assert not torch.equal(probs[:, 0], probs.mean(dim=1))  # the two views' columns are not the same numbers
+
+
 # ---- plain-line logs ------------------------------------------------------------------
 
 PLAIN_LINE = re.compile(r"extract (\d+)/(\d+) \((\d+)%\)  (\d+\.\d\d) videos/s  ETA (\d+:\d\d:\d\d)  (\d+) failed")

@@ -233,14 +233,14 @@ def _new_batch_tensor(shape, dtype) -> torch.Tensor:
 
 
 def open_tokens(store: Store | str, in_ram: str = "auto", workers: int = 2, reserve: float = 0.5,
-                progress: bool = True) -> CachedTokens:
-    """The store's done, labelled videos as batches: in RAM ('yes'), streamed ('no'), or
-    in RAM when they take less than `reserve` of the available memory ('auto')."""
+                progress: bool = True, videos: np.ndarray | None = None) -> CachedTokens:
+    """The store's done, labelled videos (or the store indices `videos`) as batches: in RAM ('yes'),
+    streamed ('no'), or in RAM when they take less than `reserve` of the available memory ('auto')."""
     if isinstance(store, str):
         store = Store.open(store)
     if in_ram not in ("auto", "yes", "no"):
         raise StoreError(f"in_ram {in_ram!r}: use auto, yes or no")
-    videos = usable_videos(store)
+    videos = usable_videos(store) if videos is None else videos
     if in_ram == "auto":
         in_ram = "yes" if cache_bytes(store, len(videos)) < reserve * available_memory() else "no"
     if in_ram == "yes":
