@@ -84,6 +84,8 @@ def extract(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry videos that failed before."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store and start over."),
     limit: Optional[int] = typer.Option(None, help="Process at most this many pending videos (then stop)."),
+    progress: bool = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="Progress and summary: a bar "
+                                  "on a terminal, plain lines (every 10%) in a log file or pipe."),
 ):
     """Run the frozen model over every video and cache per-layer tokens (resumable)."""
     from mad.extract.run import extract as run_extract
@@ -94,7 +96,7 @@ def extract(
         labels_format=labels_format, labels_split=labels_split, grid_downsample=grid_downsample,
         store=store, cell_size=cell_size, correlation=correlation,
         batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
-        shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit,
+        shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit, progress=progress,
     ))
     if summary["done_now"] == 0 and summary["failed_now"] > 0 and summary["done_total"] == 0:
         typer.echo(f"error: no video could be extracted; reasons in {summary['errors']}", err=True)
@@ -142,6 +144,8 @@ def train(
     in_ram: str = typer.Option(TRAIN.in_ram, "--in-ram", help="Hold the cache in RAM: auto, yes or no."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
+    log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
+                            "(<run>/tensorboard; pip install tensorboard)."),
 ):
     """Train the M-adapter branch (or a baseline) from cached tokens; no image model is loaded."""
     import dataclasses
@@ -167,13 +171,15 @@ def evaluate_command(
     in_ram: str = typer.Option("auto", "--in-ram", help="auto, yes or no."),
     workers: int = typer.Option(2),
 ):
-    """Top-1, top-5 and mean class accuracy, single view and all views; writes eval-<cache>.json in the run."""
+    """Top-1, top-5 and mean class accuracy, single view and all views; writes eval-<cache>.json and
+    predictions-<cache>.csv (one row per video: true class, top-5 with probabilities) in the run."""
     from mad.adapt.evaluate import evaluate
 
     result = evaluate(run, cache, batch_size, device, in_ram, workers)
     typer.echo(f"{result['videos']} videos, {result['views']} views each")
     for view in ("single_view", "multi_view"):
         typer.echo(f"{view:11s} " + "  ".join(f"{k} {v:.4f}" for k, v in result[view].items()))
+    typer.echo(f"per-video predictions: {result['predictions']}")
 
 
 @app.command()
@@ -187,11 +193,13 @@ def sweep(
     device: str = typer.Option(TRAIN.device),
     seed: int = typer.Option(TRAIN.seed),
     in_ram: str = typer.Option(TRAIN.in_ram, "--in-ram", help="auto, yes or no."),
+    log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
+                            "(<run>/tensorboard; pip install tensorboard)."),
 ):
     """Train every combination of a grid from one read of the cache; print and save a leaderboard."""
     from mad.adapt.sweep import sweep as run_sweep
 
-    base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram)
+    base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram, log=log)
     run_sweep(cache, val, grid, out, base)
 
 

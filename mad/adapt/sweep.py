@@ -4,7 +4,8 @@
 
 reads both caches once (into RAM when they fit), trains the 8 combinations into
 runs/sweep/<NN>-<setting>=<value>-..., prints a leaderboard and writes
-runs/sweep/leaderboard.csv (best val top-1 first).
+runs/sweep/leaderboard.csv (best val top-1 first). With `base.log` set (`mad sweep --log tensorboard`)
+each run logs to its own folder, so `tensorboard --logdir runs/sweep` compares them.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import dataclasses
 import itertools
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from mad.adapt.tracking import check_log
 from mad.adapt.train import TrainConfig, TrainError, train_on
 from mad.cache.dataset import open_tokens
 from mad.cache.store import Store
+from mad.progress import make_console
 
-# Settings a grid may not vary: they name the data and the run, not the training.
-FIXED = ("cache", "val", "out", "resume", "overwrite")
+# Settings a grid may not vary: they name the data, the run and its logs, not the training.
+FIXED = ("cache", "val", "out", "resume", "overwrite", "log")
 
 
 def parse_grid(grid: str) -> dict[str, list]:
@@ -61,8 +63,9 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
     """Train every combination of `grid` (on top of `base`); return the summaries, best val top-1 first."""
     options = parse_grid(grid)
     base = base or TrainConfig()
+    check_log(base.log)  # every run logs to base.log's trackers: a missing package fails before any reading
     combinations = [dict(zip(options, values)) for values in itertools.product(*options.values())]
-    console = Console(quiet=quiet, highlight=False)
+    console = make_console(quiet)
     train_store = Store.open(cache)
     val_store = Store.open(val) if val else None
     if val_store is not None:

@@ -14,6 +14,7 @@ so a resumed run continues exactly where the interrupted one stopped.
     runs/<name>/last.pt            state after the last completed epoch
     runs/<name>/summary.json       what train() returns
     runs/<name>/curves.png, confusion.png
+    runs/<name>/tensorboard/       with --log tensorboard: metrics.jsonl's numbers as TensorBoard scalars
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,10 +37,12 @@ from mad.adapt.evaluate import accuracy, confusion_matrix, predict_probs
 from mad.adapt.madapter import BranchConfig, build_model, check_branch, count_parameters
 from mad.adapt.plots import plot_confusion, plot_curves
 from mad.adapt.step import CLIP_GRAD, LABEL_SMOOTHING, make_optimizer, make_scheduler, train_step
+from mad.adapt.tracking import Trackers, check_log
 from mad.cache.dataset import CachedTokens, open_tokens
 from mad.cache.manifest import Manifest
 from mad.cache.store import Store
 from mad.errors import MadError
+from mad.progress import make_console, plain
 from mad.runtime import branch_autocast, resolve_device
 
 _BRANCH = BranchConfig()
@@ -76,6 +80,7 @@ class TrainConfig:
     in_ram: str = "auto"  # auto, yes or no
     resume: bool = False  # continue the run in `out` from its last completed epoch
     overwrite: bool = False  # replace the run in `out`
+    log: str = "none"  # trackers mirroring metrics.jsonl: none or tensorboard (comma-separated)
 
     def branch(self, manifest: Manifest | None = None, num_classes: int = _BRANCH.num_classes) -> BranchConfig:
         """The branch these settings train on tokens described by `manifest` (BranchConfig's defaults without)."""
@@ -94,9 +99,10 @@ class TrainConfig:
 
 
 # Settings that may change when a run is resumed: they do not change its numbers.
-RESUMABLE_KEYS = ("device", "workers", "in_ram", "resume", "overwrite", "out")
+RESUMABLE_KEYS = ("device", "workers", "in_ram", "resume", "overwrite", "out", "log")
 RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "last.pt", "summary.json", "curves.png",
              "confusion.png")
+RUN_FOLDERS = ("tensorboard",)
 
 
 def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, quiet: bool = False) -> dict:
@@ -160,7 +166,8 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
 
     info = {"class_names": train_data.class_names, "manifest": train_data.manifest.to_dict(), "arch": cfg.arch}
     trained = dist.wrap(model)  # DDP under torchrun, else the model itself
-    with log:
+    trackers = Trackers(cfg.log if dist.main else None, run, history)
+    with log, trackers:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             started = time.perf_counter()
             row = {"epoch": epoch, **train_one_epoch(trained, optimizer, scheduler, train_data, cfg, epoch, device,
@@ -178,6 +185,7 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
                 save_training_state(run / "last.pt", epoch, model, optimizer, scheduler)
                 with open(run / "metrics.jsonl", "a") as f:  # after last.pt: a line means the epoch is resumable
                     f.write(json.dumps(row) + "\n")
+                trackers.log(row)  # after metrics.jsonl: a tracker never shows an epoch the run folder lacks
             history.append(row)
             if on_epoch_end is not None:
                 on_epoch_end(row)
@@ -227,17 +235,18 @@ def validate(model, data: CachedTokens, batch_size: int, device) -> dict:
 
 
 class EpochLog:
-    """A rich progress bar per epoch (or nothing when quiet), fed by the epoch loop."""
+    """Training progress fed by the epoch loop: a rich bar per epoch on a terminal, one plain line per
+    epoch elsewhere (Slurm, nohup, CI: `mad.progress`), nothing when quiet."""
 
     def __init__(self, quiet: bool, epochs: int, steps_per_epoch: int):
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = Console(quiet=quiet, highlight=False)
+        self.console = make_console(quiet)
         self.epochs, self.steps = epochs, steps_per_epoch
+        self.plain = plain()
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console,
-                                 disable=quiet)
+                                 disable=quiet or self.plain)
         self.task = None
 
     def print(self, text: str) -> None:
@@ -251,17 +260,22 @@ class EpochLog:
         return self.progress.__exit__(*exc)
 
     def step(self, status: str) -> None:
+        if self.plain:
+            return
         if self.task is None:
             self.task = self.progress.add_task(f"epoch {len(self.progress.tasks) + 1}", total=self.steps, status="")
         self.progress.update(self.task, advance=1, status=status)
 
     def epoch_done(self, row: dict) -> None:
         val = f"  val {row['val/acc/top1']:.3f}" if "val/acc/top1" in row else ""
+        status = (f"loss {row['train/loss']:.4f}  acc {row['train/acc']:.3f}{val}  "
+                  f"{row['clips_per_second']:.0f} clips/s")
+        if self.plain:
+            self.print(f"epoch {row['epoch']}/{self.epochs}  {status}  {row['epoch_seconds']:.1f} s")
+            return
         if self.task is None:
             self.task = self.progress.add_task("", total=self.steps, status="")
-        self.progress.update(self.task, description=f"epoch {row['epoch']}/{self.epochs}",
-                             status=f"loss {row['train/loss']:.4f}  acc {row['train/acc']:.3f}{val}  "
-                                    f"{row['clips_per_second']:.0f} clips/s")
+        self.progress.update(self.task, description=f"epoch {row['epoch']}/{self.epochs}", status=status)
         self.task = None
 
 
@@ -335,6 +349,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError("--resume and --overwrite contradict each other: pick one")
     if cfg.resume and not cfg.out:
         raise TrainError("--resume needs --out: the run folder to continue")
+    check_log(cfg.log)  # a tracker whose package is missing fails here, before any data is read
 
 
 def count_classes(train_data: CachedTokens, val_data: CachedTokens | None) -> int:
@@ -361,6 +376,8 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         if cfg.overwrite:
             for name in RUN_FILES:
                 (run / name).unlink(missing_ok=True)
+            for name in RUN_FOLDERS:
+                shutil.rmtree(run / name, ignore_errors=True)
         elif not cfg.resume:
             raise TrainError(f"{run}: a run already exists here; pass --resume to continue it, "
                              f"--overwrite to replace it, or another --out")

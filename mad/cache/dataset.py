@@ -122,10 +122,11 @@ class InMemoryTokens(CachedTokens):
         blocks = [(start, min(start + step, store.num_videos)) for start in range(0, store.num_videos, step)]
         blocks = [(a, b) for a, b in blocks if np.any((self.videos >= a) & (self.videos < b))]
         rows = {v: i for i, v in enumerate(self.videos.tolist())}
-        from rich.console import Console
         from rich.progress import Progress
 
-        with Progress(transient=True, disable=not (progress and Console().is_terminal)) as bar:
+        from mad.progress import plain
+
+        with Progress(transient=True, disable=not progress or plain()) as bar:  # a passing bar: none in logs
             name = os.path.basename(self.location.rstrip("/"))
             task = bar.add_task(f"reading {name}", total=len(blocks) * len(self.arrays))
             for array, array_name in zip(self.arrays, self.array_names):
@@ -232,14 +233,14 @@ def _new_batch_tensor(shape, dtype) -> torch.Tensor:
 
 
 def open_tokens(store: Store | str, in_ram: str = "auto", workers: int = 2, reserve: float = 0.5,
-                progress: bool = True) -> CachedTokens:
-    """The store's done, labelled videos as batches: in RAM ('yes'), streamed ('no'), or
-    in RAM when they take less than `reserve` of the available memory ('auto')."""
+                progress: bool = True, videos: np.ndarray | None = None) -> CachedTokens:
+    """The store's done, labelled videos (or the store indices `videos`) as batches: in RAM ('yes'),
+    streamed ('no'), or in RAM when they take less than `reserve` of the available memory ('auto')."""
     if isinstance(store, str):
         store = Store.open(store)
     if in_ram not in ("auto", "yes", "no"):
         raise StoreError(f"in_ram {in_ram!r}: use auto, yes or no")
-    videos = usable_videos(store)
+    videos = usable_videos(store) if videos is None else videos
     if in_ram == "auto":
         in_ram = "yes" if cache_bytes(store, len(videos)) < reserve * available_memory() else "no"
     if in_ram == "yes":

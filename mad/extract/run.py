@@ -27,6 +27,7 @@ from mad.extract.backbone import load_backbone, model_config_of
 from mad.extract.decode import DecodeError, decode_clip
 from mad.extract.videos import find_videos
 from mad.extract.writer import BlockWriter
+from mad.progress import PlainProgress, make_console, plain
 from mad.runtime import resolve_device, versions
 
 
@@ -317,41 +318,45 @@ def _run_batch(backbone, batch: list[tuple[VideoResult, torch.Tensor]], writer: 
 
 
 class _Progress:
-    """rich progress: videos done/total, clips/s, ETA, failures so far."""
+    """Videos done/total, videos/s, ETA, failures so far: a rich bar on a terminal, plain lines elsewhere."""
 
     def __init__(self, total: int, enabled: bool, label: str = "extract"):
-        self.progress = None
-        self.failed = 0
+        self.progress = self.lines = None
+        self.failed = self.done = 0
+        self.started = time.perf_counter()
         if not enabled:
+            return
+        if plain():
+            self.lines = PlainProgress(label, total)
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} clips/s"),
+            TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} videos/s"),
             TimeRemainingColumn(), TextColumn("[red]{task.fields[failed]} failed"),
         )
         self.task = self.progress.add_task("extract", total=total, rate="-", failed=0)
-        self.started = time.perf_counter()
-        self.done = 0
         self.progress.start()
 
     def advance(self, n: int = 1, failed: bool = False) -> None:
-        if self.progress is None:
-            return
         self.failed += failed
         self.done += 0 if failed else n
+        if self.lines is not None:
+            self.lines.update(self.done + self.failed, self.done, self.failed)
+        if self.progress is None:
+            return
         rate = self.done / max(time.perf_counter() - self.started, 1e-9)
         self.progress.update(self.task, advance=n, rate=f"{rate:.2f}", failed=self.failed)
 
     def stop(self) -> None:
+        if self.lines is not None:
+            self.lines.stop()
         if self.progress is not None:
             self.progress.stop()
 
 
 def _print_summary(summary: dict) -> None:
-    from rich.console import Console
-
-    console = Console(stderr=True)
+    console = make_console(stderr=True, highlight=True)
     line = (f"{summary['done_now']} extracted, {summary['failed_now']} failed in {summary['seconds']:.1f} s "
             f"({summary['clips_per_s']:.2f} videos/s); store {summary['out']}: {summary['done_total']} done, "
             f"{summary['failed_total']} failed, {summary['pending_total']} pending of {summary['videos']}")
