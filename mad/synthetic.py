@@ -5,7 +5,8 @@ reversal of the first: a clip of the second class is drawn from the same paramet
 distribution as the first and then written with its frame list reversed. A model
 that pools frames without regard to order (mean of per-frame features) therefore
 sees identically distributed inputs for both classes of a pair and cannot beat
-chance within it (it can still tell the pairs apart, so its top-1 ceiling is ~50%);
+chance within it. It can tell the pairs apart (by their motion's footprint, and by
+a background tint that each pair has), so its top-1 should land near 50%;
 only a model that uses temporal order can get them all.
 """
 
@@ -110,13 +111,16 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return rows[:, i0] * (1 - frac) + rows[:, i0 + 1] * frac
 
 
-def _background(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _background(rng: np.random.Generator, size: int, tint: int) -> tuple[np.ndarray, np.ndarray]:
     """A static [size,size,3] float background and its mean colour.
 
+    Its base colour leans to channel ``tint`` (red, green or blue: one per class
+    pair), a static cue that a model without time can use to tell the pairs apart.
     Either a linear gradient between two nearby colours in a random direction, or a
     base colour modulated by a low-frequency texture (per channel).
     """
-    base = rng.uniform(40, 215, 3)
+    base = rng.uniform(40, 120, 3)
+    base[tint] = rng.uniform(150, 215)
     if rng.random() < 0.5:
         angle = rng.uniform(0, 2 * np.pi)
         coords = np.linspace(-1, 1, size)
@@ -222,7 +226,7 @@ def _trajectory(
 def make_clip(class_name: str, rng: np.random.Generator, num_frames: int = 16, size: int = 96) -> np.ndarray:
     """One uint8 [T,H,W,3] clip of ``class_name``, drawn from ``rng``."""
     forward = _FORWARD_OF[class_name]
-    background, base = _background(rng, size)
+    background, base = _background(rng, size, tint=[fwd for fwd, _ in PAIRS].index(forward))
     colour = _object_colour(rng, base)
     accent = np.where(colour > 127, colour - 110, colour + 110)  # visible against the fill
     shape = SHAPES[int(rng.integers(len(SHAPES)))]

@@ -12,9 +12,10 @@ def test_demo_madapter_learns_temporal_order_that_static_models_cannot(tmp_path)
     report = run_demo(DemoConfig(out=str(tmp_path / "demo"), progress=False))
     results = report["results"]
     assert results["madapter"]["val_top1_last"] >= 0.9, report
-    # Every class pair is an exact time reversal, so a static model's ceiling is 1/2 (with these random-weight
-    # features both static baselines stay near chance, 1/6: they do not even separate the pairs; issue #11).
-    assert results["meanpool"]["val_top1_best"] <= 0.5 and results["linear"]["val_top1_best"] <= 0.5, report
+    # Every class pair is an exact time reversal, so a static model's ceiling is 1/2; the pairs' background
+    # tints let it reach about that (at chance, 1/6, it would show nothing about time).
+    for static in ("meanpool", "linear"):
+        assert 0.35 <= results[static]["val_top1_last"] <= 0.65, report
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["results"] == report["results"]
     for arch in ("madapter", "meanpool", "linear"):
         assert (tmp_path / "demo" / "runs" / arch / "model.safetensors").is_file()
