@@ -311,6 +311,8 @@ def test_nothing_listed_on_disk_and_duplicate_names_are_one_line_errors(tmp_path
         find_videos(videos, tmp_path / "nope.csv")
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_extract_from_a_kinetics_csv_on_the_command_line(tmp_path):
     from mad.synthetic import write_video
 

@@ -12,6 +12,9 @@ from tests.helpers import TINY_MODEL
 warnings.filterwarnings("ignore", message=".*random weights.*")
 
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # pytest -m 'not slow' leaves these out
+
+
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     from mad.synthetic import make_demo_videos

@@ -36,6 +36,7 @@ def report(tmp_path_factory):
                          steps=2, out=root / "results", classes=10, branch_width=24, threads=1, quiet=True)
 
 
+@pytest.mark.slow
 def test_peak_memory_order(report):
     peak = {row["mode"]: row["peak_bytes"] for row in report["modes"]}
     assert list(peak) == list(MODES)
@@ -138,6 +139,7 @@ def test_lean_backbone_forward_matches_open_clip():
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_in_backbone_adapters_run_from_hooks_and_train_alone():
     cfg = tiny_config(precision="bf16")
     workload = build_in_backbone_adapter(cfg)

@@ -85,6 +85,7 @@ def stores(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_compact_store_holds_a_sixth_or_less_and_says_what_it_fixed(stores):
     full, small = Store.open(stores["full", "train"]), Store.open(stores["compact", "train"])
     assert small.manifest.storage == "compact" and small.manifest.compact["cell_size"] == 2
@@ -97,6 +98,7 @@ def test_compact_store_holds_a_sixth_or_less_and_says_what_it_fixed(stores):
     assert vit_b <= 1.2e6 and vit_b * 6 <= 3 * 8 * 197 * 768 * 2
 
 
+@pytest.mark.slow
 def test_training_from_compact_equals_full_up_to_8_bits(stores, tmp_path):
     common = dict(epochs=3, width=32, heads=2, batch_size=8, workers=0, in_ram="yes", seed=0, cell_size="2")
     run = tmp_path / "full"
@@ -120,6 +122,7 @@ def test_training_from_compact_equals_full_up_to_8_bits(stores, tmp_path):
     assert abs(summary["train/loss"] - full_summary["train/loss"]) < 0.05
 
 
+@pytest.mark.slow
 def test_compact_store_refuses_branch_settings_it_cannot_serve(stores, tmp_path):
     base = dict(cache=stores["compact", "train"], epochs=1, width=32, heads=2, batch_size=8, workers=0)
     with pytest.raises(MadError, match="cells of 2 patches cannot serve --cell-size 1"):
@@ -152,6 +155,7 @@ def test_compact_extraction_resumes_bitwise_and_refuses_other_settings(stores, t
     assert (parts.status() == DONE).all()
 
 
+@pytest.mark.slow
 def test_eval_and_predict_from_a_run_trained_on_a_compact_store(stores, tmp_path):
     from mad.adapt.evaluate import evaluate
     from mad.predict import predict_videos

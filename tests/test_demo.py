@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mad.demo import DemoConfig, run_demo
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # pytest -m 'not slow' leaves these out
 
 
 def test_demo_madapter_learns_temporal_order_that_static_models_cannot(tmp_path):

@@ -30,6 +30,7 @@ def test_accuracy_of_hand_made_probabilities():
     assert result["acc/mean1"] == pytest.approx((1 / 3 + 1) / 2)  # mean of per-class recall (classes present)
 
 
+@pytest.mark.slow
 def test_multi_view_is_the_mean_of_softmaxes_and_unlabelled_videos_are_not_scored(tmp_path):
     make_cache(tmp_path / "train", videos_per_class=8)
     cache = make_cache(tmp_path / "val", videos_per_class=4, clips=2, seed=3, unlabelled=(1, 2))

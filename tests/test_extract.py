@@ -78,6 +78,7 @@ def _fidelity_videos(folder) -> list:
     return folder
 
 
+@pytest.mark.slow
 def test_cached_tokens_match_open_clip_forward(tmp_path):
     """fp32 extraction equals open_clip's forward on the recorded frames (cos > 0.999); never skips."""
     from mad._compat import import_open_clip
@@ -109,6 +110,7 @@ def test_cached_tokens_match_open_clip_forward(tmp_path):
         assert not np.array_equal(store.frame_index()[v, 0], store.frame_index()[v, 1])  # the clips are shifted
 
 
+@pytest.mark.slow
 def test_real_clips_and_bad_corpus_in_one_run(tmp_path):
     """Every assorted clip and a few k2 clips extract; each bad file fails with a reason; the run goes on."""
     from tests.helpers.badfiles import make_bad_corpus
@@ -197,6 +199,7 @@ def test_retry_failed_only_when_asked(tmp_path):
 
 @pytest.mark.parametrize("change", [{"layers": "1,4"}, {"model": "ViT-B-32"}, {"frames": 4},
                                     {"pretrained": "missing.pt"}])
+@pytest.mark.slow
 def test_resume_with_different_settings_is_refused(tmp_path, change):
     videos = _demo_videos(tmp_path, per_class=1)
     extract(extract_config(videos, tmp_path / "cache"))
@@ -232,6 +235,8 @@ def _layer_data(store: Store) -> dict:
     return {layer: store.read_layer(layer) for layer in store.layers}
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_sigkill_mid_run_then_resume_gives_identical_store(tmp_path):
     """A run killed with SIGKILL and resumed equals an uninterrupted run, per video and bitwise."""
     videos = _demo_videos(tmp_path, per_class=3)  # 18 videos, blocks of 2
@@ -294,6 +299,8 @@ def test_info_counts_and_verify_detects_flipped_bytes(tmp_path):
     assert [(p["array"], p["videos"]) for p in problems] == [("layers/4", [2, 4])]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_second_extraction_on_the_same_store_is_refused(tmp_path):
     videos = _demo_videos(tmp_path, per_class=1)
     command = [sys.executable, "-m", "mad", "extract", "--videos", str(videos), "--out", str(tmp_path / "cache"),
@@ -316,6 +323,8 @@ def test_second_extraction_on_the_same_store_is_refused(tmp_path):
     assert (Store.open(tmp_path / "cache").status() == DONE).all()
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("launcher, store", [("shards", "full"), ("torchrun", "compact")])
 def test_two_processes_give_the_same_store_as_one(tmp_path, launcher, store):
     """Two slices (--shard 0/2 + 1/2 side by side, or torchrun with 2 ranks) equal a one-process run."""

@@ -10,12 +10,15 @@ import time
 import warnings
 
 import numpy as np
+import pytest
 
 from tests.helpers import TINY_MODEL, extract_config
 from mad.cache.store import DONE, IncompleteStoreError, Store
 from mad.extract.run import extract
 
 warnings.filterwarnings("ignore", message=".*random weights.*")
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # pytest -m 'not slow' leaves these out
 
 
 def _done(out) -> int:

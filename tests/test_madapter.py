@@ -197,6 +197,7 @@ def test_grid_pool_auto_keeps_at_least_7_patches_per_side(side, expected):
             resolve_cell_size(bad, 1 + side * side)
 
 
+@pytest.mark.slow
 def test_pooled_branch_runs_its_blocks_on_the_pooled_grid_and_learns():
     torch.manual_seed(0)
     model = branch("madapter", 2, 24, 1 + 6 * 6, 4, 3, **SMALL, cell_size=2)
@@ -274,6 +275,7 @@ def test_foreign_files_are_refused(tmp_path):
         load_model(tmp_path / "missing.safetensors")
 
 
+@pytest.mark.slow
 def test_branch_inputs_are_float32_work_also_under_cpu_bf16_autocast():
     """ViT-B-sized levels are split clip by clip on CPU: the float16 pieces must still be joined under autocast."""
     levels = [torch.randn(2, 8, 197, 768).half() for _ in range(2)]

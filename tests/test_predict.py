@@ -49,6 +49,8 @@ def test_predict_matches_the_branch_on_cached_tokens(trained_run):
             assert abs(got[name] - expected[c].item()) < 1e-4, (path, name)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_predict_cli_reports_bad_files_and_refuses_a_missing_run(trained_run, tmp_path):
     tmp, videos = trained_run
     good = str(next(iter(sorted(videos.rglob("*.mp4")))))
@@ -63,6 +65,7 @@ def test_predict_cli_reports_bad_files_and_refuses_a_missing_run(trained_run, tm
         predict_videos([good], str(tmp_path / "nothing"))
 
 
+@pytest.mark.slow
 def test_predict_averages_the_softmax_over_every_view(trained_run, tmp_path):
     """A run trained on a 2 clips x 3 crops cache: predict decodes the same 6 views and averages their softmax."""
     _, videos = trained_run

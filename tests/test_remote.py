@@ -19,6 +19,9 @@ from mad.extract.run import extract
 warnings.filterwarnings("ignore", message=".*random weights.*")
 
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # pytest -m 'not slow' leaves these out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

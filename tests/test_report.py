@@ -82,6 +82,8 @@ def summaries(*folders) -> dict[str, dict]:
 LEADERBOARD = "[...document.querySelectorAll('#leaderboard tbody tr')].map(r => [...r.cells].map(c => c.innerText.trim()))"
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_report_loads_in_headless_chromium_without_errors_and_shows_every_run(runs, tmp_path):
     out = write_report([runs / "sweep", runs / "solo", runs / "noval"], tmp_path / "report.html", device="cpu",
                        worst=8)
@@ -114,6 +116,8 @@ def test_report_loads_in_headless_chromium_without_errors_and_shows_every_run(ru
     assert all(height == 64 for kind, _, height in images if kind == "strip")
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_browser_check_fails_on_a_script_error_or_an_outside_request(runs, tmp_path):
     page = write_report([runs / "solo"], tmp_path / "report.html", device="cpu", worst=2).read_text()
     broken = tmp_path / "broken.html"

@@ -62,6 +62,8 @@ def assert_tensorboard_equals_metrics(run) -> None:
 # ---- tensorboard ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_train_log_tensorboard_writes_the_metrics_jsonl_scalars(caches, tmp_path):
     run = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", "--cache", caches["train"], "--val", caches["val"], "--epochs", "2",
@@ -86,6 +88,7 @@ def test_train_log_tensorboard_writes_the_metrics_jsonl_scalars(caches, tmp_path
     assert_tensorboard_equals_metrics(tmp_path / "cut")
 
 
+@pytest.mark.slow
 def test_sweep_log_tensorboard_gives_every_run_its_scalars(caches, tmp_path):
     base = TrainConfig(epochs=1, log="tensorboard", **TINY)
     results = sweep(caches["train"], caches["val"], "lr=1e-3,3e-3", str(tmp_path / "sweep"), base=base, quiet=True)
@@ -116,6 +119,7 @@ def test_log_without_tensorboard_installed_fails_at_start_in_one_line(caches, tm
 # ---- predictions CSV ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_predictions_csv_reproduces_mad_eval(tmp_path):
     """Single- and multi-view top-1/top-5 from the CSV equal `mad eval`'s; probabilities are the softmax's."""
     make_cache(tmp_path / "train", videos_per_class=8, class_names=SIX_CLASSES)
@@ -183,6 +187,8 @@ def extract_command(videos, out) -> list[str]:
             "--pretrained", "none", "--layers", "2,4", "--precision", "fp32", "--workers", "0", "--batch-size", "2"]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_extraction_into_a_pipe_prints_plain_lines_with_the_counts(videos, tmp_path):
     env = {**os.environ, "FORCE_COLOR": "1"}  # even told to colour, a pipe gets plain text
     result = subprocess.run(extract_command(videos, tmp_path / "cache"), capture_output=True, text=True, env=env,
@@ -209,6 +215,8 @@ def test_extraction_into_a_pipe_prints_plain_lines_with_the_counts(videos, tmp_p
     assert not PLAIN_LINE.search(result.output) and "extracted" not in result.output
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_extraction_on_a_terminal_keeps_the_rich_bar(videos, tmp_path):
     controller, terminal = pty.openpty()
     process = subprocess.Popen(extract_command(videos, tmp_path / "cache"), stdout=terminal, stderr=terminal)

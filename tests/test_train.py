@@ -89,6 +89,7 @@ def test_streaming_gives_the_same_batches_as_ram(caches):
 # ---- training --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_madapter_learns_temporal_order_that_linear_cannot(caches, tmp_path):
     madapter = train(config(caches, tmp_path / "madapter", epochs=20), quiet=True)
     linear = train(config(caches, tmp_path / "linear", arch="linear", epochs=20), quiet=True)
@@ -108,6 +109,7 @@ def test_madapter_learns_temporal_order_that_linear_cannot(caches, tmp_path):
           f"linear {linear['val/acc/top1']:.3f}")
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(caches, tmp_path):
     first = train(config(caches, tmp_path / "a"), quiet=True)
     second = train(config(caches, tmp_path / "b"), quiet=True)
@@ -115,6 +117,7 @@ def test_same_seed_same_metrics(caches, tmp_path):
     assert first["train/loss"] == second["train/loss"]
 
 
+@pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(caches, tmp_path):
     whole = train(config(caches, tmp_path / "whole", epochs=4), quiet=True)
 
@@ -133,12 +136,14 @@ def test_resume_matches_an_uninterrupted_run(caches, tmp_path):
         train(config(caches, tmp_path / "cut", epochs=4, width=64, resume=True), quiet=True)
 
 
+@pytest.mark.slow
 def test_streamed_training_matches_in_ram_training(caches, tmp_path):
     train(config(caches, tmp_path / "ram", in_ram="yes"), quiet=True)
     train(config(caches, tmp_path / "streamed", in_ram="no", workers=1), quiet=True)
     assert metric_rows(tmp_path / "ram") == metric_rows(tmp_path / "streamed")
 
 
+@pytest.mark.slow
 def test_no_image_model_is_built(caches, tmp_path, monkeypatch):
     from mad._compat import import_open_clip
 
@@ -164,6 +169,7 @@ def test_val_cache_of_other_tokens_is_refused(caches, tmp_path):
 # ---- evaluation and sweep --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_single_and_multi_view(caches, tmp_path):
     train(config(caches, tmp_path / "run", epochs=1), quiet=True)
     result = evaluate(tmp_path / "run", caches["val2"], device="cpu", progress=False)
@@ -179,6 +185,7 @@ def test_evaluate_single_and_multi_view(caches, tmp_path):
         evaluate(tmp_path / "run", tmp_path / "wide", device="cpu", progress=False)
 
 
+@pytest.mark.slow
 def test_sweep_trains_every_combination_from_one_read(caches, tmp_path, monkeypatch):
     reads = []
     original = Store.read
@@ -213,6 +220,8 @@ def test_grid_parsing():
 # ---- command line ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_cli_train_resume_eval_and_errors(caches, tmp_path):
     from typer.testing import CliRunner
 
@@ -239,6 +248,8 @@ def test_cli_train_resume_eval_and_errors(caches, tmp_path):
     assert result.exit_code == 2 and "error: grid item 'depth=x': depth takes int values" in result.output
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_bench_train_smoke(tmp_path):
     from tests.helpers import TINY_MODEL
 
@@ -264,6 +275,7 @@ def test_bench_train_smoke(tmp_path):
     assert len(list((tmp_path / "out").glob("train_cpu_*_compact.json"))) == 1
 
 
+@pytest.mark.slow
 def test_bf16_autocast_on_cpu_trains_and_bad_precision_is_refused(caches, tmp_path):
     fp32 = train(config(caches, tmp_path / "fp32", precision="fp32"), quiet=True)
     bf16 = train(config(caches, tmp_path / "bf16", precision="bf16"), quiet=True)
@@ -273,6 +285,7 @@ def test_bf16_autocast_on_cpu_trains_and_bad_precision_is_refused(caches, tmp_pa
         train(config(caches, tmp_path / "bad", precision="fp16"), quiet=True)
 
 
+@pytest.mark.slow
 def test_cell_size_is_resolved_into_the_model_and_bad_values_are_refused(caches, tmp_path):
     from mad.adapt.checkpoint import load_model
 

@@ -150,19 +150,25 @@ class _FrameReader:
         return frame
 
 
-def decode_clip(path: str, frames: int = 8, clips: int = 1, crops: int = 1, size: int = 224) -> DecodedClip:
-    """Decode the sampled frames of one video; raise DecodeError with the reason if it can't."""
+def _open_video(path: str):
+    """(container, its first video stream, frames per second); DecodeError with the reason if it can't."""
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except av.error.InvalidDataError:
         raise DecodeError("not a video file (invalid data)") from None
     except (av.error.FFmpegError, OSError) as e:
         raise DecodeError(f"cannot open: {_reason(e)}") from None
+    if not container.streams.video:
+        container.close()
+        raise DecodeError("no video stream (audio-only or data file)")
+    stream = container.streams.video[0]
+    return container, stream, float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
+
+
+def decode_clip(path: str, frames: int = 8, clips: int = 1, crops: int = 1, size: int = 224) -> DecodedClip:
+    """Decode the sampled frames of one video; raise DecodeError with the reason if it can't."""
+    container, stream, fps = _open_video(path)
     try:
-        if not container.streams.video:
-            raise DecodeError("no video stream (audio-only or data file)")
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
         num_frames = _frame_count(container, stream, fps)
         if num_frames <= 0:  # unknown length: count by decoding once (rare)
             num_frames = _count_frames(path)
@@ -203,17 +209,8 @@ def decode_frames(path: str, frame_index, size: int) -> np.ndarray:
     No crop: for showing what was sampled (`mad report`). Raises DecodeError with the reason if it can't.
     """
     wanted = np.asarray(frame_index, dtype=np.int64).reshape(1, -1)
-    try:
-        container = av.open(str(path), metadata_errors="ignore")
-    except av.error.InvalidDataError:
-        raise DecodeError("not a video file (invalid data)") from None
-    except (av.error.FFmpegError, OSError) as e:
-        raise DecodeError(f"cannot open: {_reason(e)}") from None
+    container, stream, fps = _open_video(path)
     with container:
-        if not container.streams.video:
-            raise DecodeError("no video stream (audio-only or data file)")
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
         keyframes = _keyframes(container, stream, fps)
     images = {}
     for keys in (keyframes, []):  # by timestamp; counting frames if the timestamps prove unreliable
