@@ -283,7 +283,8 @@ def bench_extract(
     model: str = typer.Option("ViT-B-16", help="open_clip model name (random weights)."),
     layers: str = typer.Option("4,8,12"),
     frames: int = typer.Option(8),
-    limit: int = typer.Option(24, help="Number of clips to use."),
+    limit: int = typer.Option(48, help="Clips to use (the folder's list repeats past its end)."),
+    repeats: int = typer.Option(3, help="Run the side-by-side measurement this many times (min / median / max)."),
     batch_size: int = typer.Option(4),
     workers: int = typer.Option(-1),
     device: str = typer.Option("auto"),
@@ -295,7 +296,7 @@ def bench_extract(
     from mad.bench.extract import bench_extract as run
 
     run(str(videos), model, layers, frames, limit, batch_size, workers, device, precision,
-        str(long_clip) if long_clip else None, str(out) if out else None)
+        str(long_clip) if long_clip else None, str(out) if out else None, repeats)
 
 
 @bench_app.command("memory")

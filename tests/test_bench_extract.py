@@ -26,15 +26,20 @@ def videos(tmp_path_factory):
 def test_bench_extract_reports_rates_and_bounds(videos, tmp_path):
     from mad.bench.extract import bench_extract
 
-    r = bench_extract(str(videos), model=TINY_MODEL, layers="2,4", frames=4, limit=4, batch_size=2, workers=1,
-                      device="cpu", precision="fp32", out=str(tmp_path))
-    assert r["settings"]["clips"] == 4
-    for key in ("decode_clips_per_s", "model_clips_per_s", "full_clips_per_s", "cpu_time_bound_clips_per_s"):
-        assert r[key] > 0
-    # the CPU-time bound is cores / (CPU-seconds of decoding + of the model, per clip)
-    per_clip = r["decode_cpu_seconds_per_clip"] + r["model_cpu_seconds_per_clip"]
-    assert r["cpu_time_bound_clips_per_s"] == pytest.approx(r["machine"]["cores"] / per_clip)
-    assert r["full_over_model_only"] == pytest.approx(r["full_clips_per_s"] / r["model_clips_per_s"])
+    # 6 videos, limit 8: the list repeats; 2 runs side by side
+    r = bench_extract(str(videos), model=TINY_MODEL, layers="2,4", frames=4, limit=8, batch_size=2, workers=1,
+                      device="cpu", precision="fp32", out=str(tmp_path), repeats=2)
+    assert r["settings"]["clips"] == 8 and len(r["runs"]) == 2
+    for run in r["runs"]:
+        for key in ("decode_clips_per_s", "model_clips_per_s", "full_clips_per_s", "cpu_time_bound_clips_per_s",
+                    "full_after_first_batch_clips_per_s"):
+            assert run[key] > 0
+        # the CPU-time bound is cores / (CPU-seconds of decoding + of the model, per clip)
+        per_clip = run["decode_cpu_seconds_per_clip"] + run["model_cpu_seconds_per_clip"]
+        assert run["cpu_time_bound_clips_per_s"] == pytest.approx(r["machine"]["cores"] / per_clip)
+        assert run["full_over_model_only"] == pytest.approx(run["full_clips_per_s"] / run["model_clips_per_s"])
+    spread = r["full_over_cpu_time_bound"]
+    assert spread["min"] == min(run["full_over_cpu_time_bound"] for run in r["runs"]) <= spread["max"]
     assert r["short_vs_long"]["curve"]
     saved = json.loads((tmp_path / "extract_cpu_mad-tiny-vit.json").read_text())
     assert saved["full_clips_per_s"] == r["full_clips_per_s"]

@@ -13,10 +13,12 @@ encoding (the short one is the long one's first seconds, stream-copied).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import statistics
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -93,72 +95,33 @@ def short_vs_long_decode(long_clip: Path, frames: int, size: int, cuts=(5.0, 10.
 
 
 def bench_extract(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", frames: int = 8,
-                  limit: int = 24, batch_size: int = 4, workers: int = -1, device: str = "auto",
-                  precision: str = "bf16", long_clip: str | None = None, out: str | None = None) -> dict:
+                  limit: int = 48, batch_size: int = 4, workers: int = -1, device: str = "auto",
+                  precision: str = "bf16", long_clip: str | None = None, out: str | None = None,
+                  repeats: int = 3) -> dict:
     """Decode only, model only and the full pipeline on the same `limit` clips (the folder's list
-    repeated past its end); rates, the CPU-time bound and the ratios against it."""
+    repeated past its end), `repeats` times; rates, the CPU-time bound and the ratios against it,
+    each as min / median / max over the repeats."""
     device = resolve_device(device)
     workers = workers if workers >= 0 else (1 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+    if repeats < 1:
+        raise BenchExtractError("--repeats must be at least 1")
     backbone = load_backbone(model, "none", layers, device, precision)
     size = backbone.info.image_size
     with tempfile.TemporaryDirectory() as tmp:
         root = video_subset(videos, limit, Path(tmp) / "videos")
         paths = find_videos(root).paths
-
-        # 1. decode only, through the same worker pool a real run uses; CPU time of this process and its workers
-        dataset = VideoDecodeDataset(str(root), paths, list(range(len(paths))), frames, 1, 1, size)
-        cpu_started = _cpu_seconds()
-        started = time.perf_counter()
-        decoded = list(decoded_videos(dataset, workers))
-        decode_seconds = time.perf_counter() - started
-        decode_cpu = _cpu_seconds() - cpu_started  # the workers have exited: their CPU time is counted
-        decode_rate = len(paths) / decode_seconds
-
-        # 2. model only, on those frames, in the batches a real run uses
-        clips = [frames for result, frames in decoded if result.error is None]
-        del decoded
-        backbone(clips[0].flatten(0, 1).to(device))  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        cpu_started = _cpu_seconds()
-        started = time.perf_counter()
-        for i in range(0, len(clips), batch_size):
-            levels = backbone(torch.cat([c.flatten(0, 1) for c in clips[i:i + batch_size]]).to(device))
-            [level.to(torch.float16).cpu() for level in levels]
-        model_seconds = time.perf_counter() - started
-        model_cpu = _cpu_seconds() - cpu_started
-        model_rate = len(clips) / model_seconds
-        del clips, backbone
-
-        # 3. the full pipeline into a fresh store: start-up (model load, readers) included, and after its first batch
-        cfg = ExtractConfig(videos=str(root), out=str(Path(tmp) / "cache"), layers=layers, model=model,
-                            pretrained="none", frames=frames, batch_size=batch_size, workers=workers,
-                            device=str(device), precision=precision, progress=False,
-                            store="full")  # what the model-only stage computes, exactly
-        started = time.perf_counter()
-        summary = extract(cfg)
-        full_seconds = time.perf_counter() - started
-    full_rate = summary["done_now"] / full_seconds
-    steady_rate = (summary["done_now"] - summary["first_batch_clips"]) / (
-        summary["seconds"] - summary["first_batch_seconds"])
-
-    serial_bound = 1.0 / (1.0 / decode_rate + 1.0 / model_rate)  # no overlap at all: not a bound
-    # the CPU-time bound: every core busy with decoding or the model, nothing else
-    cpu_bound = (os.cpu_count() or 1) / (decode_cpu / len(paths) + model_cpu / max(len(paths), 1))
+        config = ExtractConfig(videos=str(root), out="", layers=layers, model=model, pretrained="none",
+                               frames=frames, batch_size=batch_size, workers=workers, device=str(device),
+                               precision=precision, progress=False,
+                               store="full")  # what the model-only stage computes, exactly
+        runs = [_one_run(backbone, config, paths, Path(tmp) / f"cache{i}", device) for i in range(repeats)]
     result = {
         "machine": machine_info(device), "date": datetime.date.today().isoformat(),
         "settings": {"videos": videos, "clips": len(paths), "model": model, "weights": "random", "layers": layers,
                      "frames": frames, "batch_size": batch_size, "workers": workers, "device": str(device),
-                     "precision": precision},
-        "decode_clips_per_s": decode_rate, "model_clips_per_s": model_rate, "full_clips_per_s": full_rate,
-        "full_after_first_batch_clips_per_s": steady_rate, "full_startup_seconds": full_seconds - summary["seconds"]
-        + summary["first_batch_seconds"],
-        "serial_bound_clips_per_s": serial_bound, "full_over_serial_bound": full_rate / serial_bound,
-        "decode_cpu_seconds_per_clip": decode_cpu / len(paths), "model_cpu_seconds_per_clip": model_cpu / len(paths),
-        "cpu_time_bound_clips_per_s": cpu_bound, "full_over_cpu_time_bound": full_rate / cpu_bound,
-        "full_after_first_batch_over_cpu_time_bound": steady_rate / cpu_bound,
-        "full_over_model_only": full_rate / model_rate,
-        "full_over_min_decode_model": full_rate / min(decode_rate, model_rate),
+                     "precision": precision, "repeats": repeats},
+        "runs": runs,
+        **{key: _spread([r[key] for r in runs]) for key in runs[0]},
     }
     if long_clip is None:
         lengths = {p: _duration(Path(videos) / p) for p in find_videos(videos).paths[:limit]}
@@ -171,6 +134,62 @@ def bench_extract(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
         name = f"extract_{device.type.replace('cuda', 'gpu')}_{Path(model).stem}.json"
         (Path(out) / name).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _spread(values: list[float]) -> dict:
+    values = sorted(values)
+    return {"min": values[0], "median": statistics.median(values), "max": values[-1]}
+
+
+def _one_run(backbone, config: ExtractConfig, paths: list[str], cache: Path, device: torch.device) -> dict:
+    """One side-by-side measurement: decode only, model only, then the full pipeline into a fresh store."""
+    # 1. decode only, through the same worker pool a real run uses; CPU time of this process and its workers
+    dataset = VideoDecodeDataset(config.videos, paths, list(range(len(paths))), config.frames, 1, 1,
+                                 backbone.info.image_size)
+    cpu_started = _cpu_seconds()
+    started = time.perf_counter()
+    decoded = list(decoded_videos(dataset, config.workers))
+    decode_seconds = time.perf_counter() - started
+    decode_cpu = _cpu_seconds() - cpu_started  # the workers have exited: their CPU time is counted
+
+    # 2. model only, on those frames, in the batches a real run uses
+    clips = [frames for result, frames in decoded if result.error is None]
+    del decoded
+    backbone(clips[0].flatten(0, 1).to(device))  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    cpu_started = _cpu_seconds()
+    started = time.perf_counter()
+    for i in range(0, len(clips), config.batch_size):
+        levels = backbone(torch.cat([c.flatten(0, 1) for c in clips[i:i + config.batch_size]]).to(device))
+        [level.to(torch.float16).cpu() for level in levels]
+    model_seconds = time.perf_counter() - started
+    model_cpu = _cpu_seconds() - cpu_started
+    del clips
+
+    # 3. the full pipeline into a fresh store: start-up (model load, readers) included, and after its first batch
+    started = time.perf_counter()
+    summary = extract(dataclasses.replace(config, out=str(cache)))
+    full_seconds = time.perf_counter() - started
+    shutil.rmtree(cache)
+
+    n = len(paths)
+    decode_rate, model_rate, full_rate = n / decode_seconds, n / model_seconds, summary["done_now"] / full_seconds
+    steady_rate = (summary["done_now"] - summary["first_batch_clips"]) / (
+        summary["seconds"] - summary["first_batch_seconds"])
+    # the CPU-time bound: every core busy with decoding or the model, nothing else
+    cpu_bound = (os.cpu_count() or 1) / (decode_cpu / n + model_cpu / n)
+    return {
+        "decode_clips_per_s": decode_rate, "model_clips_per_s": model_rate, "full_clips_per_s": full_rate,
+        "full_after_first_batch_clips_per_s": steady_rate,
+        "full_startup_seconds": full_seconds - summary["seconds"] + summary["first_batch_seconds"],
+        "serial_bound_clips_per_s": 1.0 / (1.0 / decode_rate + 1.0 / model_rate),  # no overlap: not a bound
+        "decode_cpu_seconds_per_clip": decode_cpu / n, "model_cpu_seconds_per_clip": model_cpu / n,
+        "cpu_time_bound_clips_per_s": cpu_bound, "full_over_cpu_time_bound": full_rate / cpu_bound,
+        "full_after_first_batch_over_cpu_time_bound": steady_rate / cpu_bound,
+        "full_over_model_only": full_rate / model_rate,
+        "full_over_min_decode_model": full_rate / min(decode_rate, model_rate),
+    }
 
 
 def _cpu_seconds() -> float:
@@ -197,22 +216,25 @@ def _print(r: dict) -> None:
     from rich.table import Table
 
     s = r["settings"]
+    spread = lambda key, f="{:.2f}": " / ".join(f.format(r[key][k]) for k in ("min", "median", "max"))  # noqa: E731
     table = Table(title=f"mad bench extract: {s['clips']} clips, {s['model']} ({s['precision']}, random weights), "
-                        f"T={s['frames']}, {s['device']}, {s['workers']} decode worker(s)")
+                        f"T={s['frames']}, {s['device']}, {s['workers']} decode worker(s); min / median / max "
+                        f"over {s['repeats']} runs")
     table.add_column("stage")
     table.add_column("clips/s", justify="right")
-    table.add_row("decode only", f"{r['decode_clips_per_s']:.2f}")
-    table.add_row("model only", f"{r['model_clips_per_s']:.2f}")
-    table.add_row("no overlap 1/(1/decode+1/model)", f"{r['serial_bound_clips_per_s']:.2f}")
-    table.add_row("CPU-time bound: cores / (decode + model CPU-s per clip)", f"{r['cpu_time_bound_clips_per_s']:.2f}")
-    table.add_row(f"full extract (start-up of {r['full_startup_seconds']:.1f} s included)", f"{r['full_clips_per_s']:.2f}")
-    table.add_row("full extract after its first batch", f"{r['full_after_first_batch_clips_per_s']:.2f}")
+    table.add_row("decode only", spread("decode_clips_per_s"))
+    table.add_row("model only", spread("model_clips_per_s"))
+    table.add_row("no overlap 1/(1/decode+1/model)", spread("serial_bound_clips_per_s"))
+    table.add_row("CPU-time bound: cores / (decode + model CPU-s per clip)", spread("cpu_time_bound_clips_per_s"))
+    table.add_row(f"full extract (start-up included: {spread('full_startup_seconds', '{:.1f}')} s)",
+                  spread("full_clips_per_s"))
+    table.add_row("full extract after its first batch", spread("full_after_first_batch_clips_per_s"))
     console = Console()
     console.print(table)
-    console.print(f"full / CPU-time bound = {r['full_over_cpu_time_bound']:.2f}, after the first batch "
-                  f"{r['full_after_first_batch_over_cpu_time_bound']:.2f} (CPU target >= 0.90); "
-                  f"full / model only = {r['full_over_model_only']:.2f}; full / min(decode, model) = "
-                  f"{r['full_over_min_decode_model']:.2f} (GPU target >= 0.85)")
+    console.print(f"full / CPU-time bound = {spread('full_over_cpu_time_bound')}, after the first batch "
+                  f"{spread('full_after_first_batch_over_cpu_time_bound')} (CPU target >= 0.90); "
+                  f"full / model only = {spread('full_over_model_only')}; full / min(decode, model) = "
+                  f"{spread('full_over_min_decode_model')} (GPU target >= 0.85)")
     sl = r["short_vs_long"]
     keyframe_note = f"keyframe interval {sl['max_keyframe_interval']} frames" if sl.get("max_keyframe_interval") else ""
     console.print(f"decode {s['frames']} sampled frames from cuts of {sl['clip']} ({keyframe_note}):")
