@@ -22,8 +22,11 @@ Data loading is excluded from the figures: every step reuses one batch made in m
 when the mode is built (uint8 frames, or float16 tokens as the cache reader returns
 them; that batch is counted), and no video is decoded, no cache read, no loader worker run.
 
-Precision: CUDA runs every step under autocast to the benchmark precision (trained
-modules keep fp32 weights); CPU has no autocast, weights are cast instead (workloads.py).
+Precision: on CUDA trained modules keep fp32 weights and every step runs under autocast to
+the benchmark precision. On CPU no step runs under autocast (CPU autocast makes a ViT-B/16
+forward 7-11x slower than casting its weights): the backbone and the in-backbone adapters
+are cast to the benchmark precision, heads and the M-adapter branch keep fp32 weights and
+compute in fp32, as `mad train --precision auto` does on CPU (workloads.py).
 
     config.py     modes, BenchConfig, BenchError, the checks of the options
     workloads.py  the four modes built (ST-Adapter's TemporalAdapter, public-API attention)
