@@ -297,7 +297,8 @@ def bench_memory(
     cell_size: str = typer.Option(TRAIN.cell_size, "--cell-size", "--grid-pool",
                                   help="M-adapter cells, as `mad train --cell-size`: auto, 1, 2, ..."),
 ):
-    """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter online and cached."""
+    """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter and EVL online and
+    cached."""
     from mad.bench.memory import run_benchmark
 
     run_benchmark(model=model, frames=frames, batch=batch, layers=layers, device=device, precision=precision,
