@@ -145,10 +145,11 @@ class TemporalCrossAttention(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def attention(q, k):  # [B, T', P, h, c] each -> [B*T', P, P] float32
-        q, k = q.float().transpose(2, 3), k.float().transpose(2, 3)  # [B, T', h, P, c]
-        attn = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, T', h, P, P]
-        return attn.softmax(dim=-1).mean(dim=2).flatten(0, 1)
+    def attention(q, k):  # [B, T', P, h, c] each -> [B*T', P, P] float32, whatever the autocast
+        with torch.autocast(q.device.type, enabled=False):
+            q, k = q.float().transpose(2, 3), k.float().transpose(2, 3)  # [B, T', h, P, c]
+            attn = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, T', h, P, P]
+            return attn.softmax(dim=-1).mean(dim=2).flatten(0, 1)
 
     def mix(self, attn, table, B):  # [B*T', P, P] -> [B, T', P, D]
         out = _RelativeMix.apply(attn, table, self.index)
