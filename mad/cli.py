@@ -74,6 +74,11 @@ def extract(
                                   "(auto: no fewer than 7x7)."),
     correlation: int = typer.Option(EXTRACT.correlation, help="--store compact: radius of the stored patch matches "
                                     "(0: none)."),
+    branches: str = typer.Option(EXTRACT.branches, help="Branch families to serve: madapter (reads --layers; also "
+                                 "meanpool, linear), evl (adds the last --evl-layers blocks and the one before, "
+                                 "float16, and the frozen weights of their q/k)."),
+    evl_layers: int = typer.Option(EXTRACT.evl_layers, "--evl-layers", help="--branches evl: the model's last blocks "
+                                   "EVL's decoder reads."),
     batch_size: int = typer.Option(EXTRACT.batch_size, help="Videos per forward pass."),
     workers: int = typer.Option(EXTRACT.workers, help="Decoding worker processes (-1: automatic)."),
     device: str = typer.Option(EXTRACT.device, help="cpu, cuda, cuda:N or auto."),
@@ -94,7 +99,7 @@ def extract(
         videos=str(videos), out=out, layers=layers, model=model, pretrained=pretrained, frames=frames,
         clips=clips, crops=crops, labels=str(labels) if labels else None,
         labels_format=labels_format, labels_split=labels_split, grid_downsample=grid_downsample,
-        store=store, cell_size=cell_size, correlation=correlation,
+        store=store, cell_size=cell_size, correlation=correlation, branches=branches, evl_layers=evl_layers,
         batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
         shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit, progress=progress,
     ))
@@ -120,7 +125,8 @@ def train(
     ctx: typer.Context,
     cache: str = typer.Option(TRAIN.cache, "--cache", help="Training cache (made by `mad extract`)."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation cache (same model, layers and frames)."),
-    arch: str = typer.Option(TRAIN.arch, help="madapter, meanpool or linear."),
+    arch: str = typer.Option(TRAIN.arch, help="madapter, meanpool, linear or evl (options not given take the "
+                             "arch's defaults: evl --lr 4e-4 --dropout 0.5, width, heads, depth from the cache)."),
     width: int = typer.Option(TRAIN.width, help="Branch width."),
     depth: int = typer.Option(TRAIN.depth, help="Fusion/temporal blocks."),
     heads: int = typer.Option(TRAIN.heads, help="Attention heads."),
@@ -150,15 +156,15 @@ def train(
     """Train the M-adapter branch (or a baseline) from cached tokens; no image model is loaded."""
     import dataclasses
 
-    from mad.adapt.train import config_from_run, train as run_train
+    from mad.adapt.train import config_from_run, train as run_train, with_arch_defaults
 
     options = dict(ctx.params)
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
     if resume and out:
         # Resume with the run's own settings; options given on this command line override them.
-        given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
         cfg = dataclasses.replace(config_from_run(out), **given)
     else:
-        cfg = TrainConfig(**options)
+        cfg = with_arch_defaults(TrainConfig(**options), given)
     run_train(cfg)
 
 
@@ -257,11 +263,13 @@ def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the demo's videos, caches and runs."),
     epochs: int = typer.Option(30),
     seed: int = typer.Option(0),
+    archs: Optional[str] = typer.Option(None, help="Archs to train, e.g. madapter,evl (default: the demo's)."),
 ):
-    """The embedded default: synthetic temporal-order videos -> extract -> train madapter and linear."""
+    """The embedded default: synthetic temporal-order videos -> extract -> train madapter and the baselines."""
     from mad.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=str(out), epochs=epochs, seed=seed))
+    chosen = {"archs": tuple(a.strip() for a in archs.split(",") if a.strip())} if archs else {}
+    run_demo(DemoConfig(out=str(out), epochs=epochs, seed=seed, **chosen))
 
 
 @app.command()
@@ -318,7 +326,8 @@ def bench_memory(
     cell_size: str = typer.Option(TRAIN.cell_size, "--cell-size", "--grid-pool",
                                   help="M-adapter cells, as `mad train --cell-size`: auto, 1, 2, ..."),
 ):
-    """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter online and cached."""
+    """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter and EVL online and
+    cached."""
     from mad.bench.memory import run_benchmark
 
     run_benchmark(model=model, frames=frames, batch=batch, layers=layers, device=device, precision=precision,

@@ -29,7 +29,7 @@ class DemoConfig:
     layers: str = "1,2"             # random blocks mix tokens globally: the shallow ones keep more layout
     epochs: int = 30
     seed: int = 0
-    archs: tuple[str, ...] = ("madapter", "meanpool", "linear")
+    archs: tuple[str, ...] = ("madapter", "meanpool", "linear")  # mad demo --archs ...,evl adds EVL (slow on CPU)
     progress: bool = True
 
 
@@ -55,7 +55,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from mad.adapt.train import train
+    from mad.adapt.train import train, with_arch_defaults
     from mad.extract.run import extract
     from mad.synthetic import make_demo_videos
 
@@ -72,12 +72,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random weights.*")
         for split in ("train", "val"):
-            extract(demo_extract_config(videos[split], out / "cache" / split, cfg))
+            extract(demo_extract_config(videos[split], out / "cache" / split, cfg,
+                                        branches="madapter,evl" if "evl" in cfg.archs else "madapter"))
     results = {}
     for arch in cfg.archs:
         console.print(f"training [bold]{arch}[/bold] from the cache")
-        summary = train(demo_train_config(out / "cache" / "train", out / "cache" / "val", arch, out / "runs" / arch,
-                                          cfg), quiet=not cfg.progress)
+        summary = train(with_arch_defaults(demo_train_config(out / "cache" / "train", out / "cache" / "val", arch,
+                                                             out / "runs" / arch, cfg)), quiet=not cfg.progress)
         results[arch] = summary
     seconds = time.perf_counter() - started
 

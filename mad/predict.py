@@ -51,11 +51,12 @@ def predict_videos(videos: list[str], run: str, top: int = 5, pretrained: str | 
     manifest = Manifest.from_dict(info["manifest"], str(model_file))
     class_names = info.get("class_names") or [str(i) for i in range(info["branch"].num_classes)]
     device = resolve_device(device)
+    levels_read = manifest.levels_for(info["branch"].arch)  # --layers, or EVL's blocks and the one before
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random weights.*")
         backbone = load_backbone(manifest.model, _weights_for(manifest, pretrained), manifest.layers, device,
                                  precision or manifest.precision, manifest.grid_downsample,
-                                 model_config=manifest.model_config)
+                                 model_config=manifest.model_config, extra_levels=levels_read)
     branch = branch.to(device)
     results = []
     for path in videos:
@@ -66,9 +67,9 @@ def predict_videos(videos: list[str], run: str, top: int = 5, pretrained: str | 
             continue
         frames = torch.from_numpy(clip.frames)  # [views, T, 3, S, S]
         views, T = frames.shape[:2]
-        levels = backbone(frames.flatten(0, 1).to(device))  # per layer [views * T, N, D]
+        tapped = dict(zip(backbone.levels, backbone(frames.flatten(0, 1).to(device))))  # level -> [views * T, N, D]
         # As in the cache: float16 tokens, then float for the branch.
-        levels = [level.to(torch.float16).view(views, T, *level.shape[1:]) for level in levels]  # as cached
+        levels = [tapped[n].to(torch.float16).view(views, T, *tapped[n].shape[1:]) for n in levels_read]
         probs = branch(levels).float().softmax(dim=-1).mean(dim=0)  # averaged over views: [C]
         values, indices = probs.topk(min(top, probs.numel()))
         results.append({"path": path, "top": [(class_names[i], float(p)) for p, i in zip(values, indices)]})

@@ -1,4 +1,4 @@
-"""`mad bench memory` on a tiny backbone: the four modes' peak memory comes out in the expected order,
+"""`mad bench memory` on a tiny backbone: the modes' peak memory comes out in the expected order,
 and the in-backbone modes' public-API forward (hooked adapters, `SelfAttention`) computes what open_clip does."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ TINY = Path(__file__).parent / "configs" / "mad-tiny-vit.json"
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """All four modes, each in its own process, on the tiny ViT widened to 256 channels.
+    """All modes, each in its own process, on the tiny ViT widened to 256 channels.
 
     Why wider: at width 64 the backbone's weights (~0.5 MB) and its no_grad forward are
     within the noise of a process's RSS, so "online > cached" would be luck. At width
@@ -54,6 +54,15 @@ def test_cached_mode_holds_no_backbone(report):
     assert cached["total_parameters"] == cached["trainable_parameters"] == branch
     assert rows["in-backbone-adapter"]["backbone_parameters"] == rows["full-finetune"]["backbone_parameters"] > 0
     assert rows["full-finetune"]["trainable_parameters"] == rows["full-finetune"]["total_parameters"]
+
+
+def test_evl_modes_online_above_cached_and_cached_holds_no_backbone(report):
+    rows = {row["mode"]: row for row in report["modes"]}
+    online, cached = rows["evl-online"], rows["evl-cached"]
+    assert online["peak_bytes"] - cached["peak_bytes"] > 4 * 2**20
+    assert cached["backbone_parameters"] == 0 and cached["open_clip_imported"] is False
+    assert cached["trainable_parameters"] == online["trainable_parameters"] > 0
+    assert online["backbone_parameters"] == rows["madapter-online"]["backbone_parameters"]
 
 
 def test_report_files(report):

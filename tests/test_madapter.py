@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from mad.adapt.checkpoint import CheckpointError, load_model, load_state, save_model
-from mad.adapt.madapter import (ARCHS, BranchConfig, Correlation, SpaceTimeConv, TemporalConv, build_model,
+from mad.adapt.madapter import (BranchConfig, Correlation, SpaceTimeConv, TemporalConv, build_model,
                                 count_parameters, resolve_cell_size)
 from mad.cache.inputs import average_cells, branch_inputs, normalized_cells
+from mad.cache.manifest import FAMILIES
+
+ARCHS = FAMILIES["madapter"]  # this file's archs (evl: tests/test_evl.py)
 
 SMALL = dict(width=16, heads=2, dropout=0.0)
 

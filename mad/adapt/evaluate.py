@@ -19,7 +19,7 @@ import torch
 
 from mad.adapt.checkpoint import load_model
 from mad.cache.dataset import CachedTokens, open_tokens, usable_videos
-from mad.cache.manifest import Manifest
+from mad.cache.manifest import Manifest, training_keys
 from mad.cache.store import DONE, Store
 from mad.errors import MadError
 from mad.runtime import resolve_device
@@ -31,14 +31,14 @@ class EvalError(MadError):
 
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, data: CachedTokens, batch_size: int, device: torch.device,
-                  all_views: bool = False) -> torch.Tensor:
-    """Softmax probabilities, float32 [V, views, C] (views = 1 unless `all_views`)."""
+                  all_views: bool = False, arch: str = "madapter") -> torch.Tensor:
+    """Softmax probabilities of branch `model` (of `arch`), float32 [V, views, C] (views = 1 unless `all_views`)."""
     model.eval()
     views_used = data.num_views if all_views else 1
     probs = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for arrays, _, positions, views in data.eval_batches(batch_size, all_views):
-        inputs = data.to_model(arrays, device)
+        inputs = data.to_model(arrays, device, arch)
         with autocast:
             logits = model(inputs)
         p = logits.float().softmax(dim=-1).cpu()
@@ -77,16 +77,18 @@ def evaluate(run_dir, cache, batch_size: int = 64, device: str = "auto", in_ram:
     model, info = load_model(model_path, device)
     store = Store.open(cache)
     trained_on = Manifest.from_dict(info["manifest"], str(model_path)) if info.get("manifest") else store.manifest
-    trained_on.check_pair(store.manifest, str(cache), f"the training cache of {model_path}")
+    arch = info["branch"].arch
+    trained_on.check_pair(store.manifest, str(cache), f"the training cache of {model_path}", training_keys([arch]))
     if info.get("class_names") and store.class_names and info["class_names"] != store.class_names:
         raise EvalError(f"{cache}: class names differ from those {model_path} was trained with")
     usable_videos(store)  # refuses a cache with no extracted, labelled video to score
-    data = open_tokens(store, in_ram, workers, progress=progress, videos=np.flatnonzero(store.status() == DONE))
+    data = open_tokens(store, in_ram, workers, progress=progress, videos=np.flatnonzero(store.status() == DONE),
+                       archs=(arch,))
     try:
         num_classes = info["branch"].num_classes
         if int(data.labels.max()) >= num_classes:
             raise EvalError(f"{cache}: label {int(data.labels.max())} is outside the model's {num_classes} classes")
-        probs = predict_probs(model, data, batch_size, device, all_views=True)  # [V, views, C]
+        probs = predict_probs(model, data, batch_size, device, all_views=True, arch=arch)  # [V, views, C]
     finally:
         data.close()
     labelled = data.labels >= 0

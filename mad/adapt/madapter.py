@@ -11,6 +11,7 @@ deep, each [B, T, N, D] (N = 1 + H*W tokens, CLS first). Output: logits [B, C].
                -> mean over tokens and time + deepest CLS -> head
     meanpool   every level averaged over time and tokens -> projection + fusion -> head
     linear     deepest level's CLS averaged over time -> head
+    evl        EVL's decoder (Lin et al., ECCV 2022) over the last blocks: `mad.adapt.evl`
 
 The temporal module is a residual depthwise convolution over T ("conv", the
 paper's choice) or attention over T ("attn"), per token; attention within the
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 from mad.cache.inputs import BranchInputs, average_cells, branch_inputs, match_similarity, resolve_cell_size
 
-ARCHS = ("madapter", "meanpool", "linear")
+ARCHS = ("madapter", "meanpool", "linear", "evl")
 TEMPORAL = ("conv", "conv3d", "attn", "none")
 
 
@@ -50,7 +51,7 @@ class BranchConfig:
     the rest are the branch's own settings, whose defaults `mad train` uses.
     """
 
-    arch: str = "madapter"       # madapter, meanpool or linear
+    arch: str = "madapter"       # madapter, meanpool, linear or evl
     num_levels: int = 3          # K cached levels
     in_width: int = 768          # D of the cached tokens
     num_tokens: int = 197        # N = 1 + H*W
@@ -67,6 +68,10 @@ class BranchConfig:
     correlation: int = 1         # radius in patches of the match to the previous frame (`Correlation`); 0: off
     correlation_groups: int = 4  # channel groups matched separately
     cell_size: int | str = "auto"  # average the patch grid in n x n cells; auto: see `resolve_cell_size`
+    # evl: `width` is its attention's q/k/v width (0: D), `heads` 0: D / 64, `depth` its decoder layers, one
+    # per block read (0: every cached block); the backbone attention's heads and ln_1 eps give its q, k
+    qk_heads: int = 12
+    qk_eps: float = 1e-5
 
     @classmethod
     def from_dict(cls, values: dict) -> "BranchConfig":
@@ -452,6 +457,8 @@ def check_branch(cfg: BranchConfig) -> BranchConfig:
         raise ValueError(f"arch {cfg.arch!r}: use one of {', '.join(ARCHS)}")
     if cfg.num_levels < 1:
         raise ValueError("the model needs at least one cached level")
+    if cfg.arch == "evl":
+        return check_evl(cfg)
     if cfg.temporal not in TEMPORAL:
         raise ValueError(f"temporal {cfg.temporal!r}: use one of {', '.join(TEMPORAL)}")
     if cfg.correlation < 0:
@@ -473,13 +480,38 @@ def check_branch(cfg: BranchConfig) -> BranchConfig:
     return BranchConfig(**{**cfg.to_dict(), "cell_size": cell})
 
 
+def check_evl(cfg: BranchConfig) -> BranchConfig:
+    """An evl `cfg` with its 0 (from the cache) settings resolved, or a ValueError naming the setting."""
+    for name in ("width", "heads", "depth"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be at least 1, or 0 for EVL's default (got {getattr(cfg, name)})")
+    width = cfg.width or cfg.in_width
+    heads = cfg.heads or max(1, width // 64)
+    depth = cfg.depth or cfg.num_levels - 1
+    if depth < 1:
+        raise ValueError("evl needs at least two cached levels (a block's input and its output)")
+    side = math.isqrt(cfg.num_tokens - 1)
+    if side * side != cfg.num_tokens - 1:
+        raise ValueError(f"evl needs a square patch grid; {cfg.num_tokens - 1} patch tokens is not one")
+    if depth > cfg.num_levels - 1:
+        raise ValueError(f"depth {depth}: evl reads one cached block per decoder layer, and the cache holds "
+                         f"{cfg.num_levels - 1} (mad extract --evl-layers)")
+    if width % heads:
+        raise ValueError(f"width {width} is not divisible by heads {heads}")
+    if cfg.in_width % cfg.qk_heads:
+        raise ValueError(f"level width {cfg.in_width} is not divisible by the backbone's {cfg.qk_heads} heads")
+    return BranchConfig(**{**cfg.to_dict(), "width": width, "heads": heads, "depth": depth, "cell_size": 1})
+
+
 def build_model(cfg: BranchConfig) -> nn.Module:
     """The branch `cfg.arch` for K = cfg.num_levels cached levels of [T, N, D] tokens.
 
-    Every arch works on any patch grid; correlation, cells larger than 1 and conv3d need a square one.
+    Every arch but evl works on any patch grid; correlation, cells larger than 1, conv3d and evl need a square one.
     """
+    from mad.adapt.evl import EVL  # evl.py reads BranchConfig from here
+
     cfg = check_branch(cfg)
-    return {"madapter": MAdapter, "meanpool": MeanPool, "linear": LinearProbe}[cfg.arch](cfg)
+    return {"madapter": MAdapter, "meanpool": MeanPool, "linear": LinearProbe, "evl": EVL}[cfg.arch](cfg)
 
 
 def count_parameters(model: nn.Module) -> int:

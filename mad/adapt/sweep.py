@@ -18,8 +18,9 @@ from pathlib import Path
 from rich.table import Table
 
 from mad.adapt.tracking import check_log
-from mad.adapt.train import TrainConfig, TrainError, train_on
+from mad.adapt.train import ARCH_DEFAULTS, TrainConfig, TrainError, train_on, with_arch_defaults
 from mad.cache.dataset import open_tokens
+from mad.cache.manifest import training_keys
 from mad.cache.store import Store
 from mad.progress import make_console
 
@@ -68,17 +69,24 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
     console = make_console(quiet)
     train_store = Store.open(cache)
     val_store = Store.open(val) if val else None
+    archs = sorted({setting.get("arch", base.arch) for setting in combinations})  # read what they all need, once
     if val_store is not None:
-        train_store.manifest.check_pair(val_store.manifest, val, f"the training cache {cache}")
+        train_store.manifest.check_pair(val_store.manifest, val, f"the training cache {cache}", training_keys(archs))
     out = Path(out)
+    defaults = TrainConfig()
     train_data = val_data = None
     results = []
     try:
-        train_data = open_tokens(train_store, base.in_ram, base.workers, progress=not quiet)
-        val_data = open_tokens(val_store, base.in_ram, base.workers, progress=not quiet) if val_store else None
+        train_data = open_tokens(train_store, base.in_ram, base.workers, progress=not quiet, archs=archs)
+        val_data = (open_tokens(val_store, base.in_ram, base.workers, progress=not quiet, archs=archs)
+                    if val_store else None)
         for i, setting in enumerate(combinations, 1):
             name = f"{i:02d}-" + "-".join(f"{k}={v}" for k, v in setting.items())
             cfg = dataclasses.replace(base, cache=cache, val=val, out=str(out / name), resume=False, **setting)
+            # the arch's own defaults (EVL's lr, dropout, ...) for what neither the grid nor `base` set
+            given = set(setting) | {k for k in ARCH_DEFAULTS.get(cfg.arch, {})
+                                    if getattr(base, k) != getattr(defaults, k)}
+            cfg = with_arch_defaults(cfg, given)
             console.print(f"[bold]{i}/{len(combinations)}[/] {name}")
             summary = train_on(cfg, train_data, val_data, quiet=True)
             results.append({**setting, **summary})

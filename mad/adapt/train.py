@@ -39,13 +39,17 @@ from mad.adapt.plots import plot_confusion, plot_curves
 from mad.adapt.step import CLIP_GRAD, LABEL_SMOOTHING, make_optimizer, make_scheduler, train_step
 from mad.adapt.tracking import Trackers, check_log
 from mad.cache.dataset import CachedTokens, open_tokens
-from mad.cache.manifest import Manifest
+from mad.cache.manifest import Manifest, training_keys
 from mad.cache.store import Store
 from mad.errors import MadError
 from mad.progress import make_console, plain
 from mad.runtime import branch_autocast, resolve_device
 
 _BRANCH = BranchConfig()
+# What an arch trains with where a setting is not given (`TrainConfig.for_arch`, `with_arch_defaults`): EVL's
+# official ViT-B/16 recipe (AdamW 4e-4, weight decay 0.05 as ours, dropout 0.5); its width, heads and depth 0
+# resolve from the cache: q/k/v width D, D / 64 heads, one decoder layer per cached EVL block (README "EVL").
+ARCH_DEFAULTS = {"evl": dict(lr=4e-4, dropout=0.5, width=0, heads=0, depth=0)}
 
 
 class TrainError(MadError):
@@ -56,7 +60,7 @@ class TrainError(MadError):
 class TrainConfig:
     cache: str = "cache"  # training cache (store folder or URL)
     val: str | None = None  # validation cache; without one the last epoch is kept
-    arch: str = _BRANCH.arch  # madapter, meanpool or linear
+    arch: str = _BRANCH.arch  # madapter, meanpool, linear or evl (use `for_arch` for its defaults)
     width: int = _BRANCH.width
     depth: int = _BRANCH.depth
     heads: int = _BRANCH.heads
@@ -84,11 +88,19 @@ class TrainConfig:
 
     def branch(self, manifest: Manifest | None = None, num_classes: int = _BRANCH.num_classes) -> BranchConfig:
         """The branch these settings train on tokens described by `manifest` (BranchConfig's defaults without)."""
-        data = {} if manifest is None else dict(num_levels=len(manifest.layers), in_width=manifest.width,
-                                                num_tokens=manifest.tokens, num_frames=manifest.frames)
+        data = {} if manifest is None else dict(num_levels=len(manifest.levels_for(self.arch)),
+                                                in_width=manifest.width, num_tokens=manifest.tokens,
+                                                num_frames=manifest.frames)
+        if manifest is not None and self.arch == "evl" and manifest.evl:
+            data.update(qk_heads=manifest.evl["heads"], qk_eps=manifest.evl["ln_eps"])
         return BranchConfig(arch=self.arch, num_classes=num_classes, width=self.width, depth=self.depth,
                             heads=self.heads, dropout=self.dropout, temporal=self.temporal, motion=self.motion,
                             correlation=self.correlation, cell_size=self.cell_size, **data)
+
+    @classmethod
+    def for_arch(cls, arch: str, **settings) -> "TrainConfig":
+        """A config for `arch` whose settings not in `settings` are the arch's defaults (`ARCH_DEFAULTS`)."""
+        return cls(arch=arch, **{**ARCH_DEFAULTS.get(arch, {}), **settings})
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -96,6 +108,11 @@ class TrainConfig:
         values = {{"grid_pool": "cell_size"}.get(k, k): v for k, v in values.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def with_arch_defaults(cfg: TrainConfig, given=()) -> TrainConfig:
+    """`cfg` with its arch's defaults for every setting not in `given` (what a command line or a grid set)."""
+    return dataclasses.replace(cfg, **{k: v for k, v in ARCH_DEFAULTS.get(cfg.arch, {}).items() if k not in given})
 
 
 # Settings that may change when a run is resumed: they do not change its numbers.
@@ -111,11 +128,13 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, 
     train_store = Store.open(cfg.cache)
     val_store = Store.open(cfg.val) if cfg.val else None
     if val_store is not None:
-        train_store.manifest.check_pair(val_store.manifest, cfg.val, f"the training cache {cfg.cache}")
+        train_store.manifest.check_pair(val_store.manifest, cfg.val, f"the training cache {cfg.cache}",
+                                        training_keys([cfg.arch]))
     train_data = val_data = None
     try:
-        train_data = open_tokens(train_store, cfg.in_ram, cfg.workers, progress=not quiet)
-        val_data = open_tokens(val_store, cfg.in_ram, cfg.workers, progress=not quiet) if val_store else None
+        train_data = open_tokens(train_store, cfg.in_ram, cfg.workers, progress=not quiet, archs=(cfg.arch,))
+        val_data = (open_tokens(val_store, cfg.in_ram, cfg.workers, progress=not quiet, archs=(cfg.arch,))
+                    if val_store else None)
         return train_on(cfg, train_data, val_data, on_epoch_end, quiet)
     finally:
         for data in (train_data, val_data):
@@ -142,8 +161,14 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
         branch = check_branch(branch)
     except ValueError as e:
         raise TrainError(f"{train_data.location}: {e}") from None
+    for data in (train_data, val_data):
+        if data is not None:
+            data.manifest.check_serves(cfg.arch, data.location)  # data opened for other archs (a sweep's)
     torch.manual_seed(cfg.seed)
-    model = build_model(branch).to(device)
+    model = build_model(branch)
+    if branch.arch == "evl":  # the frozen backbone weights that recompute its q, k: the store carries them
+        model.load_frozen(train_data.frozen)
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = math.ceil(train_data.num_videos / cfg.batch_size)
     scheduler = make_scheduler(optimizer, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
@@ -173,7 +198,7 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
             row = {"epoch": epoch, **train_one_epoch(trained, optimizer, scheduler, train_data, cfg, epoch, device,
                                                      dist, log.step)}
             if val_data is not None:
-                row.update(validate(model, val_data, cfg.batch_size * 2, device))
+                row.update(validate(model, val_data, cfg.batch_size * 2, device, cfg.arch))
             row["epoch_seconds"] = time.perf_counter() - started
             log.epoch_done(row)
             if best is None or row[key] > best[key]:
@@ -213,7 +238,7 @@ def train_one_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainC
     for arrays, labels, _, _ in data.train_batches(cfg.batch_size, cfg.seed, epoch):
         global_batch = len(labels)
         arrays, labels = dist.share(arrays, labels)
-        inputs = data.to_model(arrays, device)
+        inputs = data.to_model(arrays, device, cfg.arch)
         labels = labels.to(device)
         loss, logits = train_step(lambda: model(inputs), labels, optimizer, model.parameters(), autocast,
                                   cfg.label_smoothing, cfg.clip_grad, loss_weight=dist.world / global_batch)
@@ -228,9 +253,9 @@ def train_one_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainC
     return {"lr": lr, "train/loss": loss_sum / seen, "train/acc": correct / seen, "clips_per_second": seen / seconds}
 
 
-def validate(model, data: CachedTokens, batch_size: int, device) -> dict:
+def validate(model, data: CachedTokens, batch_size: int, device, arch: str = "madapter") -> dict:
     """val/acc/top1, top5, mean1 on the first cached view of every video."""
-    probs = predict_probs(model, data, batch_size, device)[:, 0]
+    probs = predict_probs(model, data, batch_size, device, arch=arch)[:, 0]
     return {f"val/{k}": v for k, v in accuracy(probs, data.labels).items()}
 
 
@@ -306,6 +331,9 @@ def describe_branch(branch: BranchConfig, model, cell_setting: str) -> str:
     if branch.arch == "madapter" and int(branch.cell_size) > 1:
         cells = -(-side // int(branch.cell_size))
         text += f", patch grid {side}x{side} averaged to {cells}x{cells} cells (--cell-size {cell_setting})"
+    if branch.arch == "evl":
+        text += (f", {branch.depth} decoder layers (q/k/v width {branch.width}, heads {branch.heads}) over the last "
+                 f"{branch.depth} cached blocks, their q/k recomputed from frozen backbone weights")
     return text
 
 
@@ -314,7 +342,7 @@ def finish(run: Path, cfg: TrainConfig, history: list[dict], best: dict, scored:
     """Plots and summary.json from the finished history and the saved best model."""
     plot_curves(history, run / "curves.png")
     model, _ = load_model(run / "model.safetensors", device)
-    probs = predict_probs(model, scored, cfg.batch_size * 2, device)[:, 0]
+    probs = predict_probs(model, scored, cfg.batch_size * 2, device, arch=cfg.arch)[:, 0]
     matrix = confusion_matrix(probs.argmax(dim=1), scored.labels, probs.shape[1])
     plot_confusion(matrix, scored.class_names, run / "confusion.png",
                    f"{which}, epoch {best['epoch']}: top-1 {accuracy(probs, scored.labels)['acc/top1']:.3f}")

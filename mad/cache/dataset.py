@@ -9,11 +9,12 @@ numbers whichever is used:
     eval       the first view of every video, or every view of every video
 
 A batch is (arrays, labels, positions, views): `arrays` one tensor per data array
-of the store, as stored (full stores: float16 [B, T, N, D] per cached layer, shallow
-to deep; compact stores: uint8 records [B, R]), `positions` the videos' indices
-within the source (0..num_videos-1), `views` the view of each item. `to_model` turns
-`arrays` into what the branch takes, on the training device (compact records are
-decoded there: a quarter of the bytes cross to the GPU).
+read (full stores: float16 [B, T, N, D] per cached level, shallow to deep; compact
+stores: uint8 records [B, R]), `positions` the videos' indices within the source
+(0..num_videos-1), `views` the view of each item. A source reads only the arrays its
+archs need (`archs`; a store extracted with --branches madapter,evl serves both
+families). `to_model` turns `arrays` into what an arch takes, on the training device
+(compact records are decoded there: a quarter of the bytes cross to the GPU).
 
 Streaming reads one (video, view) chunk per data array per item in DataLoader workers
 started with `spawn`: zarr v3 runs an event-loop thread, and a forked copy of a
@@ -31,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mad.cache import compact
+from mad.cache.manifest import family_of
 from mad.cache.store import DONE, Store, StoreError
 from mad.runtime import available_memory
 
@@ -47,9 +49,21 @@ def usable_videos(store: Store) -> np.ndarray:
     return videos
 
 
-def cache_bytes(store: Store, num_videos: int) -> int:
-    """Bytes that `num_videos` videos of the store's data arrays take in memory."""
-    per_video = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in store.data_arrays.values())
+def arrays_for(store: Store, archs=None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The data arrays (name -> per-video shape, dtype) that `archs` read; every one when None.
+    A store that does not hold what an arch reads is refused in one line (`Manifest.check_serves`)."""
+    if archs is None:
+        return store.data_arrays
+    names = set()
+    for arch in archs:
+        store.manifest.check_serves(arch, store.location)
+        names.update(store.manifest.arrays_for(arch))
+    return {name: value for name, value in store.data_arrays.items() if name in names}
+
+
+def cache_bytes(store: Store, num_videos: int, archs=None) -> int:
+    """Bytes that `num_videos` videos of the data arrays `archs` read take in memory."""
+    per_video = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in arrays_for(store, archs).values())
     return per_video * num_videos
 
 
@@ -72,7 +86,7 @@ def eval_order(num_videos: int, num_views: int, all_views: bool) -> tuple[torch.
 class CachedTokens:
     """What both sources share: which videos, their labels, and the batch order."""
 
-    def __init__(self, store: Store, videos: np.ndarray):
+    def __init__(self, store: Store, videos: np.ndarray, archs=None):
         self.location = store.location
         self.manifest = store.manifest
         self.layers = store.layers
@@ -82,16 +96,21 @@ class CachedTokens:
         self.paths = [paths[v] for v in videos]
         self.class_names = store.class_names
         self.num_views = self.manifest.views
-        self.array_names = list(store.data_arrays)
-        self.array_shapes = {name: (shape[1:], dtype) for name, (shape, dtype) in store.data_arrays.items()}
+        selected = arrays_for(store, archs)
+        self.array_names = list(selected)
+        self.array_shapes = {name: (shape[1:], dtype) for name, (shape, dtype) in selected.items()}
+        # frozen backbone weights a branch needs beside the tokens (EVL's q/k projection): small, read once
+        self.frozen = {name: torch.from_numpy(value) for name, value in store.frozen().items()}
 
-    def to_model(self, arrays: list[torch.Tensor], device):
-        """A batch's arrays as the branch takes them: full levels, or compact records decoded (BranchInputs)."""
+    def to_model(self, arrays: list[torch.Tensor], device, arch: str = "madapter"):
+        """A batch's arrays as `arch` takes them: full levels, or compact records decoded (BranchInputs)."""
         m = self.manifest
-        if m.storage == "compact":
-            return compact.decode(arrays[0].to(device, non_blocking=True), m.compact["layout"], len(m.layers),
-                                  m.side or 0, m.compact["correlation_groups"])
-        return [x.to(device, non_blocking=True) for x in arrays]  # float16 as cached: the branch upcasts
+        by_name = dict(zip(self.array_names, arrays))
+        if family_of(arch) == "madapter" and m.storage == "compact":
+            return compact.decode(by_name["records"].to(device, non_blocking=True), m.compact["layout"],
+                                  len(m.layers), m.side or 0, m.compact["correlation_groups"])
+        # float16 as cached: the branch upcasts
+        return [by_name[name].to(device, non_blocking=True) for name in m.arrays_for(arch)]
 
     @property
     def num_videos(self) -> int:
@@ -113,8 +132,8 @@ class CachedTokens:
 class InMemoryTokens(CachedTokens):
     """Every data array of the selected videos read once into one tensor [V, views, ...] (as stored)."""
 
-    def __init__(self, store: Store, videos: np.ndarray | None = None, progress: bool = True):
-        super().__init__(store, usable_videos(store) if videos is None else videos)
+    def __init__(self, store: Store, videos: np.ndarray | None = None, progress: bool = True, archs=None):
+        super().__init__(store, usable_videos(store) if videos is None else videos, archs)
         self.arrays = [torch.empty((self.num_videos, self.num_views, *shape), dtype=getattr(torch, dtype))
                        for shape, dtype in self.array_shapes.values()]
         # Read whole shards (one request per shard file) and keep the selected rows.
@@ -145,8 +164,8 @@ class InMemoryTokens(CachedTokens):
 class StreamingTokens(CachedTokens):
     """Reads each batch's chunks from the store in `workers` spawned DataLoader processes."""
 
-    def __init__(self, store: Store, videos: np.ndarray | None = None, workers: int = 2):
-        super().__init__(store, usable_videos(store) if videos is None else videos)
+    def __init__(self, store: Store, videos: np.ndarray | None = None, workers: int = 2, archs=None):
+        super().__init__(store, usable_videos(store) if videos is None else videos, archs)
         self.workers = workers
         self._reader = ChunkReader(self.location, self.array_shapes, self.videos)
         self._sampler = _ListSampler()
@@ -233,16 +252,17 @@ def _new_batch_tensor(shape, dtype) -> torch.Tensor:
 
 
 def open_tokens(store: Store | str, in_ram: str = "auto", workers: int = 2, reserve: float = 0.5,
-                progress: bool = True, videos: np.ndarray | None = None) -> CachedTokens:
-    """The store's done, labelled videos (or the store indices `videos`) as batches: in RAM ('yes'),
-    streamed ('no'), or in RAM when they take less than `reserve` of the available memory ('auto')."""
+                progress: bool = True, videos: np.ndarray | None = None, archs=None) -> CachedTokens:
+    """The store's done, labelled videos (or the store indices `videos`) as batches of the arrays `archs`
+    read (all when None): in RAM ('yes'), streamed ('no'), or in RAM when they take less than `reserve` of
+    the available memory ('auto')."""
     if isinstance(store, str):
         store = Store.open(store)
     if in_ram not in ("auto", "yes", "no"):
         raise StoreError(f"in_ram {in_ram!r}: use auto, yes or no")
     videos = usable_videos(store) if videos is None else videos
     if in_ram == "auto":
-        in_ram = "yes" if cache_bytes(store, len(videos)) < reserve * available_memory() else "no"
+        in_ram = "yes" if cache_bytes(store, len(videos), archs) < reserve * available_memory() else "no"
     if in_ram == "yes":
-        return InMemoryTokens(store, videos, progress=progress)
-    return StreamingTokens(store, videos, workers=workers)
+        return InMemoryTokens(store, videos, progress=progress, archs=archs)
+    return StreamingTokens(store, videos, workers=workers, archs=archs)

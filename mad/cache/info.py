@@ -28,8 +28,8 @@ def show_info(location: str, verify: bool = False, console: Console | None = Non
     console.print(f"[bold]{location}[/bold]  mad cache format {m['format_version']}, created {m.get('created')}")
     table = Table(show_header=False, box=None)
     for key in ("model", "pretrained", "pretrained_sha256", "layers", "frames", "clips", "crops", "image_size",
-                "grid", "grid_downsample", "tokens", "width", "precision", "sampling", "storage", "shard_size",
-                "videos_root"):
+                "grid", "grid_downsample", "tokens", "width", "precision", "sampling", "storage", "branches",
+                "shard_size", "videos_root"):
         if m.get(key) is not None:
             table.add_row(key, json.dumps(m[key]) if isinstance(m[key], (list, dict)) else str(m[key]))
     names = m.get("class_names") or []

@@ -6,6 +6,9 @@ Layout (DESIGN.md, "Store schema"; every array a standard Zarr v3 data type):
                          shard = `shard_size` consecutive videos; crc32c per chunk
     records              compact stores: uint8 [V, views, R], one record per (video, view):
                          what the branch reads, 8-bit (`mad.cache.compact`); chunks, shards as above
+    layers/<n>           also in compact stores: the levels a branch family reads as tokens (EVL's)
+    frozen/<name>        float32: frozen backbone weights a branch needs (EVL: ln_1 and the q/k rows of the
+                         in-projection of each of its blocks), written once at creation
     label                int32 [V]          (-1 when unlabelled)
     path                 uint8 [V, L]       UTF-8 path relative to the videos root, zero-padded
     frame_index          int32 [V, clips, T]
@@ -127,8 +130,10 @@ class Store:
         return cls(group, location)
 
     @classmethod
-    def create(cls, location, manifest: Manifest, paths: list[str], labels: list[int]) -> "Store":
-        """Create an empty store for `paths` (all pending). Overwrites nothing: the caller decides."""
+    def create(cls, location, manifest: Manifest, paths: list[str], labels: list[int],
+               frozen: dict[str, np.ndarray] | None = None) -> "Store":
+        """Create an empty store for `paths` (all pending), with `frozen` weights (name -> float32 array).
+        Overwrites nothing: the caller decides."""
         location = str(location)
         values = manifest.to_dict()
         values["format_version"] = FORMAT_VERSION
@@ -140,8 +145,12 @@ class Store:
         # is recognised as ours (and empty) rather than as a foreign Zarr group.
         # create_group, not open_group(mode="w"): that would wipe the folder, the run's lock files with it.
         group = zarr.create_group(location, attributes={"mad_creating": True})
-        if m.storage == "full":
+        if m.stored_levels:
             group.create_group("layers")
+        if frozen:
+            weights = group.create_group("frozen")
+            for name, value in frozen.items():
+                weights.create_array(name, shape=value.shape, dtype="float32", chunks=value.shape)[...] = value
         for name, (shape, dtype) in _data_arrays(m).items():
             parent, _, leaf = name.rpartition("/")
             (group[parent] if parent else group).create_array(
@@ -241,6 +250,13 @@ class Store:
         if stored.ndim == 1:  # format 1: variable-length strings
             return [str(p) for p in stored]
         return [bytes(row).rstrip(b"\0").decode() for row in stored]
+
+    def frozen(self) -> dict[str, np.ndarray]:
+        """The frozen backbone weights the store carries (name -> float32 array); {} when none."""
+        if "frozen" not in self._group:
+            return {}
+        group = self._group["frozen"]
+        return {name: group[name][...] for name in sorted(group.array_keys())}
 
     def frame_index(self) -> np.ndarray:
         return self._array("frame_index")[:]
@@ -369,6 +385,6 @@ class Store:
 
 
 def _data_arrays(m: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
-    if m.storage == "compact":
-        return {"records": ((m.views, m.compact["record_bytes"]), "uint8")}
-    return {f"layers/{layer}": ((m.views, m.frames, m.tokens, m.width), "float16") for layer in m.layers}
+    arrays = {"records": ((m.views, m.compact["record_bytes"]), "uint8")} if m.storage == "compact" else {}
+    arrays.update({f"layers/{level}": ((m.views, m.frames, m.tokens, m.width), "float16") for level in m.stored_levels})
+    return arrays

@@ -3,7 +3,8 @@
 Layers are 1-based block numbers everywhere in mad (12 = last block of ViT-B);
 open_clip's `forward_intermediates` takes 0-based indices, converted here only.
 A tapped level is the block's residual-stream output before `ln_post`, CLS first:
-[B, 1 + H*W, D].
+[B, 1 + H*W, D]; level 0 (only asked for by a branch family, never by --layers) is the
+input of block 1: the embeddings after `ln_pre`.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ class BackboneInfo:
     image_size: int
     patch_size: int
     grid: tuple[int, int]
+    heads: int                  # of each block's attention
+    ln_eps: float               # of each block's ln_1
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -115,10 +118,11 @@ class Backbone(nn.Module):
     """open_clip's visual tower, truncated after the deepest requested block, frozen."""
 
     def __init__(self, visual: nn.Module, layers: list[int], info: BackboneInfo, dtype: torch.dtype,
-                 grid_downsample: int = 1):
+                 grid_downsample: int = 1, levels: list[int] | None = None):
         super().__init__()
         self.visual = visual
-        self.layers = layers
+        self.layers = layers  # the --layers blocks (1-based)
+        self.levels = levels or layers  # what forward returns: `layers` and the extra levels, sorted
         self.info = info
         self.dtype = dtype
         self.grid_downsample = grid_downsample
@@ -132,18 +136,30 @@ class Backbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, frames: torch.Tensor) -> list[torch.Tensor]:
-        """uint8 frames [B, 3, S, S] -> one [B, N, D] tensor per requested layer (model dtype)."""
+        """uint8 frames [B, 3, S, S] -> one [B, N, D] tensor per level in `levels` (model dtype)."""
         x = (frames.float() / 255.0 - self.mean) / self.std
-        out = self.visual.forward_intermediates(
-            x.to(self.dtype),
-            indices=[layer - 1 for layer in self.layers],  # open_clip is 0-based
-            stop_early=True,
-            intermediates_only=True,
-            output_fmt="NLC",
-            output_extra_tokens=True,  # else CLS is dropped
-        )
+        inputs = []  # level 0: what block 1 receives, caught on its way in
+        hook = (self.visual.transformer.resblocks[0].register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+                if 0 in self.levels else None)
+        try:
+            out = self.visual.forward_intermediates(
+                x.to(self.dtype),
+                indices=[level - 1 for level in self.levels if level > 0],  # open_clip is 0-based
+                stop_early=True,
+                intermediates_only=True,
+                output_fmt="NLC",
+                output_extra_tokens=True,  # else CLS is dropped
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        prefixes, grids = out["image_intermediates_prefix"], out["image_intermediates"]
+        if inputs:
+            if not getattr(self.visual.transformer, "batch_first", True):
+                inputs[0] = inputs[0].transpose(0, 1)  # LND -> NLD
+            prefixes, grids = [inputs[0][:, :1], *prefixes], [inputs[0][:, 1:], *grids]
         levels = []
-        for cls, patches in zip(out["image_intermediates_prefix"], out["image_intermediates"]):
+        for cls, patches in zip(prefixes, grids):
             if self.grid_downsample > 1:
                 B, L, D = patches.shape
                 h, w = self.info.grid
@@ -152,12 +168,31 @@ class Backbone(nn.Module):
             levels.append(torch.cat([cls, patches], dim=1))  # [B, 1 + H*W, D]
         return levels
 
+    def frozen_qk(self, blocks: list[int]) -> dict[str, torch.Tensor]:
+        """What recomputes the q and k of the attention of `blocks` (1-based) from their input, float32:
+        ln_1 weight and bias [L, D], and the q and k rows of the in-projection, weight [L, 2D, D] and bias [L, 2D]."""
+        D = self.info.width
+        parts = {"ln_1_weight": [], "ln_1_bias": [], "qk_weight": [], "qk_bias": []}
+        for block in blocks:
+            resblock = self.visual.transformer.resblocks[block - 1]
+            attn = resblock.attn
+            if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None:
+                raise BackboneError(f"{self.info.model}: block {block}'s attention has no packed in-projection; "
+                                    "EVL's q/k cannot be recomputed from it")
+            parts["ln_1_weight"].append(resblock.ln_1.weight)
+            parts["ln_1_bias"].append(resblock.ln_1.bias)
+            parts["qk_weight"].append(attn.in_proj_weight[: 2 * D])  # rows: q, then k, then v
+            parts["qk_bias"].append(attn.in_proj_bias[: 2 * D])
+        return {name: torch.stack(values).float().cpu() for name, values in parts.items()}
+
 
 def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] = "-1",
                   device: str | torch.device = "cpu", precision: str = "bf16", grid_downsample: int = 1,
-                  model_config: dict | None = None) -> Backbone:
+                  model_config: dict | None = None, extra_levels=()) -> Backbone:
     """Build the frozen visual tower. `pretrained`: a tag (openai, laion2b_...), a local
-    checkpoint file (its sha256 is recorded), or 'none' for random weights."""
+    checkpoint file (its sha256 is recorded), or 'none' for random weights. `extra_levels`:
+    levels a branch family reads beyond `layers` (0: the input of block 1), or a function
+    of the model's depth that gives them."""
     open_clip = import_open_clip()
     name = register_model_config(model, model_config)
     if precision not in DTYPES:
@@ -193,20 +228,23 @@ def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] 
     del clip  # drop the text tower
     depth = len(visual.transformer.resblocks)
     blocks = parse_layers(layers, depth)
-    visual.transformer.resblocks = visual.transformer.resblocks[: max(blocks)]  # nothing deeper is ever run
+    levels = sorted(set(blocks) | set(extra_levels(depth) if callable(extra_levels) else extra_levels))
+    visual.transformer.resblocks = visual.transformer.resblocks[: max(levels)]  # nothing deeper is ever run
     pcfg = open_clip.get_model_preprocess_cfg(visual)
     image_size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
     patch = visual.patch_size if isinstance(visual.patch_size, int) else visual.patch_size[0]
     grid = tuple(visual.grid_size)
     if grid_downsample > 1 and (grid[0] % grid_downsample or grid[1] % grid_downsample):
         raise BackboneError(f"--grid-downsample {grid_downsample} does not divide the {grid[0]}x{grid[1]} patch grid")
+    first = visual.transformer.resblocks[0]
     info = BackboneInfo(
         model=model, pretrained=pretrained, pretrained_sha256=sha, depth=depth, width=visual.transformer.width,
-        image_size=image_size, patch_size=patch, grid=grid,
+        image_size=image_size, patch_size=patch, grid=grid, heads=getattr(first.attn, "num_heads", 0),
+        ln_eps=first.ln_1.eps,
         mean=tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD)),
     )
     dtype = DTYPES[precision]
     visual = visual.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return Backbone(visual, blocks, info, dtype, grid_downsample).to(device)
+    return Backbone(visual, blocks, info, dtype, grid_downsample, levels).to(device)
 

@@ -20,7 +20,7 @@ import torch
 from mad.cache import compact
 from mad.cache.inputs import branch_inputs, resolve_cell_size
 from mad.cache.locks import StoreLocks
-from mad.cache.manifest import IDENTITY_KEYS, STORAGE, Manifest
+from mad.cache.manifest import FAMILIES, IDENTITY_KEYS, STORAGE, Manifest, evl_needs
 from mad.cache.store import FAILED, PENDING, IncompleteStoreError, Store, StoreError, VideoResult, is_url
 from mad.errors import MadError
 from mad.extract.backbone import load_backbone, model_config_of
@@ -53,6 +53,8 @@ class ExtractConfig:
     cell_size: str = "auto"      # compact: the branch's cells (auto: no fewer than 7 per side)
     correlation: int = 1         # compact: radius of the stored patch matches (0: none)
     correlation_groups: int = 4  # compact: channel groups matched separately
+    branches: str = "madapter"   # branch families to serve: madapter (reads --layers), evl (adds what EVL reads)
+    evl_layers: int = 4          # evl: the model's last blocks its decoder reads (the official default: 4)
     batch_size: int = 4          # videos per forward pass
     workers: int = -1            # decoding processes; -1: automatic, 0: decode in this process
     device: str = "auto"
@@ -124,6 +126,35 @@ def _check_config(cfg: ExtractConfig) -> None:
         raise ExtractError(f"--store {cfg.store!r}: use {' or '.join(STORAGE)}")
     if cfg.correlation < 0:
         raise ExtractError(f"--correlation {cfg.correlation}: give a radius in patches, or 0 for none")
+    unknown = sorted(set(_families(cfg)) - set(FAMILIES))
+    if unknown:
+        raise ExtractError(f"--branches: unknown branch family {', '.join(unknown)} (use {', '.join(FAMILIES)})")
+    if "evl" in _families(cfg) and cfg.grid_downsample > 1:
+        raise ExtractError("--branches evl reads every patch token (its q/k are recomputed from them): "
+                           "extract it with --grid-downsample 1")
+
+
+def _families(cfg: ExtractConfig) -> list[str]:
+    """--branches as a list; madapter always (its --layers are always stored)."""
+    named = [name.strip() for name in cfg.branches.split(",") if name.strip()]
+    return ["madapter"] + [name for name in named if name != "madapter"]
+
+
+def _branch_needs(cfg: ExtractConfig, info) -> dict:
+    """The manifest's `branches`: what each family reads beyond --layers."""
+    needs = {family: {} for family in _families(cfg)}
+    if "evl" in needs:  # the q/k of its blocks are recomputed per head from their inputs: heads and eps of ln_1
+        needs["evl"] = {**_evl_levels(cfg, info.depth), "heads": info.heads, "ln_eps": info.ln_eps,
+                        "frozen": "frozen/evl_*: ln_1 weight and bias [L, D], q/k rows of the in-projection "
+                                  "weight [L, 2D, D] and bias [L, 2D]"}
+    return needs
+
+
+def _evl_levels(cfg: ExtractConfig, depth: int) -> dict:
+    try:
+        return evl_needs(depth, cfg.evl_layers)
+    except MadError as e:
+        raise ExtractError(str(e)) from None
 
 
 def _manifest(cfg: ExtractConfig, backbone, video_list) -> Manifest:
@@ -140,7 +171,15 @@ def _manifest(cfg: ExtractConfig, backbone, video_list) -> Manifest:
         labelled_by=video_list.labelled_by, videos_root=str(Path(cfg.videos).resolve()),
         shard_size=cfg.shard_size, versions=versions(), storage=cfg.store,
         compact=_compact_settings(cfg, backbone) if cfg.store == "compact" else None,
+        branches=_branch_needs(cfg, info),
     )
+
+
+def _frozen(manifest: Manifest, backbone) -> dict[str, np.ndarray]:
+    """The frozen weights the store carries for its branch families (EVL's q/k recomputation)."""
+    if manifest.evl is None:
+        return {}
+    return {f"evl_{name}": value.numpy() for name, value in backbone.frozen_qk(manifest.evl["blocks"]).items()}
 
 
 def _compact_settings(cfg: ExtractConfig, backbone) -> dict:
@@ -177,19 +216,19 @@ def _slice(cfg: ExtractConfig) -> tuple[int, int]:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
-def _open_or_create(cfg: ExtractConfig, manifest: Manifest, video_list) -> Store:
+def _open_or_create(cfg: ExtractConfig, manifest: Manifest, video_list, frozen: dict) -> Store:
     out = cfg.out
     try:
         Store.open(out) if Store.exists(out) else None
     except IncompleteStoreError:  # killed while creating it: make it again
         Store.remove(out)
-        return Store.create(out, manifest, video_list.paths, video_list.labels)
+        return Store.create(out, manifest, video_list.paths, video_list.labels, frozen)
     except StoreError:
         pass  # reported below, unless --overwrite
     if Store.exists(out) and cfg.overwrite:
         Store.remove(out)
     if not Store.exists(out):
-        return Store.create(out, manifest, video_list.paths, video_list.labels)
+        return Store.create(out, manifest, video_list.paths, video_list.labels, frozen)
     store = Store.open(out, mode="r+")
     differences = store.manifest.differences(manifest, IDENTITY_KEYS)
     if differences:
@@ -210,6 +249,13 @@ def _open_or_create(cfg: ExtractConfig, manifest: Manifest, video_list) -> Store
     return store
 
 
+def _load_backbone(cfg: ExtractConfig, device):
+    """The model, tapping --layers and the levels the branch families read beyond them."""
+    extra = (lambda depth: _evl_levels(cfg, depth)["levels"]) if "evl" in _families(cfg) else ()
+    return load_backbone(cfg.model, cfg.pretrained, cfg.layers, device, cfg.precision, cfg.grid_downsample,
+                         extra_levels=extra)
+
+
 def extract(cfg: ExtractConfig) -> dict:
     """Extract (or resume extracting) every video under cfg.videos into cfg.out."""
     _check_config(cfg)
@@ -220,7 +266,7 @@ def extract(cfg: ExtractConfig) -> dict:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU each
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.layers, device, cfg.precision, cfg.grid_downsample)
+    backbone = _load_backbone(cfg, device)
     manifest = _manifest(cfg, backbone, video_list)
     if not Store.exists(cfg.out) and not is_url(cfg.out) and Path(cfg.out).exists() and \
             any(not p.name.startswith(".mad-") for p in Path(cfg.out).iterdir()):
@@ -228,7 +274,7 @@ def extract(cfg: ExtractConfig) -> dict:
     locks = StoreLocks(cfg.out, index, count)
     try:
         with locks.creating():
-            store = _open_or_create(cfg, manifest, video_list)
+            store = _open_or_create(cfg, manifest, video_list, _frozen(manifest, backbone))
         return _extract_slice(cfg, store, backbone, device, index, count)
     finally:
         locks.release()
@@ -292,27 +338,23 @@ def _run_batch(backbone, batch: list[tuple[VideoResult, torch.Tensor]], writer: 
     """Frames of a few videos through the model in one pass; hand each video's tokens to the writer."""
     sizes = [frames.shape[0] * frames.shape[1] for _, frames in batch]  # views * T per video
     frames = torch.cat([frames.flatten(0, 1) for _, frames in batch]).to(device, non_blocking=True)
-    levels = backbone(frames)  # per layer: [sum(views * T), N, D]
+    tapped = dict(zip(backbone.levels, backbone(frames)))  # level -> [sum(views * T), N, D]
     m = writer.store.manifest
+    data = {}  # data array -> [sum(views), ...]
     if m.storage == "compact":  # what the branch reads, 8-bit: one record per video-view
         c = m.compact
         views = sum(size // m.frames for size in sizes)
-        inputs = branch_inputs([level.view(views, m.frames, *level.shape[1:]) for level in levels],
+        inputs = branch_inputs([tapped[n].view(views, m.frames, *tapped[n].shape[1:]) for n in m.layers],
                                c["cell_size"], c["correlation"], c["correlation_groups"])
-        records = compact.encode(inputs, c["layout"]).cpu().numpy()  # [sum(views), R]
-        offset = 0
-        for (result, frames), size in zip(batch, sizes):
-            result.data = {"records": records[offset:offset + frames.shape[0]]}
-            offset += frames.shape[0]
-            writer.put(result)
-        return len(batch)
-    levels = [level.to(torch.float16).cpu().numpy() for level in levels]
+        data["records"] = compact.encode(inputs, c["layout"]).cpu().numpy()  # [sum(views), R]
+    for n in m.stored_levels:  # every token, float16
+        level = tapped[n].to(torch.float16).cpu().numpy()
+        data[f"layers/{n}"] = level.reshape(-1, m.frames, *level.shape[1:])  # [sum(views), T, N, D]
     offset = 0
-    for (result, frames), size in zip(batch, sizes):
-        views, T = frames.shape[:2]
-        result.data = {f"layers/{layer}": level[offset:offset + size].reshape(views, T, *level.shape[1:])
-                       for layer, level in zip(backbone.layers, levels)}
-        offset += size
+    for result, frames in batch:
+        views = frames.shape[0]
+        result.data = {name: values[offset:offset + views] for name, values in data.items()}
+        offset += views
         writer.put(result)
     return len(batch)
 

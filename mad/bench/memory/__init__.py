@@ -1,4 +1,4 @@
-"""`mad bench memory`: measured training memory of four ways to adapt a frozen ViT to video.
+"""`mad bench memory`: measured training memory of the ways to adapt a frozen ViT to video.
 
 Every mode trains on the same backbone architecture (random weights: memory and time
 do not depend on weight values), frames, batch and precision, with the same step,
@@ -11,6 +11,9 @@ clipping, AdamW step), as `mad train` runs it:
     madapter-online       backbone under no_grad each step, M-adapter branch trained on its taps
     madapter-cached       M-adapter branch trained from float16 tokens as read from the cache;
                           no backbone exists in that process
+    evl-online            backbone under no_grad each step, EVL's decoder trained on its last blocks
+                          (q, k recomputed from the block inputs, as from the cache)
+    evl-cached            EVL's decoder trained from float16 levels as read from the cache; no backbone
 
 Each mode runs in a fresh subprocess (`python -m mad.bench.memory --mode X --config JSON`,
 one JSON line on stdout), so one mode's allocator state cannot leak into another's
@@ -29,7 +32,7 @@ are cast to the benchmark precision, heads and the M-adapter branch keep fp32 we
 compute in fp32, as `mad train --precision auto` does on CPU (workloads.py).
 
     config.py     modes, BenchConfig, BenchError, the checks of the options
-    workloads.py  the four modes built (ST-Adapter's TemporalAdapter, public-API attention)
+    workloads.py  the modes built (ST-Adapter's TemporalAdapter, public-API attention)
     meter.py      peak memory of a process
     harness.py    one mode in one process (child), starting such processes, the budget search
     report.py     ratios, table, JSON and chart

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from mad.errors import MadError
 from mad.runtime import DTYPES
 
-MODES = ("full-finetune", "in-backbone-adapter", "madapter-online", "madapter-cached")
+MODES = ("full-finetune", "in-backbone-adapter", "madapter-online", "madapter-cached", "evl-online", "evl-cached")
 REFERENCE_MODE = "in-backbone-adapter"  # ratios are to this: the family M-adapter is an alternative to
 TRAINS = {
     "full-finetune": "backbone + head",
     "in-backbone-adapter": "adapters in the blocks + head",
     "madapter-online": "branch (backbone no_grad)",
     "madapter-cached": "branch (no backbone)",
+    "evl-online": "EVL decoder (backbone no_grad)",
+    "evl-cached": "EVL decoder (no backbone)",
 }
 GIB = 2**30
 # every mode's optimizer: `mad.adapt.step.make_optimizer` with `mad train`'s defaults (the values do
@@ -48,6 +50,9 @@ class BenchConfig:
     image_size: int
     threads: int = 0  # torch CPU threads in each mode's process (0: torch's default)
     cell_size: int = 1  # M-adapter cells of n x n patches ("auto" resolved by `check_branch`, as `mad train` does)
+    depth: int = 12  # the backbone's blocks: EVL reads the last `evl_layers` and the input of the first of them
+    heads: int = 12  # of the backbone's attention (EVL recomputes its q, k per head)
+    evl_layers: int = 4
     # True: the blocks' own nn.MultiheadAttention in the modes that backpropagate through the
     # backbone, instead of `workloads.SelfAttention`; only to measure the artefact that avoids
     open_clip_attention: bool = False
@@ -89,6 +94,8 @@ def resolve_config(model: str, frames: int, batch: int, layers: str, device: str
                                            width=branch_width, cell_size=cell_size))
     except ValueError as e:
         raise BenchError(f"M-adapter branch: {e}") from None
+    heads = vision["width"] // vision.get("head_width", 64)
     return BenchConfig(model=model, frames=frames, batch=batch, layers=blocks, device=device, precision=precision,
                        steps=steps, classes=classes, branch_width=branch_width, in_width=vision["width"],
-                       num_tokens=num_tokens, image_size=size, threads=threads, cell_size=branch.cell_size)
+                       num_tokens=num_tokens, image_size=size, threads=threads, cell_size=branch.cell_size,
+                       depth=vision["layers"], heads=heads, evl_layers=min(4, vision["layers"]))

@@ -15,6 +15,8 @@ LABELS = {  # chart labels
     "in-backbone-adapter": "in-backbone\nadapter",
     "madapter-online": "M-adapter\nonline",
     "madapter-cached": "M-adapter\nfrom cache",
+    "evl-online": "EVL\nonline",
+    "evl-cached": "EVL\nfrom cache",
 }
 
 
@@ -78,7 +80,7 @@ def plot_chart(report: dict, path: Path) -> None:
 
     rows = report["modes"]
     names = [LABELS[row["mode"]] for row in rows]
-    colours = ["#b0413e", "#d08c3a", "#4a7fb0", "#2e8b57"][: len(rows)]
+    colours = ["#b0413e", "#d08c3a", "#4a7fb0", "#2e8b57", "#7a5ba6", "#3f9e9a"][: len(rows)]
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     peaks = [row["peak_bytes"] / GIB for row in rows]
     bars = ax_mem.bar(names, peaks, color=colours)

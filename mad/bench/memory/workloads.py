@@ -1,4 +1,4 @@
-"""The four modes, built: what each holds in memory, what it trains, and its forward pass.
+"""The modes, built: what each holds in memory, what it trains, and its forward pass.
 
 The two modes that backpropagate through the backbone use open_clip's public API only:
 `visual.forward_intermediates` runs the blocks, and the in-backbone adapters go in with
@@ -294,9 +294,78 @@ def build_madapter_cached(cfg: BenchConfig) -> Workload:
     )
 
 
+# ------------------------------------------------------------------ EVL's decoder (mad.adapt.evl)
+
+
+def evl_levels(cfg: BenchConfig) -> list[int]:
+    """What EVL reads: the last `evl_layers` blocks' outputs and the input of the first of them (0: block 1's)."""
+    return list(range(cfg.depth - cfg.evl_layers, cfg.depth + 1))
+
+
+def build_evl(cfg: BenchConfig) -> nn.Module:
+    from mad.adapt.madapter import BranchConfig, build_model
+
+    return build_model(BranchConfig(arch="evl", num_levels=cfg.evl_layers + 1, in_width=cfg.in_width,
+                                    num_tokens=cfg.num_tokens, num_frames=cfg.frames, num_classes=cfg.classes,
+                                    width=0, heads=0, depth=0, dropout=0.5, qk_heads=cfg.heads))
+
+
+def build_evl_online(cfg: BenchConfig) -> Workload:
+    from mad.extract.backbone import load_backbone
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "random weights": intended here
+        backbone = load_backbone(cfg.model, pretrained="none", layers=[cfg.depth], device=cfg.device,
+                                 precision=cfg.precision, extra_levels=evl_levels(cfg))
+    decoder = build_evl(cfg)
+    decoder.load_frozen({f"evl_{k}": v for k, v in backbone.frozen_qk(evl_levels(cfg)[1:]).items()})
+    decoder = decoder.to(cfg.device)
+    frames = random_frames(cfg)
+    B, T, N, D = cfg.batch, cfg.frames, cfg.num_tokens, cfg.in_width
+
+    def forward():
+        taps = backbone(frames)  # no_grad inside: L+1 x [B*T, N, D] in the backbone dtype
+        return decoder([x.view(B, T, N, D) for x in taps])
+
+    return Workload(
+        modules=[backbone, decoder],
+        trained=decoder,
+        forward=forward,
+        backbone_parameters=count([backbone]),
+        policy=f"backbone {cfg.precision} under no_grad; EVL decoder fp32 weights"
+               + (f", {cfg.precision} autocast" if autocast_for(cfg) else ""),
+    )
+
+
+def build_evl_cached(cfg: BenchConfig) -> Workload:
+    decoder = build_evl(cfg)
+    with torch.no_grad():  # stand-ins for the frozen q/k weights a store carries
+        decoder.qk.weight.normal_(0, cfg.in_width ** -0.5)
+    decoder = decoder.to(cfg.device)
+    # what the cache reader returns for one batch: float16 [B, T, N, D] per level, in host RAM
+    cached = [torch.randn(cfg.batch, cfg.frames, cfg.num_tokens, cfg.in_width).to(torch.float16)
+              for _ in evl_levels(cfg)]
+
+    def forward():
+        return decoder([x.to(cfg.device, non_blocking=True) for x in cached])
+
+    if "open_clip" in sys.modules:
+        raise BenchError("evl-cached imported open_clip: the process must hold no backbone")
+    return Workload(
+        modules=[decoder],
+        trained=decoder,
+        forward=forward,
+        backbone_parameters=0,
+        policy="float16 levels as cached; EVL decoder fp32 weights"
+               + (f", {cfg.precision} autocast" if autocast_for(cfg) else ""),
+    )
+
+
 BUILDERS = {
     "full-finetune": build_full_finetune,
     "in-backbone-adapter": build_in_backbone_adapter,
     "madapter-online": build_madapter_online,
     "madapter-cached": build_madapter_cached,
+    "evl-online": build_evl_online,
+    "evl-cached": build_evl_cached,
 }

@@ -1,0 +1,238 @@
+"""EVL's decoder from the cache: the official parameter count, q/k parity with open_clip, the store contract,
+and train / eval / sweep / predict on a store extracted with --branches madapter,evl."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import extract_config
+from mad.adapt.checkpoint import load_model
+from mad.adapt.evl import TemporalCrossAttention, relative_index
+from mad.adapt.madapter import BranchConfig, build_model, count_parameters
+from mad.adapt.sweep import sweep
+from mad.adapt.train import TrainConfig, train
+from mad.cache.manifest import Manifest
+from mad.cache.store import Store
+from mad.errors import MadError
+from mad.extract.run import extract
+
+warnings.filterwarnings("ignore", message=".*random weights.*")
+
+
+def official_vitb16_parameters(frames=8, side=14, layers=4, width=768, qkv=768, mlp_ratio=4.0, classes=400) -> int:
+    """Trainable parameters of the official EVLTransformer (its backbone is frozen and not registered), counted
+    from the definitions in OpenGVLab/efficient-video-recognition's model.py and vision_transformer.py.
+    (benchmarks/evl_official.py instantiates the official modules: 33,183,376 for these defaults.)"""
+    hidden = round(mlp_ratio * width)
+    attention = 3 * (width * qkv + qkv) + qkv * width + width  # Attention: q_proj, k_proj, v_proj, out_proj
+    mlp = width * hidden + hidden + hidden * width + width  # fc1, fc2
+    decoder_layer = attention + mlp + 3 * 2 * width  # TransformerDecoderLayer: + norm1, norm2, norm3
+    temporal_conv = width * 3 + width  # Conv1d(width, width, 3, groups=width)
+    temporal_pos_embed = frames * width
+    cross_attention = 2 * (2 * side - 1) ** 2 * width  # TemporalCrossAttention: w1, w2
+    decoder = layers * (decoder_layer + temporal_conv + temporal_pos_embed + cross_attention) + width  # cls_token
+    proj = 2 * width + width * classes + classes  # LayerNorm, Dropout, Linear
+    return decoder + proj
+
+
+def test_default_parameter_count_equals_the_official_vitb16_config():
+    ours = build_model(BranchConfig(arch="evl", num_levels=5, in_width=768, num_tokens=197, num_frames=8,
+                                    num_classes=400, width=0, heads=0, depth=0, dropout=0.5))
+    official = official_vitb16_parameters()
+    print(f"EVL ViT-B/16 8 frames 400 classes, trainable parameters: official {official:,}, ours "
+          f"{count_parameters(ours):,}")
+    assert official == 33_183_376  # what benchmarks/evl_official.py counts on the official modules
+    assert count_parameters(ours) == official
+    assert sum(b.numel() for b in ours.qk.buffers()) == 4 * (2 * 768 + 2 * 768 * 768 + 2 * 768)  # frozen, not trained
+
+
+def official_cross_attention(q, k, w1, w2, side):
+    """The official TemporalCrossAttention.forward, transcribed (w[idx] gathered into [P, P, C])."""
+    P = side * side
+    idx = torch.zeros(P, P, dtype=torch.long)  # the official construction, loop for loop
+    for a in range(P):
+        qi, qj = a // side, a % side
+        for b in range(P):
+            ki, kj = b // side, b % side
+            idx[a, b] = (qi - ki + side - 1) * (side * 2 - 1) + (qj - kj + side - 1)
+
+    def half(q, k, w):
+        q, k = q[:, :, 1:], k[:, :, 1:]
+        attn = torch.einsum("ntqhd,ntkhd->ntqkh", q / (q.size(-1) ** 0.5), k)
+        attn = attn.softmax(dim=-2).mean(dim=-1)
+        return torch.einsum("ntqk,qkc->ntqc", attn, w[idx])
+
+    N, T, L, H, D = q.size()
+    ret = torch.zeros([N, T, L, w1.size(-1)])
+    ret[:, 1:, 1:, :] += half(q[:, 1:], k[:, :-1], w1)
+    ret[:, :-1, 1:, :] += half(q[:, :-1], k[:, 1:], w2)
+    return ret, idx
+
+
+def test_temporal_cross_attention_equals_the_official_formula_values_and_gradients():
+    torch.manual_seed(0)
+    side, width = 3, 8
+    module = TemporalCrossAttention(side, width)
+    with torch.no_grad():
+        module.w1.normal_()
+        module.w2.normal_()
+    q, k = torch.randn(2, 4, 1 + side * side, 2, 5), torch.randn(2, 4, 1 + side * side, 2, 5)
+    ours = module(q, k)
+    w1, w2 = module.w1.detach().clone().requires_grad_(), module.w2.detach().clone().requires_grad_()
+    reference, idx = official_cross_attention(q, k, w1, w2, side)
+    assert torch.equal(relative_index(side), idx)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert ours[:, :, 0].abs().max() == 0  # CLS gets nothing
+    grad = torch.randn_like(ours)
+    (ours * grad).sum().backward()
+    (reference * grad).sum().backward()
+    assert torch.allclose(module.w1.grad, w1.grad, atol=1e-5) and torch.allclose(module.w2.grad, w2.grad, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """Demo videos (6 classes) extracted by the tiny ViT (4 blocks) into a compact and a full store, madapter,evl."""
+    from mad.synthetic import make_demo_videos
+
+    tmp = tmp_path_factory.mktemp("evl")
+    videos = make_demo_videos(tmp / "videos", videos_per_class=2, val_per_class=1, num_frames=12, size=64)
+    for store in ("compact", "full"):
+        extract(extract_config(videos["train"], tmp / store, store=store, branches="madapter,evl"))
+    extract(extract_config(videos["val"], tmp / "val", store="compact", branches="madapter,evl"))
+    return tmp, videos
+
+
+def test_recomputed_qk_equal_open_clip_attention_qk(stores):
+    """Block l's q, k recomputed from the cached input of block l (float16) with the store's frozen weights equal
+    what open_clip's own attention projects on the same frames (hooks on its modules), cosine >= 0.999 in fp32."""
+    from mad.adapt.evl import FrozenQK
+    from mad.extract.backbone import load_backbone
+    from mad.extract.decode import decode_clip
+
+    tmp, videos = stores
+    store = Store.open(tmp / "full")
+    evl = store.manifest.evl
+    assert evl["blocks"] == [1, 2, 3, 4] and evl["levels"] == [0, 1, 2, 3, 4] and evl["heads"] == 2
+    qk = FrozenQK(4, store.manifest.width, evl["heads"], evl["ln_eps"])
+    qk.load({name: torch.from_numpy(value) for name, value in store.frozen().items()})
+
+    backbone = load_backbone(store.manifest.model, "none", "4", precision="fp32")  # the same seeded random weights
+    seen = {}
+    for l, block in enumerate(backbone.visual.transformer.resblocks):
+        def hook(module, args, output, l=l):  # args[0]: the attention's input, ln_1(x), [B*T, N, D]
+            D = module.embed_dim
+            q, k, _ = F.linear(args[0], module.in_proj_weight, module.in_proj_bias).split(D, dim=-1)
+            seen[l] = (q, k)
+        block.attn.register_forward_hook(hook)
+    for v, path in enumerate(store.paths()[:2]):
+        clip = decode_clip(str(videos["train"] / path), store.manifest.frames, size=store.manifest.image_size)
+        assert np.array_equal(clip.frame_index, store.frame_index()[v])
+        backbone(torch.from_numpy(clip.frames[0]))  # [T, 3, S, S]: fills `seen`
+        for l, level in enumerate(evl["levels"][:-1]):  # block l+1's q, k from its input, level l
+            cached = torch.from_numpy(store.read_layer(level, v)[0].astype(np.float32))[None]  # [1, T, N, D]
+            q, k = qk(cached, l)  # [1, T, N, h, c]
+            for ours, theirs in ((q, seen[l][0]), (k, seen[l][1])):
+                cos = F.cosine_similarity(ours.flatten(-2)[0], theirs, dim=-1)  # per token
+                assert cos.min() >= 0.999, (path, l, cos.min())
+
+
+def test_store_records_what_each_family_needs_and_refuses_what_it_cannot_serve(stores, tmp_path):
+    tmp, videos = stores
+    compact = Store.open(tmp / "compact")
+    assert list(compact.manifest.branches) == ["madapter", "evl"]
+    assert set(compact.data_arrays) == {"records", "layers/0", "layers/1", "layers/2", "layers/3", "layers/4"}
+    assert set(Store.open(tmp / "full").data_arrays) == {f"layers/{n}" for n in range(5)}  # --layers 2,4 in them
+    # resuming with other branch families is refused (they change what the store holds)
+    with pytest.raises(MadError, match="branches"):
+        extract(extract_config(videos["train"], tmp / "compact", store="compact", branches="madapter"))
+    with pytest.raises(MadError, match="grid-downsample 1"):
+        extract(extract_config(videos["train"], tmp_path / "x", branches="madapter,evl", grid_downsample=2))
+    with pytest.raises(MadError, match="unknown branch family"):
+        extract(extract_config(videos["train"], tmp_path / "x", branches="madapter,aim"))
+    # a store without EVL's inputs: one line naming what to re-run
+    extract(extract_config(videos["train"], tmp_path / "plain", store="compact"))
+    assert Store.open(tmp_path / "plain").manifest.branches == {"madapter": {}}
+    result = subprocess.run([sys.executable, "-m", "mad", "train", "--cache", str(tmp_path / "plain"), "--arch", "evl",
+                             "--epochs", "1", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and "holds no inputs for --arch evl" in line
+    assert "--branches madapter,evl" in line and str(videos["train"]) in line, line
+    # stores made before branch families existed (no `branches` in the manifest) read as madapter-only
+    values = compact.manifest.to_dict()
+    del values["branches"]
+    assert Manifest.from_dict(values).branches == {"madapter": {}}
+
+
+def test_train_eval_predict_and_sweep_evl_next_to_the_others(stores, tmp_path):
+    from mad.adapt.evaluate import evaluate
+    from mad.predict import predict_videos
+
+    tmp, videos = stores
+    # the CLI without --lr / --dropout / --width: EVL's defaults; a compact store serves EVL from its float16 levels
+    run = tmp_path / "evl"
+    result = subprocess.run([sys.executable, "-m", "mad", "train", "--cache", str(tmp / "compact"), "--val",
+                             str(tmp / "val"), "--arch", "evl", "--epochs", "2", "--batch-size", "4", "--out", str(run),
+                             "--device", "cpu"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["lr"] == 4e-4 and config["train"]["dropout"] == 0.5
+    model_args = config["model"]
+    assert (model_args["depth"], model_args["width"], model_args["heads"]) == (4, 64, 1)  # 4 blocks, D, D / 64
+    assert config["parameters"] == official_vitb16_parameters(frames=8, side=4, width=64, qkv=64, classes=6)
+
+    # eval on the full store (EVL reads the same float16 levels from either storage mode)
+    scores = evaluate(run, str(tmp / "full"), progress=False)
+    model, info = load_model(run / "model.safetensors")
+    assert info["branch"].arch == "evl" and scores["videos"] == 12
+    # the checkpoint carries the frozen q/k weights it was trained with
+    frozen = Store.open(tmp / "full").frozen()
+    assert torch.equal(model.qk.weight, torch.from_numpy(frozen["evl_qk_weight"]))
+
+    # predict: decode -> backbone (EVL's levels) -> branch equals the branch on the cached levels
+    store = Store.open(tmp / "full")
+    path = store.paths()[0]
+    (predicted,) = predict_videos([str(videos["train"] / path)], str(run), top=6)
+    levels = [torch.from_numpy(store.read_layer(n, 0).astype(np.float32)) for n in store.manifest.evl["levels"]]
+    with torch.no_grad():
+        expected = model(levels).softmax(-1)[0]
+    for c, name in enumerate(info["class_names"]):
+        assert abs(dict(predicted["top"])[name] - expected[c].item()) < 1e-4, name
+
+    # a sweep over the three families from one read of the store, each with its own defaults
+    results = sweep(str(tmp / "compact"), str(tmp / "val"), "arch=madapter,evl,linear", str(tmp_path / "sweep"),
+                    TrainConfig(epochs=1, batch_size=4, device="cpu"), quiet=True)
+    assert sorted(r["arch"] for r in results) == ["evl", "linear", "madapter"]
+    evl_run = next(r["run"] for r in results if r["arch"] == "evl")
+    madapter_run = next(r["run"] for r in results if r["arch"] == "madapter")
+    assert json.loads((tmp_path / "sweep" / evl_run.split("/")[-1] / "config.json").read_text())["train"]["lr"] == 4e-4
+    assert json.loads((tmp_path / "sweep" / madapter_run.split("/")[-1] / "config.json").read_text())["train"][
+        "lr"] == TrainConfig().lr
+
+
+def test_evl_reads_only_its_levels_and_its_depth_takes_the_deepest_blocks():
+    torch.manual_seed(0)
+    cfg = BranchConfig(arch="evl", num_levels=5, in_width=16, num_tokens=10, num_frames=4, num_classes=3, width=16,
+                       heads=2, depth=2, dropout=0.0, qk_heads=2)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.qk.weight.normal_()
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    levels = [torch.randn(2, 4, 10, 16) for _ in range(5)]
+    out = model(levels)
+    assert torch.equal(out, model(levels[2:]))  # depth 2 reads levels 2..4 (the input of its first block, 2 outputs)
+    changed = [levels[0], levels[1], levels[2], levels[3], levels[4].flip(1)]  # the last block's frames reversed
+    assert not torch.allclose(out, model(changed))  # order matters (temporal conv, position embedding, cross-attn)
+    with pytest.raises(ValueError, match="depth 5"):
+        build_model(BranchConfig(**{**cfg.to_dict(), "depth": 5}))
+    with pytest.raises(ValueError, match="square patch grid"):
+        build_model(BranchConfig(**{**cfg.to_dict(), "num_tokens": 7}))
