@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from mad.adapt.step import make_optimizer, train_step
-from mad.bench.memory import MODES, BenchConfig, BenchError, find_max_batch, resolve_config, run_benchmark
+from mad.bench.memory import (MODES, BenchConfig, BenchError, find_max_batch, resolve_config, run_benchmark,
+                              run_child)
 from mad.bench.memory.workloads import (SelfAttention, build_in_backbone_adapter, deepest_cls_logits,
                                         lean_attention, load_random_backbone, random_frames)
 from mad.errors import MadError
@@ -63,6 +64,21 @@ def test_evl_modes_online_above_cached_and_cached_holds_no_backbone(report):
     assert cached["backbone_parameters"] == 0 and cached["open_clip_imported"] is False
     assert cached["trainable_parameters"] == online["trainable_parameters"] > 0
     assert online["backbone_parameters"] == rows["madapter-online"]["backbone_parameters"]
+
+
+def test_static_baseline_modes_train_their_own_heads(report):
+    """meanpool / linear modes (benchmarks/bench_demo_archs.py): their own heads, not the branch."""
+    cfg = BenchConfig(**report["config"])
+    rows = {row["mode"]: row for row in report["modes"]}
+    sizes = []
+    for arch in ("meanpool", "linear"):
+        cached, online = run_child(cfg, f"{arch}-cached"), run_child(cfg, f"{arch}-online")
+        assert cached["backbone_parameters"] == 0 and cached["open_clip_imported"] is False
+        assert online["backbone_parameters"] == rows["madapter-online"]["backbone_parameters"]
+        assert cached["trainable_parameters"] == online["trainable_parameters"]
+        assert online["peak_bytes"] > cached["peak_bytes"]
+        sizes.append(cached["trainable_parameters"])
+    assert rows["madapter-cached"]["trainable_parameters"] > sizes[0] > sizes[1] > 0
 
 
 def test_report_files(report):

@@ -12,6 +12,8 @@ from mad.errors import MadError
 from mad.runtime import DTYPES
 
 MODES = ("full-finetune", "in-backbone-adapter", "madapter-online", "madapter-cached", "evl-online", "evl-cached")
+# the static baselines (`mad train --arch meanpool|linear`), for the demo comparison; not in `mad bench memory`'s run
+BASELINE_MODES = ("meanpool-online", "meanpool-cached", "linear-online", "linear-cached")
 REFERENCE_MODE = "in-backbone-adapter"  # ratios are to this: the family M-adapter is an alternative to
 TRAINS = {
     "full-finetune": "backbone + head",
@@ -20,6 +22,10 @@ TRAINS = {
     "madapter-cached": "branch (no backbone)",
     "evl-online": "EVL decoder (backbone no_grad)",
     "evl-cached": "EVL decoder (no backbone)",
+    "meanpool-online": "meanpool head (backbone no_grad)",
+    "meanpool-cached": "meanpool head (no backbone)",
+    "linear-online": "linear probe (backbone no_grad)",
+    "linear-cached": "linear probe (no backbone)",
 }
 GIB = 2**30
 # every mode's optimizer: `mad.adapt.step.make_optimizer` with `mad train`'s defaults (the values do

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mad.adapt.step import make_optimizer, train_step
-from mad.bench.memory.config import GIB, LR, MODES, TRAINS, WEIGHT_DECAY, BenchConfig, BenchError
+from mad.bench.memory.config import BASELINE_MODES, GIB, LR, MODES, TRAINS, WEIGHT_DECAY, BenchConfig, BenchError
 from mad.bench.memory.meter import MemoryMeter, return_free_memory
 from mad.bench.memory.workloads import BUILDERS, autocast_for, count
 from mad.runtime import DTYPES
@@ -133,7 +133,7 @@ def run_mode(cfg: BenchConfig, mode: str, limit_gb: float | None = None) -> dict
 def child_main(argv: list[str] | None = None) -> None:
     """`python -m mad.bench.memory --mode X --config JSON [--limit-gb G]`: one JSON line on stdout."""
     parser = argparse.ArgumentParser(prog="python -m mad.bench.memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=MODES, required=True)
+    parser.add_argument("--mode", choices=MODES + BASELINE_MODES, required=True)
     parser.add_argument("--config", required=True, help="BenchConfig as JSON (written by the parent)")
     parser.add_argument("--limit-gb", type=float, default=None, help="budget probe: stop once over this many GiB")
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ as `mad train --precision auto` on CPU).
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from dataclasses import dataclass
@@ -243,17 +244,18 @@ def build_in_backbone_adapter(cfg: BenchConfig) -> Workload:
 # ------------------------------------------------------------------ the M-adapter branch
 
 
-def build_branch(cfg: BenchConfig) -> nn.Module:
+def build_branch(cfg: BenchConfig, arch: str = "madapter") -> nn.Module:
     from mad.adapt.madapter import BranchConfig, build_model
 
-    return build_model(BranchConfig(arch="madapter", num_levels=len(cfg.layers), in_width=cfg.in_width,
+    return build_model(BranchConfig(arch=arch, num_levels=len(cfg.layers), in_width=cfg.in_width,
                                     num_tokens=cfg.num_tokens, num_frames=cfg.frames, num_classes=cfg.classes,
                                     width=cfg.branch_width, cell_size=cfg.cell_size)).to(cfg.device)
 
 
-def build_madapter_online(cfg: BenchConfig) -> Workload:
+def build_madapter_online(cfg: BenchConfig, arch: str = "madapter") -> Workload:
+    """The branch (or a static baseline, `arch` meanpool or linear) on the backbone's taps."""
     backbone = load_random_backbone(cfg, cfg.precision)
-    branch = build_branch(cfg)
+    branch = build_branch(cfg, arch)
     frames = random_frames(cfg)
     B, T, N, D = cfg.batch, cfg.frames, cfg.num_tokens, cfg.in_width
 
@@ -272,8 +274,9 @@ def build_madapter_online(cfg: BenchConfig) -> Workload:
     )
 
 
-def build_madapter_cached(cfg: BenchConfig) -> Workload:
-    branch = build_branch(cfg)
+def build_madapter_cached(cfg: BenchConfig, arch: str = "madapter") -> Workload:
+    """The branch (or a static baseline) on batches as the cache reader returns them."""
+    branch = build_branch(cfg, arch)
     # what the cache reader returns for one batch: float16 [B, T, N, D] per level, in host RAM
     cached = [torch.randn(cfg.batch, cfg.frames, cfg.num_tokens, cfg.in_width).to(torch.float16)
               for _ in cfg.layers]
@@ -283,7 +286,7 @@ def build_madapter_cached(cfg: BenchConfig) -> Workload:
         return branch(levels)
 
     if "open_clip" in sys.modules:  # the point of this mode: the backbone's code is not even loaded
-        raise BenchError("madapter-cached imported open_clip: the process must hold no backbone")
+        raise BenchError(f"{arch}-cached imported open_clip: the process must hold no backbone")
     return Workload(
         modules=[branch],
         trained=branch,
@@ -368,4 +371,8 @@ BUILDERS = {
     "madapter-cached": build_madapter_cached,
     "evl-online": build_evl_online,
     "evl-cached": build_evl_cached,
+    "meanpool-online": functools.partial(build_madapter_online, arch="meanpool"),
+    "meanpool-cached": functools.partial(build_madapter_cached, arch="meanpool"),
+    "linear-online": functools.partial(build_madapter_online, arch="linear"),
+    "linear-cached": functools.partial(build_madapter_cached, arch="linear"),
 }
