@@ -1,6 +1,6 @@
 """EVL on the demo with content-matching q, k instead of the random-weight backbone's: does its design learn then?
 
-    nice python benchmarks/evl_demo_qk.py DEMO [--epochs 30] [--depth 0] [--seed 0]
+    python benchmarks/evl_demo_qk.py DEMO [--epochs 30] [--depth 0] [--seed 0] [--out JSON]
 
 DEMO is the folder of a `mad demo --archs ...,evl` run (its cache/train and cache/val hold EVL's
 levels). The demo's ViT has random weights, and its attention maps between frames are uniform
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--depth", type=int, default=0, help="decoder layers (0: every cached block, EVL's)")
+    parser.add_argument("--out", type=Path, help="also write the result here (JSON, with this command and date)")
     args = parser.parse_args()
     cfg = DemoConfig(out=str(args.demo), epochs=args.epochs, seed=args.seed, progress=False)
     results = {}
@@ -57,7 +59,11 @@ def main():
         summary = train_on(train_cfg, train_data, val_data, quiet=True)
         results[name] = {k: summary[k] for k in ("val/acc/top1", "last/val/acc/top1", "train/acc", "seconds")}
         print(name, json.dumps(results[name]), flush=True)
-    print(json.dumps({"depth": args.depth, "epochs": args.epochs, "seed": args.seed, "results": results}))
+    result = {"command": " ".join(["python", *sys.argv]), "date": datetime.date.today().isoformat(),
+              "depth": args.depth, "epochs": args.epochs, "seed": args.seed, "results": results}
+    print(json.dumps(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
