@@ -19,7 +19,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 # name -> TrainConfig overrides: the default branch, then one change each
@@ -50,20 +49,13 @@ def main() -> None:
         return
 
     from mad.adapt.train import train
-    from mad.demo import DemoConfig, demo_extract_config, demo_train_config
-    from mad.extract.run import extract
+    from mad.demo import DemoConfig, demo_train_config, extract_demo
     from mad.runtime import machine_info
-    from mad.synthetic import make_demo_videos
 
     cfg = DemoConfig(out=args.work, videos_per_class=args.videos_per_class, val_per_class=args.val_per_class,
                      epochs=args.epochs, progress=False)
     work = Path(args.work)
-    videos = make_demo_videos(work / "videos", args.videos_per_class, args.val_per_class, seed=0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*random weights.*")
-        for split in ("train", "val"):
-            if not (work / "cache" / split).exists():
-                extract(demo_extract_config(videos[split], work / "cache" / split, cfg, store="full"))
+    extract_demo(cfg, store="full")
 
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = VARIANTS if args.variants is None else {k: VARIANTS[k] for k in args.variants.split(",")}

@@ -25,7 +25,6 @@ import math
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,19 +34,12 @@ ARCHS = ("madapter", "evl", "meanpool", "linear")
 def demo_runs(args) -> dict:
     """Part 1: every arch over every seed on one demo cache."""
     from mad.adapt.train import train, with_arch_defaults
-    from mad.demo import DemoConfig, demo_extract_config, demo_train_config
-    from mad.extract.run import extract
-    from mad.synthetic import make_demo_videos
+    from mad.demo import DemoConfig, demo_train_config, extract_demo
 
     cfg = DemoConfig(out=args.work, videos_per_class=args.videos_per_class, val_per_class=args.val_per_class,
                      epochs=args.epochs, archs=tuple(args.archs), progress=False)
     work = Path(args.work)
-    videos = make_demo_videos(work / "videos", args.videos_per_class, args.val_per_class, seed=0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*random weights.*")
-        for split in ("train", "val"):
-            if not (work / "cache" / split).exists():
-                extract(demo_extract_config(videos[split], work / "cache" / split, cfg, branches="madapter,evl"))
+    extract_demo(cfg, branches="madapter,evl")
 
     rows = {}
     for arch in args.archs:
