@@ -91,13 +91,13 @@ def write_table(result: dict, out: Path) -> str:
     gib = 2 ** 30
     lines = [
         f"# M-adapter, EVL and the static baselines side by side ({result['date']})", "",
-        f"Command: `{result['command']}` (this project's 2-core CPU, nothing else running).", "",
+        f"Command: `{result['command']}` (this project's 2-core CPU).", "",
         f"**Demo** (columns 2-4): `mad demo`'s videos ({settings['videos_per_class']} train / "
         f"{settings['val_per_class']} val clips per class; 6 classes in 3 exactly time-reversed pairs, so a static "
         f"model cannot beat 1/2 within a pair), its random-weight ViT (4 blocks, width 128), one compact store "
         f"extracted with `--branches madapter,evl`, {settings['epochs']} epochs, batch 16, each arch with its "
         f"defaults. Val top-1 of the last epoch: mean (min-max) over training seeds "
-        f"{', '.join(map(str, settings['seeds']))}; step: training seconds per step, median.", "",
+        f"{', '.join(map(str, settings['seeds']))}; step: training seconds per step (median over the epochs after the first), median (min-max) over seeds.", "",
         f"**ViT-B/16** (columns 5-9): random weights, {config['frames']} frames, batch {config['batch']}, "
         f"{config['classes']} classes, M-adapter levels {', '.join(map(str, config['layers']))} at width "
         f"{config['branch_width']}, EVL on the last {config['evl_layers']} blocks with its defaults; backbone bf16 "
@@ -111,9 +111,11 @@ def write_table(result: dict, out: Path) -> str:
     ]
     for arch, row in demo.items():
         cached, online = modes[f"{arch}-cached"], modes[f"{arch}-online"]
+        steps = [r["step_seconds"] for r in row["runs"]]
         lines.append(
             f"| {arch} | {row['val_top1_last_mean']:.3f} ({row['val_top1_last_min']:.3f}-{row['val_top1_last_max']:.3f})"
-            f" | {row['parameters']:,} | {row['step_seconds_median']:.3f} s | {cached['trainable_parameters']:,}"
+            f" | {row['parameters']:,} | {row['step_seconds_median']:.3f} s ({min(steps):.3f}-{max(steps):.3f})"
+            f" | {cached['trainable_parameters']:,}"
             f" | {cached['peak_bytes'] / gib:.2f} GiB ({cached['peak_bytes'] / reference:.3f}x)"
             f" | {online['peak_bytes'] / gib:.2f} GiB ({online['peak_bytes'] / reference:.3f}x)"
             f" | {cached['step_seconds_median']:.2f} s | {online['step_seconds_median']:.2f} s |")
@@ -137,7 +139,11 @@ def main() -> None:
     parser.add_argument("--memory-width", type=int, default=384, help="M-adapter width at that size")
     parser.add_argument("--memory-steps", type=int, default=5)
     parser.add_argument("--classes", type=int, default=174, help="classes of the ViT-B/16 heads")
+    parser.add_argument("--table-only", action="store_true", help="re-render demo_archs.md from its JSON in --out")
     args = parser.parse_args()
+    if args.table_only:
+        print(write_table(json.loads((Path(args.out) / "demo_archs.json").read_text()), Path(args.out)))
+        return
     args.archs = args.archs.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
 
