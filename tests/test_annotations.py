@@ -297,8 +297,8 @@ def test_listed_but_missing_and_on_disk_but_unlisted_in_a_path_list(tmp_path):
 def test_nothing_listed_on_disk_and_duplicate_names_are_one_line_errors(tmp_path):
     videos = _touch(tmp_path / "videos", ["other.mp4"])
     (tmp_path / "train.txt").write_text("a/1.mp4 0\nb/2.mp4 1\n")
-    with pytest.raises(MadError, match=re.escape(f"{tmp_path / 'train.txt'}: none of its 2 videos is under {videos} "
-                                                 "(first: a/1.mp4, b/2.mp4)")):
+    with pytest.raises(MadError, match=re.escape(f"{tmp_path / 'train.txt'}: none of its 2 videos is under {videos}: "
+                                                 "expected e.g. a/1.mp4 (a path relative to it); found e.g. other.mp4")):
         find_videos(videos, tmp_path / "train.txt")
     (tmp_path / "k.csv").write_text(KINETICS)
     with pytest.raises(MadError, match=r"k.csv: none of its 5 videos is under"):

@@ -75,7 +75,7 @@ def test_labels_from_an_mmaction2_list_and_csv_files(tmp_path):
     root = _touch_videos(tmp_path / "videos", ["a/1.mp4", "b/2.mp4", "c.mp4"])
     lists = tmp_path / "lists"
     lists.mkdir()
-    (lists / "train.txt").write_text("b/2.mp4 1\n./a/1.mp4 0\n# a comment\n\n")
+    (lists / "train.txt").write_text("b/2.mp4 1\r\n./a/1.mp4 0 \r\n\r\n")  # no comments in this format
     (lists / "label_map.txt").write_text("jumping\nrunning\n")
     found = find_videos(root, lists / "train.txt")
     assert (found.paths, found.labels, found.class_names) == (["a/1.mp4", "b/2.mp4"], [0, 1], ["jumping", "running"])

@@ -25,7 +25,7 @@ from mad.cache.store import FAILED, PENDING, IncompleteStoreError, Store, StoreE
 from mad.errors import MadError
 from mad.extract.backbone import load_backbone, model_config_of
 from mad.extract.decode import DecodeError, decode_clip
-from mad.extract.videos import find_videos
+from mad.extract.videos import check_labels_kept, find_videos
 from mad.extract.writer import BlockWriter
 from mad.progress import PlainProgress, make_console, plain
 from mad.runtime import resolve_device, versions
@@ -235,7 +235,9 @@ def _open_or_create(cfg: ExtractConfig, manifest: Manifest, video_list, frozen: 
         raise ExtractError(f"{out} was made with different settings ({'; '.join(differences)}); "
                            "use another --out, or --overwrite to start over")
     # Videos added to the folder since the last run are appended; new classes get new numbers.
-    known = set(store.paths())
+    known = store.paths()
+    check_labels_kept(video_list, known, store.labels(), store.class_names, out)
+    known = set(known)
     new = [(p, label) for p, label in zip(video_list.paths, video_list.labels) if p not in known]
     if new:
         class_names = store.class_names
