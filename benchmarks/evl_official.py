@@ -31,7 +31,8 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mad.adapt.madapter import BranchConfig, build_model, count_parameters  # noqa: E402
+from mad.adapt.branch import BranchConfig, count_parameters  # noqa: E402
+from mad.adapt.families import build_model  # noqa: E402
 
 FILES = ("model.py", "vision_transformer.py", "weight_loaders.py")
 

@@ -14,7 +14,8 @@ from typing import Optional
 import typer
 import typer.core
 
-from mad.adapt.train import TrainConfig
+from mad.adapt.config import TrainConfig
+from mad.adapt.families import names, presets
 from mad.errors import MadError
 from mad.extract.run import ExtractConfig
 
@@ -74,11 +75,11 @@ def extract(
                                   "(auto: no fewer than 7x7)."),
     correlation: int = typer.Option(EXTRACT.correlation, help="--store compact: radius of the stored patch matches "
                                     "(0: none)."),
-    branches: str = typer.Option(EXTRACT.branches, help="Branch families to serve: madapter (reads --layers; also "
+    branches: str = typer.Option("madapter", help="Branch families to serve: madapter (reads --layers; also "
                                  "meanpool, linear), evl (adds the last --evl-layers blocks and the one before, "
                                  "float16, and the frozen weights of their q/k)."),
-    evl_layers: int = typer.Option(EXTRACT.evl_layers, "--evl-layers", help="--branches evl: the model's last blocks "
-                                   "EVL's decoder reads."),
+    evl_layers: Optional[int] = typer.Option(None, "--evl-layers", help="--branches evl: the model's last "
+                                             "blocks EVL's decoder reads (default 4, the official)."),
     batch_size: int = typer.Option(EXTRACT.batch_size, help="Videos per forward pass."),
     workers: int = typer.Option(EXTRACT.workers, help="Decoding worker processes (-1: automatic)."),
     device: str = typer.Option(EXTRACT.device, help="cpu, cuda, cuda:N or auto."),
@@ -93,16 +94,18 @@ def extract(
                                   "on a terminal, plain lines (every 10%) in a log file or pipe."),
 ):
     """Run the frozen model over every video and cache per-layer tokens (resumable)."""
+    from mad.adapt.families import store_needs
     from mad.extract.run import extract as run_extract
 
+    needs = store_needs(branches, evl_layers, grid_downsample)  # what the named branch families read
     summary = run_extract(ExtractConfig(
         videos=str(videos), out=out, layers=layers, model=model, pretrained=pretrained, frames=frames,
         clips=clips, crops=crops, labels=str(labels) if labels else None,
         labels_format=labels_format, labels_split=labels_split, grid_downsample=grid_downsample,
-        store=store, cell_size=cell_size, correlation=correlation, branches=branches, evl_layers=evl_layers,
+        store=store, cell_size=cell_size, correlation=correlation,
         batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
         shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit, progress=progress,
-    ))
+    ), needs)
     if summary["done_now"] == 0 and summary["failed_now"] > 0 and summary["done_total"] == 0:
         typer.echo(f"error: no video could be extracted; reasons in {summary['errors']}", err=True)
         raise typer.Exit(1)
@@ -125,8 +128,8 @@ def train(
     ctx: typer.Context,
     cache: str = typer.Option(TRAIN.cache, "--cache", help="Training cache (made by `mad extract`)."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation cache (same model, layers and frames)."),
-    arch: str = typer.Option(TRAIN.arch, help="madapter, meanpool, linear or evl (options not given take the "
-                             "arch's defaults: evl --lr 4e-4 --dropout 0.5, width, heads, depth from the cache)."),
+    arch: str = typer.Option(TRAIN.arch, help=f"A registered branch family: {', '.join(names())} (options not "
+                             f"given take its preset: {presets()}; 0: from the cache)."),
     width: int = typer.Option(TRAIN.width, help="Branch width."),
     depth: int = typer.Option(TRAIN.depth, help="Fusion/temporal blocks."),
     heads: int = typer.Option(TRAIN.heads, help="Attention heads."),
@@ -156,16 +159,15 @@ def train(
     """Train the M-adapter branch (or a baseline) from cached tokens; no image model is loaded."""
     import dataclasses
 
-    from mad.adapt.train import config_from_run, train as run_train, with_arch_defaults
+    from mad.adapt.train import config_from_run, train as run_train
 
     options = dict(ctx.params)
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
     if resume and out:
-        # Resume with the run's own settings; options given on this command line override them.
-        cfg = dataclasses.replace(config_from_run(out), **given)
+        # Resume with the run's own settings (its preset applied already); options given here override them.
+        run_train(dataclasses.replace(config_from_run(out), **given))
     else:
-        cfg = with_arch_defaults(TrainConfig(**options), given)
-    run_train(cfg)
+        run_train(TrainConfig(**options), given=set(given))
 
 
 @app.command("eval")

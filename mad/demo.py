@@ -51,19 +51,22 @@ def demo_train_config(cache, val, arch: str, out, cfg: DemoConfig, seed: int | N
                        batch_size=16, lr=1e-3, **overrides)
 
 
-def extract_demo(cfg: DemoConfig, branches: str = "madapter", **overrides) -> dict:
+def extract_demo(cfg: DemoConfig, archs=("madapter",), **overrides) -> dict:
     """Draw the demo's videos into cfg.out/videos and extract both splits into cfg.out/cache/{train,val}
-    (an extraction that is already complete is left as it is): {"classes": [...], "train": ..., "val": ...}."""
+    (an extraction that is already complete is left as it is), with what `archs` read: {"classes": [...],
+    "train": ..., "val": ...}."""
+    from mad.adapt.families import family, store_needs
     from mad.extract.run import extract
     from mad.synthetic import make_demo_videos
 
     out = Path(cfg.out)
     videos = make_demo_videos(out / "videos", videos_per_class=cfg.videos_per_class,
                               val_per_class=cfg.val_per_class, seed=cfg.seed)
+    needs = store_needs(",".join(family(arch).stored_as for arch in archs))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random weights.*")
         for split in ("train", "val"):
-            extract(demo_extract_config(videos[split], out / "cache" / split, cfg, branches=branches, **overrides))
+            extract(demo_extract_config(videos[split], out / "cache" / split, cfg, **overrides), needs)
     return {"classes": videos["classes"], "train": out / "cache" / "train", "val": out / "cache" / "val"}
 
 
@@ -71,7 +74,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from mad.adapt.train import train, with_arch_defaults
+    from mad.adapt.train import train
 
     console = Console()
     out = Path(cfg.out)
@@ -80,13 +83,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     console.print("backbone: a small ViT (mad-demo-vit: 112 px, 8 px patches, so a 14x14 grid as ViT-B/16's; 4 blocks, "
                   "width 128) with [bold]random weights[/bold] "
                   "(no download needed): the features are not pre-trained")
-    caches = extract_demo(cfg, branches="madapter,evl" if "evl" in cfg.archs else "madapter")
+    caches = extract_demo(cfg, cfg.archs)
     console.print(f"classes: {', '.join(caches['classes'])}")
     results = {}
     for arch in cfg.archs:
         console.print(f"training [bold]{arch}[/bold] from the cache")
-        summary = train(with_arch_defaults(demo_train_config(out / "cache" / "train", out / "cache" / "val", arch,
-                                                             out / "runs" / arch, cfg)), quiet=not cfg.progress)
+        summary = train(demo_train_config(out / "cache" / "train", out / "cache" / "val", arch, out / "runs" / arch,
+                                          cfg), quiet=not cfg.progress, given=())  # each arch's own preset
         results[arch] = summary
     seconds = time.perf_counter() - started
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mad.adapt.checkpoint import load_model
+from mad.adapt.families import family
 from mad.cache.manifest import Manifest
 from mad.errors import MadError
 from mad.extract.backbone import load_backbone, sha256_file
@@ -51,7 +52,7 @@ def predict_videos(videos: list[str], run: str, top: int = 5, pretrained: str | 
     manifest = Manifest.from_dict(info["manifest"], str(model_file))
     class_names = info.get("class_names") or [str(i) for i in range(info["branch"].num_classes)]
     device = resolve_device(device)
-    levels_read = manifest.levels_for(info["branch"].arch)  # --layers, or EVL's blocks and the one before
+    levels_read = family(info["branch"].arch).levels(manifest)  # the levels its family reads as tokens
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random weights.*")
         backbone = load_backbone(manifest.model, _weights_for(manifest, pretrained), manifest.layers, device,

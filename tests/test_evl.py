@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from tests.helpers import extract_config
 from mad.adapt.checkpoint import load_model
 from mad.adapt.evl import TemporalCrossAttention, relative_index
-from mad.adapt.madapter import BranchConfig, build_model, count_parameters
+from mad.adapt.branch import BranchConfig, count_parameters
+from mad.adapt.families import build_model, store_needs
 from mad.adapt.sweep import sweep
 from mad.adapt.train import TrainConfig, train
 from mad.cache.manifest import Manifest
@@ -105,8 +106,8 @@ def stores(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evl")
     videos = make_demo_videos(tmp / "videos", videos_per_class=2, val_per_class=1, num_frames=12, size=64)
     for store in ("compact", "full"):
-        extract(extract_config(videos["train"], tmp / store, store=store, branches="madapter,evl"))
-    extract(extract_config(videos["val"], tmp / "val", store="compact", branches="madapter,evl"))
+        extract(extract_config(videos["train"], tmp / store, store=store), store_needs("madapter,evl"))
+    extract(extract_config(videos["val"], tmp / "val", store="compact"), store_needs("madapter,evl"))
     return tmp, videos
 
 
@@ -119,7 +120,7 @@ def test_recomputed_qk_equal_open_clip_attention_qk(stores):
 
     tmp, videos = stores
     store = Store.open(tmp / "full")
-    evl = store.manifest.evl
+    evl = store.manifest.branches["evl"]
     assert evl["blocks"] == [1, 2, 3, 4] and evl["levels"] == [0, 1, 2, 3, 4] and evl["heads"] == 2
     qk = FrozenQK(4, store.manifest.width, evl["heads"], evl["ln_eps"])
     qk.load({name: torch.from_numpy(value) for name, value in store.frozen().items()})
@@ -152,11 +153,13 @@ def test_store_records_what_each_family_needs_and_refuses_what_it_cannot_serve(s
     assert set(Store.open(tmp / "full").data_arrays) == {f"layers/{n}" for n in range(5)}  # --layers 2,4 in them
     # resuming with other branch families is refused (they change what the store holds)
     with pytest.raises(MadError, match="branches"):
-        extract(extract_config(videos["train"], tmp / "compact", store="compact", branches="madapter"))
+        extract(extract_config(videos["train"], tmp / "compact", store="compact"), store_needs("madapter"))
     with pytest.raises(MadError, match="grid-downsample 1"):
-        extract(extract_config(videos["train"], tmp_path / "x", branches="madapter,evl", grid_downsample=2))
+        store_needs("madapter,evl", grid_downsample=2)
+    with pytest.raises(MadError, match="grid-downsample 1"):  # extraction itself refuses it too
+        extract(extract_config(videos["train"], tmp_path / "x", grid_downsample=2), store_needs("madapter,evl"))
     with pytest.raises(MadError, match="unknown branch family"):
-        extract(extract_config(videos["train"], tmp_path / "x", branches="madapter,aim"))
+        store_needs("madapter,aim")
     # a store without EVL's inputs: one line naming what to re-run
     extract(extract_config(videos["train"], tmp_path / "plain", store="compact"))
     assert Store.open(tmp_path / "plain").manifest.branches == {"madapter": {}}
@@ -201,7 +204,7 @@ def test_train_eval_predict_and_sweep_evl_next_to_the_others(stores, tmp_path):
     store = Store.open(tmp / "full")
     path = store.paths()[0]
     (predicted,) = predict_videos([str(videos["train"] / path)], str(run), top=6)
-    levels = [torch.from_numpy(store.read_layer(n, 0).astype(np.float32)) for n in store.manifest.evl["levels"]]
+    levels = [torch.from_numpy(store.read_layer(n, 0).astype(np.float32)) for n in store.manifest.branches["evl"]["levels"]]
     with torch.no_grad():
         expected = model(levels).softmax(-1)[0]
     for c, name in enumerate(info["class_names"]):

@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from mad.adapt.checkpoint import CheckpointError, load_model, load_state, save_model
-from mad.adapt.madapter import (BranchConfig, Correlation, SpaceTimeConv, TemporalConv, build_model,
-                                count_parameters, resolve_cell_size)
-from mad.cache.inputs import average_cells, branch_inputs, normalized_cells
-from mad.cache.manifest import FAMILIES
+from mad.adapt.branch import BranchConfig, count_parameters
+from mad.adapt.families import FAMILIES, build_model
+from mad.adapt.madapter import Correlation, SpaceTimeConv, TemporalConv
+from mad.errors import MadError
+from mad.cache.inputs import average_cells, branch_inputs, normalized_cells, resolve_cell_size
 
-ARCHS = FAMILIES["madapter"]  # this file's archs (evl: tests/test_evl.py)
+# this file's archs: those that read the store's --layers (evl: tests/test_evl.py)
+ARCHS = tuple(name for name, entry in FAMILIES.items() if entry.stored_as == "madapter")
 
 SMALL = dict(width=16, heads=2, dropout=0.0)
 
@@ -102,7 +104,7 @@ def test_correlation_finds_where_a_patch_came_from():
 
 @pytest.mark.parametrize("cell", [1, 2])
 def test_projection_of_cells_keeps_no_copy_but_gives_autograd_gradients(cell):
-    from mad.adapt.madapter import LevelProjection
+    from mad.adapt.layers import LevelProjection
 
     torch.manual_seed(0)
     projection = LevelProjection(24, 8)
@@ -139,7 +141,7 @@ def test_branch_inputs_are_what_the_branch_reads_of_full_levels():
 
 
 def test_mlp_gradients_equal_autograd_through_gelu():
-    from mad.adapt.madapter import Mlp
+    from mad.adapt.layers import Mlp
 
     torch.manual_seed(0)
     mlp = Mlp(16, 64)
@@ -241,7 +243,8 @@ def test_madapter_sees_frame_order_and_linear_does_not():
 
 
 def test_unknown_arch_and_bad_heads_are_refused():
-    with pytest.raises(ValueError, match="arch 'resnet': use one of"):
+    with pytest.raises(MadError, match=r"--arch 'resnet': not a registered branch family \(use madapter, meanpool, "
+                                        "linear, evl"):
         branch("resnet", 1, 8, 5, 4, 2)
     with pytest.raises(ValueError, match="divisible"):
         branch("madapter", 1, 8, 5, 4, 2, width=10, heads=3)

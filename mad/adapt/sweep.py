@@ -17,10 +17,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from mad.adapt.tracking import check_log
-from mad.adapt.train import ARCH_DEFAULTS, TrainConfig, TrainError, train_on, with_arch_defaults
+from mad.adapt.branch import RENAMED
+from mad.adapt.config import TrainConfig, TrainError, check_options, resolve
+from mad.adapt.families import family, pair_keys, reads
+from mad.adapt.train import count_classes, train_on
 from mad.cache.dataset import open_tokens
-from mad.cache.manifest import training_keys
 from mad.cache.store import Store
 from mad.progress import make_console
 
@@ -35,7 +36,7 @@ def parse_grid(grid: str) -> dict[str, list]:
     parsed = {}
     for item in grid.split():
         name, sep, values = item.partition("=")
-        name = name.replace("-", "_")
+        name = RENAMED.get(name.replace("-", "_"), name.replace("-", "_"))
         if not sep or not values:
             raise TrainError(f"grid item {item!r}: write setting=value1,value2")
         if name not in fields or name in FIXED:
@@ -64,31 +65,34 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
     """Train every combination of `grid` (on top of `base`); return the summaries, best val top-1 first."""
     options = parse_grid(grid)
     base = base or TrainConfig()
-    check_log(base.log)  # every run logs to base.log's trackers: a missing package fails before any reading
+    check_options(base)  # every run logs to base.log's trackers: a missing package fails before any reading
     combinations = [dict(zip(options, values)) for values in itertools.product(*options.values())]
     console = make_console(quiet)
     train_store = Store.open(cache)
     val_store = Store.open(val) if val else None
     archs = sorted({setting.get("arch", base.arch) for setting in combinations})  # read what they all need, once
     if val_store is not None:
-        train_store.manifest.check_pair(val_store.manifest, val, f"the training cache {cache}", training_keys(archs))
+        train_store.manifest.check_pair(val_store.manifest, val, f"the training cache {cache}", pair_keys(archs))
     out = Path(out)
     defaults = TrainConfig()
+    num_classes = count_classes(train_store, val_store)
+    runs = []  # every configuration resolved (and refused) before any data is read
+    for i, setting in enumerate(combinations, 1):
+        name = f"{i:02d}-" + "-".join(f"{k}={v}" for k, v in setting.items())
+        cfg = dataclasses.replace(base, cache=cache, val=val, out=str(out / name), resume=False, **setting)
+        # the arch's preset (EVL's lr, dropout, ...) for what neither the grid nor `base` set
+        given = set(setting) | {k for k in family(cfg.arch).preset if getattr(base, k) != getattr(defaults, k)}
+        runs.append((name, setting, *resolve(cfg, train_store.manifest, num_classes, cache, given)))
     train_data = val_data = None
     results = []
     try:
-        train_data = open_tokens(train_store, base.in_ram, base.workers, progress=not quiet, archs=archs)
-        val_data = (open_tokens(val_store, base.in_ram, base.workers, progress=not quiet, archs=archs)
-                    if val_store else None)
-        for i, setting in enumerate(combinations, 1):
-            name = f"{i:02d}-" + "-".join(f"{k}={v}" for k, v in setting.items())
-            cfg = dataclasses.replace(base, cache=cache, val=val, out=str(out / name), resume=False, **setting)
-            # the arch's own defaults (EVL's lr, dropout, ...) for what neither the grid nor `base` set
-            given = set(setting) | {k for k in ARCH_DEFAULTS.get(cfg.arch, {})
-                                    if getattr(base, k) != getattr(defaults, k)}
-            cfg = with_arch_defaults(cfg, given)
+        train_data = open_tokens(train_store, base.in_ram, base.workers, progress=not quiet,
+                                 arrays=reads(archs, train_store.manifest, cache))
+        val_data = (open_tokens(val_store, base.in_ram, base.workers, progress=not quiet,
+                                arrays=reads(archs, val_store.manifest, val)) if val_store else None)
+        for i, (name, setting, cfg, branch) in enumerate(runs, 1):
             console.print(f"[bold]{i}/{len(combinations)}[/] {name}")
-            summary = train_on(cfg, train_data, val_data, quiet=True)
+            summary = train_on(cfg, branch, train_data, val_data, quiet=True)
             results.append({**setting, **summary})
             console.print("  " + _brief(summary))
     finally:

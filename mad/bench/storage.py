@@ -69,9 +69,9 @@ def read_clips_per_second(location: str, batch_size: int = 8, passes: int = 3) -
 
 def step_seconds(location: str, batch_size: int, epochs: int, workers: int, device) -> dict:
     """Seconds per training step (after each epoch's first) from the store in RAM and streamed."""
-    from mad.adapt.madapter import build_model
+    from mad.adapt.config import TrainConfig, resolve
+    from mad.adapt.families import build_model
     from mad.adapt.step import make_optimizer
-    from mad.adapt.train import TrainConfig, fit_to_store
     from mad.bench.train import _cached_epoch
     from mad.cache.dataset import InMemoryTokens, StreamingTokens, usable_videos
     from mad.cache.store import Store
@@ -83,14 +83,13 @@ def step_seconds(location: str, batch_size: int, epochs: int, workers: int, devi
         data = (InMemoryTokens(store, videos, progress=False) if source == "ram"
                 else StreamingTokens(store, videos, workers=workers))
         try:
-            cfg = TrainConfig()
-            branch = fit_to_store(cfg.branch(store.manifest, max(2, len(store.class_names))), data, cfg)
+            cfg, branch = resolve(TrainConfig(), store.manifest, max(2, len(store.class_names)), location)
             torch.manual_seed(0)
             model = build_model(branch).to(device)
             optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
             steps = []
             for epoch in range(epochs + 1):  # the first epoch warms up (and starts the readers)
-                _, _, seconds = _cached_epoch(model, optimizer, data, batch_size, epoch, device, "auto")
+                _, seconds = _cached_epoch(model, optimizer, data, batch_size, epoch, device, "auto", cfg.arch)
                 if epoch:
                     steps += seconds[1:] or seconds  # one-step epochs: that step
         finally:

@@ -178,7 +178,7 @@ class Backbone(nn.Module):
             attn = resblock.attn
             if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None:
                 raise BackboneError(f"{self.info.model}: block {block}'s attention has no packed in-projection; "
-                                    "EVL's q/k cannot be recomputed from it")
+                                    "the q/k of its blocks cannot be recomputed from it")
             parts["ln_1_weight"].append(resblock.ln_1.weight)
             parts["ln_1_bias"].append(resblock.ln_1.bias)
             parts["qk_weight"].append(attn.in_proj_weight[: 2 * D])  # rows: q, then k, then v

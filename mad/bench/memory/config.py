@@ -72,7 +72,8 @@ def resolve_config(model: str, frames: int, batch: int, layers: str, device: str
                    classes: int, branch_width: int, threads: int = 0, cell_size: str | int = "auto") -> BenchConfig:
     """Check the options and read the backbone's shapes from its open_clip config (no model is built)."""
     from mad._compat import import_open_clip
-    from mad.adapt.madapter import BranchConfig, check_branch
+    from mad.adapt.branch import BranchConfig
+    from mad.adapt.families import family
     from mad.extract.backbone import parse_layers, register_model_config
     from mad.runtime import resolve_device
 
@@ -95,7 +96,7 @@ def resolve_config(model: str, frames: int, batch: int, layers: str, device: str
     patch = vision["patch_size"] if isinstance(vision["patch_size"], int) else vision["patch_size"][0]
     num_tokens = 1 + (size // patch) ** 2
     try:  # the branch's settings, checked here rather than in three processes
-        branch = check_branch(BranchConfig(arch="madapter", num_levels=len(blocks), in_width=vision["width"],
+        branch = family("madapter").check(BranchConfig(arch="madapter", num_levels=len(blocks), in_width=vision["width"],
                                            num_tokens=num_tokens, num_frames=frames, num_classes=classes,
                                            width=branch_width, cell_size=cell_size))
     except ValueError as e:

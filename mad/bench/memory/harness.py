@@ -71,7 +71,7 @@ def warm_up_runtime(cfg: BenchConfig) -> None:
 def run_mode(cfg: BenchConfig, mode: str, limit_gb: float | None = None) -> dict:
     """Build one mode, run 1 warm-up + `cfg.steps` timed training steps, report memory and time."""
     # import the code first: libraries (open_clip pulls in torchvision, ~150 MB) are not training memory
-    import mad.adapt.madapter  # noqa: F401
+    import mad.adapt.families  # noqa: F401
     if not mode.endswith("-cached"):
         from mad._compat import import_open_clip
 

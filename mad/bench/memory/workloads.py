@@ -244,8 +244,9 @@ def build_in_backbone_adapter(cfg: BenchConfig) -> Workload:
 # ------------------------------------------------------------------ the M-adapter branch
 
 
-def build_branch(cfg: BenchConfig, arch: str = "madapter") -> nn.Module:
-    from mad.adapt.madapter import BranchConfig, build_model
+def build_branch(cfg: BenchConfig, arch: str) -> nn.Module:
+    from mad.adapt.branch import BranchConfig
+    from mad.adapt.families import build_model
 
     return build_model(BranchConfig(arch=arch, num_levels=len(cfg.layers), in_width=cfg.in_width,
                                     num_tokens=cfg.num_tokens, num_frames=cfg.frames, num_classes=cfg.classes,
@@ -306,7 +307,8 @@ def evl_levels(cfg: BenchConfig) -> list[int]:
 
 
 def build_evl(cfg: BenchConfig) -> nn.Module:
-    from mad.adapt.madapter import BranchConfig, build_model
+    from mad.adapt.branch import BranchConfig
+    from mad.adapt.families import build_model
 
     return build_model(BranchConfig(arch="evl", num_levels=cfg.evl_layers + 1, in_width=cfg.in_width,
                                     num_tokens=cfg.num_tokens, num_frames=cfg.frames, num_classes=cfg.classes,
