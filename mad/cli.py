@@ -6,6 +6,7 @@ Option defaults come from the config dataclasses (ExtractConfig, TrainConfig), s
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -14,10 +15,17 @@ from typing import Optional
 import typer
 import typer.core
 
-from mad.adapt.config import TrainConfig
-from mad.adapt.families import names, presets
-from mad.errors import MadError
-from mad.extract.run import ExtractConfig
+# Before torch loads its OpenMP runtime (it reads this once): threads that finish a parallel region early sleep
+# instead of spinning. Spinning threads of two processes on the same cores wait for each other's time slices:
+# beside one other torch process on 2 cores, a demo epoch took 114-218 s spinning and 11 s sleeping (idle: 5 s).
+# A user's own OMP_WAIT_POLICY wins (ACTIVE on a machine that runs nothing else).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from mad.adapt.config import TrainConfig  # noqa: E402 (after the OpenMP setting above)
+from mad.adapt.families import names, presets  # noqa: E402
+from mad.errors import MadError  # noqa: E402
+from mad.demo import DemoConfig  # noqa: E402
+from mad.extract.run import ExtractConfig  # noqa: E402
 
 
 
@@ -38,7 +46,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks 
 app.add_typer(bench_app, name="bench")
 # Warnings meant for users (random weights, ...) as one plain line, not a source excerpt.
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
-EXTRACT, TRAIN = ExtractConfig(videos=""), TrainConfig()
+EXTRACT, TRAIN, DEMO = ExtractConfig(videos=""), TrainConfig(), DemoConfig()
 
 
 def error_line(error: BaseException) -> str:
@@ -263,12 +271,12 @@ def plan(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo"), help="Folder for the demo's videos, caches and runs."),
-    epochs: int = typer.Option(30),
-    seed: int = typer.Option(0),
+    epochs: int = typer.Option(DEMO.epochs, help="Epochs of each arch's training."),
+    seed: int = typer.Option(DEMO.seed),
     archs: Optional[str] = typer.Option(None, help="Archs to train, e.g. madapter,evl (default: the demo's)."),
 ):
     """The embedded default: synthetic temporal-order videos -> extract -> train madapter and the baselines."""
-    from mad.demo import DemoConfig, run_demo
+    from mad.demo import run_demo
 
     chosen = {"archs": tuple(a.strip() for a in archs.split(",") if a.strip())} if archs else {}
     run_demo(DemoConfig(out=str(out), epochs=epochs, seed=seed, **chosen))

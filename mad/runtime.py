@@ -1,10 +1,16 @@
-"""What the code asks of the machine: devices, precisions, and a description of both for results files."""
+"""What the code asks of the machine: devices, precisions, workers that end with their parent, and a
+description of both machine and versions for results files."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import re
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +31,38 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise MadError(f"--device {device!r}: use cpu, cuda, cuda:N or auto") from None
+
+
+def exit_with_parent(parent_pid: int, *_worker_id) -> None:
+    """End this worker process when `parent_pid` ends, however it ends (SIGKILL or the OOM killer too).
+
+    A DataLoader's `worker_init_fn` (as `partial(exit_with_parent, os.getpid())`): without it a worker
+    whose parent was killed while it was still starting stays forever, holding the resource tracker's
+    pipe so that the tracker stays too (torch's own check takes the parent's pid after it has started).
+    Linux: the kernel sends SIGKILL when the parent dies (PR_SET_PDEATHSIG; it fires when the *thread*
+    that spawned the worker ends, so create loaders on a thread that lives as long as they do). Elsewhere
+    a daemon thread checks the parent every second. Then a parent already gone is caught by getppid().
+    """
+    if not _set_parent_death_signal():
+        threading.Thread(target=_watch_parent, args=(parent_pid,), name="mad-parent-watch", daemon=True).start()
+    if os.getppid() != parent_pid:  # died before the signal was set: nothing will send it now
+        os._exit(1)
+
+
+def _set_parent_death_signal() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        PR_SET_PDEATHSIG = 1
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def dtype_of(precision: str) -> torch.dtype:

@@ -23,10 +23,12 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ from mad.adapt.families import build_model, family
 from mad.adapt.step import make_optimizer, train_step
 from mad.bench import video_subset
 from mad.errors import MadError
-from mad.runtime import branch_autocast, machine_info, resolve_device
+from mad.runtime import branch_autocast, exit_with_parent, machine_info, resolve_device
 
 TRAIN = TrainConfig()
 RATIOS = ("online_over_stream", "online_over_ram", "online_decoded_over_stream", "online_decoded_over_ram",
@@ -211,6 +213,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=decode_workers,
                                 multiprocessing_context="spawn" if decode_workers else None,
                                 prefetch_factor=2 if decode_workers else None,
+                                worker_init_fn=partial(exit_with_parent, os.getpid()),
                                 generator=torch.Generator().manual_seed(repeat))
             branch, optimizer = new_branch()
             kept = []  # the same batches, kept decoded for step 4

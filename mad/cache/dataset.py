@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import partial
 from typing import Iterator
 
 import numpy as np
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mad.cache.store import DONE, Store, StoreError
 from mad.progress import passing_bar
-from mad.runtime import available_memory
+from mad.runtime import available_memory, exit_with_parent
 
 Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -166,6 +167,7 @@ class StreamingTokens(CachedTokens):
                 self._reader, batch_sampler=self._sampler, num_workers=self.workers, collate_fn=_as_is,
                 multiprocessing_context="spawn" if self.workers else None, persistent_workers=self.workers > 0,
                 prefetch_factor=4 if self.workers else None,
+                worker_init_fn=partial(exit_with_parent, os.getpid()),  # readers end with this process
                 generator=torch.Generator(),  # its own: seeding workers must not draw from the global RNG
             )
         for levels, p, v in self._loader:

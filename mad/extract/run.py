@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from mad.extract.decode import DecodeError, decode_clip
 from mad.extract.videos import check_labels_kept, find_videos
 from mad.extract.writer import BlockWriter
 from mad.progress import VideoProgress, make_console
-from mad.runtime import resolve_device, versions
+from mad.runtime import exit_with_parent, resolve_device, versions
 
 
 class ExtractError(MadError):
@@ -107,6 +108,7 @@ def decoded_videos(dataset: VideoDecodeDataset, workers: int):
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers,
         multiprocessing_context="spawn", prefetch_factor=4, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=partial(exit_with_parent, os.getpid()),  # no orphan decoder when this run is killed
     )
     yield from loader
 
