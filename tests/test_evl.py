@@ -239,3 +239,23 @@ def test_evl_reads_only_its_levels_and_its_depth_takes_the_deepest_blocks():
         build_model(BranchConfig(**{**cfg.to_dict(), "depth": 5}))
     with pytest.raises(ValueError, match="square patch grid"):
         build_model(BranchConfig(**{**cfg.to_dict(), "num_tokens": 7}))
+
+
+def test_evl_depth_follows_the_store(stores, tmp_path):
+    """A store holding N EVL blocks trains --depth N and refuses --depth N+1 in one line naming --depth and the
+    extraction that would serve it (the depth was once checked against a default of 2 blocks, not the store)."""
+    from typer.testing import CliRunner
+
+    from mad.cli import app
+
+    tmp, _ = stores
+    base = ["train", "--cache", str(tmp / "compact"), "--arch", "evl", "--epochs", "1", "--batch-size", "4",
+            "--device", "cpu", "--in-ram", "yes", "--workers", "0"]
+    served = CliRunner().invoke(app, base + ["--depth", "4", "--out", str(tmp_path / "depth4")])
+    assert served.exit_code == 0, served.output
+    assert json.loads((tmp_path / "depth4" / "config.json").read_text())["model"]["depth"] == 4
+    refused = CliRunner().invoke(app, base + ["--depth", "5", "--out", str(tmp_path / "depth5")])
+    assert refused.exit_code == 2
+    line = refused.output.strip()
+    assert "\n" not in line and line.startswith("error: --depth 5:") and "--evl-layers 5" in line, line
+    assert not (tmp_path / "depth5").exists()  # refused before any run folder or data
