@@ -243,7 +243,8 @@ def test_cli_train_resume_eval_and_errors(caches, tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: no mad cache here (no zarr.json)"
     result = runner.invoke(app, ["train", *common, "--arch", "vit", "--out", str(tmp_path / "x")])
-    assert result.exit_code == 2 and "error: --arch 'vit': use one of madapter, meanpool, linear" in result.output
+    assert result.exit_code == 2
+    assert "error: --arch 'vit': not a registered branch family (use madapter, meanpool, linear, evl" in result.output
     result = runner.invoke(app, ["sweep", "--grid", "depth=x", "--cache", caches["train"]])
     assert result.exit_code == 2 and "error: grid item 'depth=x': depth takes int values" in result.output
 

@@ -79,7 +79,8 @@ class BranchConfig:
 
 class Family:
     """One registry entry. The defaults serve a family that reads the store's `--layers` tokens as they are;
-    a family overrides what differs (`mad.adapt.evl.EVLFamily` reads its own levels and frozen weights)."""
+    a family overrides what differs (`mad.adapt.evl.EVLFamily` reads its own levels and frozen weights).
+    Its model also takes the list of full float16 levels [B, T, N, D] of `levels` (what `mad predict` feeds)."""
 
     name: str = ""                 # the --arch value
     description: str = ""          # one line, for --help and the README
