@@ -17,7 +17,8 @@ import typer.core
 
 # Before torch loads its OpenMP runtime (it reads this once): threads that finish a parallel region early sleep
 # instead of spinning. Spinning threads of two processes on the same cores wait for each other's time slices:
-# beside one other torch process on 2 cores, a demo epoch took 114-218 s spinning and 11 s sleeping (idle: 5 s).
+# beside one other torch process on 2 cores a demo epoch took 21.6 s spinning, 10.2 s sleeping (idle: 5.2, 5.7 s;
+# with more load beside, 114-218 s spinning).
 # A user's own OMP_WAIT_POLICY wins (ACTIVE on a machine that runs nothing else).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
