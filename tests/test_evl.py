@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tests.helpers import extract_config
 from mad.adapt.checkpoint import load_model
 from mad.adapt.evl import TemporalCrossAttention, relative_index
+from mad.adapt.evl_checkpoint import import_official, load_official
 from mad.adapt.madapter import BranchConfig, build_model, count_parameters
 from mad.adapt.sweep import sweep
 from mad.adapt.train import TrainConfig, train
@@ -250,3 +251,87 @@ def test_evl_reads_only_its_levels_and_its_depth_takes_the_deepest_blocks():
         build_model(BranchConfig(**{**cfg.to_dict(), "depth": 5}))
     with pytest.raises(ValueError, match="square patch grid"):
         build_model(BranchConfig(**{**cfg.to_dict(), "num_tokens": 7}))
+
+
+def official_state_names(layers: int) -> list[str]:
+    """The state dict keys of the official EVLTransformer with a frozen backbone (decoder and head only: the
+    backbone is kept out of the module tree), transcribed from OpenGVLab/efficient-video-recognition's model.py
+    and vision_transformer.py."""
+    names = ["decoder.cls_token", "proj.0.weight", "proj.0.bias", "proj.2.weight", "proj.2.bias"]
+    for i in range(layers):
+        layer = f"decoder.decoder_layers.{i}"
+        names += [f"{layer}.attn.{p}_proj.{w}" for p in ("q", "k", "v", "out") for w in ("weight", "bias")]
+        names += [f"{layer}.mlp.{fc}.{w}" for fc in ("fc1", "fc2") for w in ("weight", "bias")]
+        names += [f"{layer}.norm{n}.{w}" for n in (1, 2, 3) for w in ("weight", "bias")]
+        names += [f"decoder.temporal_conv.{i}.weight", f"decoder.temporal_conv.{i}.bias",
+                  f"decoder.temporal_pos_embed.{i}", f"decoder.cross_attention.{i}.w1",
+                  f"decoder.cross_attention.{i}.w2"]
+    return sorted(names)
+
+
+def save_official(state: dict, path) -> None:
+    """As the official main.py saves under DDP: `module.` before every key, with the optimizer's state."""
+    params = [v.clone().requires_grad_() for v in state.values()]
+    optimizer = torch.optim.AdamW(params, lr=4e-4, weight_decay=0.05)
+    torch.save({"model": {f"module.{k}": v.clone() for k, v in state.items()}, "optimizer": optimizer.state_dict(),
+                "lr_sched": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=10).state_dict(),
+                "loss_scaler": {}, "next_step": 10}, path)
+
+
+def test_an_official_checkpoint_loads_strictly_and_gives_its_logits(stores, tmp_path):
+    """An official checkpoint's decoder and head load strictly, q/k weights from the store: `mad import-evl` makes
+    a run whose logits are the source weights' exactly; `mad train --init` starts from them; misfits are refused."""
+    from mad.adapt.evaluate import evaluate
+
+    tmp, _ = stores
+    store = Store.open(tmp / "full")
+    frozen = {name: torch.from_numpy(value) for name, value in store.frozen().items()}
+    torch.manual_seed(1)
+    source = build_model(TrainConfig.for_arch("evl").branch(store.manifest, 6)).eval()
+    source.load_frozen(frozen)
+    with torch.no_grad():  # the tables, embeddings and query start at zero: make every weight count
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("qk.")}
+    assert sorted(state) == official_state_names(4)
+    checkpoint = tmp_path / "official.pth"
+    save_official(state, checkpoint)
+    levels = [torch.from_numpy(store.read_layer(n, v).astype(np.float32)) for v in range(3)
+              for n in store.manifest.evl["levels"]]
+    levels = [torch.cat(levels[i::5]) for i in range(5)]  # 3 videos
+    with torch.no_grad():
+        expected = source(levels)
+
+    run = tmp_path / "imported"
+    result = subprocess.run([sys.executable, "-m", "mad", "import-evl", str(checkpoint), "--cache", str(tmp / "full"),
+                             "--out", str(run)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    model, info = load_model(run / "model.safetensors")
+    assert torch.equal(model.qk.weight, frozen["evl_qk_weight"]) and info["class_names"] == store.class_names
+    with torch.no_grad():
+        assert torch.equal(model(levels), expected)
+    assert evaluate(run, str(tmp / "full"), progress=False)["videos"] == 12  # mad eval reads it as a run
+
+    # mad train --init: the run starts from the checkpoint (lr 0: it stays there)
+    summary = train(TrainConfig.for_arch("evl", cache=str(tmp / "full"), init=str(checkpoint), epochs=1, lr=0.0,
+                                         batch_size=6, device="cpu", out=str(tmp_path / "tuned")), quiet=True)
+    tuned, _ = load_model(summary["run"] + "/model.safetensors")
+    with torch.no_grad():
+        assert torch.equal(tuned(levels), expected)
+
+    # misfits: 16 frames, a fine-tuned backbone, a missing layer, another arch
+    for name, change in (("frames16", lambda s: {**s, "decoder.temporal_pos_embed.0": torch.zeros(16, 64)}),
+                         ("backbone", lambda s: {**s, "backbone.blocks.0.attn.q_proj.weight": torch.zeros(64, 64)}),
+                         ("layers3", lambda s: {k: v for k, v in s.items() if not (".3." in k or k.endswith(".3"))})):
+        save_official(change(state), tmp_path / f"{name}.pth")
+    with pytest.raises(MadError, match=r"temporal_pos_embed.0 is \(16, 64\) in the checkpoint, \(8, 64\) here"):
+        train(TrainConfig.for_arch("evl", cache=str(tmp / "full"), init=str(tmp_path / "frames16.pth"), epochs=1,
+                                   device="cpu", out=str(tmp_path / "x")), quiet=True)
+    with pytest.raises(MadError, match="backbone weights .* fine-tuned"):
+        import_official(tmp_path / "backbone.pth", str(tmp / "full"), tmp_path / "y")
+    with pytest.raises(MadError, match="missing decoder.cross_attention.3.w1"):
+        load_official(source, tmp_path / "layers3.pth")
+    with pytest.raises(MadError, match="--init .* for --arch evl only"):
+        train(TrainConfig(cache=str(tmp / "full"), init=str(checkpoint), out=str(tmp_path / "z")), quiet=True)
+    with pytest.raises(MadError, match="no such checkpoint file"):
+        load_official(source, tmp_path / "absent.pth")
