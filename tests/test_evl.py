@@ -219,6 +219,7 @@ def test_train_eval_predict_and_sweep_evl_next_to_the_others(stores, tmp_path):
     levels = [torch.from_numpy(store.read_layer(n, 0).astype(np.float32)) for n in store.manifest.evl["levels"]]
     with torch.no_grad():
         expected = model(levels).softmax(-1)[0]
+    assert len(info["class_names"]) == 6 and len(predicted["top"]) == 6
     for c, name in enumerate(info["class_names"]):
         assert abs(dict(predicted["top"])[name] - expected[c].item()) < 1e-4, name
 
