@@ -169,7 +169,7 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
     model = build_model(branch)
     if branch.arch == "evl":  # the frozen backbone weights that recompute its q, k: the store carries them
         model.load_frozen(train_data.frozen)
-    if cfg.init:
+    if cfg.init and not (cfg.resume and (run / "last.pt").exists()):  # a resumed run starts from its last.pt
         from mad.adapt.evl_checkpoint import load_official
 
         load_official(model, cfg.init)
