@@ -85,6 +85,7 @@ class TrainConfig:
     resume: bool = False  # continue the run in `out` from its last completed epoch
     overwrite: bool = False  # replace the run in `out`
     log: str = "none"  # trackers mirroring metrics.jsonl: none or tensorboard (comma-separated)
+    init: str | None = None  # evl: an official EVL checkpoint to start from (mad.adapt.evl_checkpoint)
 
     def branch(self, manifest: Manifest | None = None, num_classes: int = _BRANCH.num_classes) -> BranchConfig:
         """The branch these settings train on tokens described by `manifest` (BranchConfig's defaults without)."""
@@ -168,6 +169,10 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
     model = build_model(branch)
     if branch.arch == "evl":  # the frozen backbone weights that recompute its q, k: the store carries them
         model.load_frozen(train_data.frozen)
+    if cfg.init and not (cfg.resume and (run / "last.pt").exists()):  # a resumed run starts from its last.pt
+        from mad.adapt.evl_checkpoint import load_official
+
+        load_official(model, cfg.init)
     model = model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = math.ceil(train_data.num_videos / cfg.batch_size)
@@ -377,6 +382,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError("--resume and --overwrite contradict each other: pick one")
     if cfg.resume and not cfg.out:
         raise TrainError("--resume needs --out: the run folder to continue")
+    if cfg.init and cfg.arch != "evl":
+        raise TrainError(f"--init {cfg.init}: an official EVL checkpoint, for --arch evl only")
     check_log(cfg.log)  # a tracker whose package is missing fails here, before any data is read
 
 
