@@ -97,7 +97,9 @@ def main() -> None:
                 row = one_run(Path(tmp) / f"{mode}-{i}", mode)
                 print(json.dumps(row), flush=True)
                 runs.append(row)
-    report = {"command": "python benchmarks/bench_demo_time.py " + " ".join(sys.argv[1:]),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    report = {"command": "python benchmarks/bench_demo_time.py " + " ".join(sys.argv[1:]), "commit": commit,
               "machine": machine_info("cpu"), "runs": runs,
               "modes": {m: {"wall_seconds": spread([r["wall_seconds"] for r in runs if r["beside"] == m])}
                         for m in modes}}

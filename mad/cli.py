@@ -17,7 +17,8 @@ import typer.core
 
 # Before torch loads its OpenMP runtime (it reads this once): threads that finish a parallel region early sleep
 # instead of spinning. Spinning threads of two processes on the same cores wait for each other's time slices:
-# beside one other torch process on 2 cores, a demo epoch took 114-218 s spinning and 11 s sleeping (idle: 5 s).
+# beside one other torch process on 2 cores a demo epoch took 21.6 s spinning, 10.2 s sleeping (idle: 5.2, 5.7 s;
+# with more load beside, 114-218 s spinning).
 # A user's own OMP_WAIT_POLICY wins (ACTIVE on a machine that runs nothing else).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -163,6 +164,8 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
     log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
                             "(<run>/tensorboard; pip install tensorboard)."),
+    init: Optional[str] = typer.Option(None, "--init", help="--arch evl: start from an official EVL checkpoint "
+                                       "(.pth; its decoder and head, the q/k weights from the cache)."),
 ):
     """Train the M-adapter branch (or a baseline) from cached tokens; no image model is loaded."""
     import dataclasses
@@ -196,6 +199,20 @@ def evaluate_command(
     for view in ("single_view", "multi_view"):
         typer.echo(f"{view:11s} " + "  ".join(f"{k} {v:.4f}" for k, v in result[view].items()))
     typer.echo(f"per-video predictions: {result['predictions']}")
+
+
+@app.command("import-evl")
+def import_evl(
+    checkpoint: Path = typer.Argument(..., help="An official EVL checkpoint (.pth of "
+                                      "OpenGVLab/efficient-video-recognition)."),
+    cache: str = typer.Option(..., "--cache", help="A store extracted with --branches evl from the checkpoint's "
+                              "backbone (its q/k weights, frames and classes are taken from it)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write model.safetensors into."),
+):
+    """Make a run folder from an official EVL checkpoint, for mad eval and mad predict."""
+    from mad.adapt.import_evl import import_official
+
+    typer.echo(f"wrote {import_official(checkpoint, cache, out)}")
 
 
 @app.command()

@@ -17,9 +17,9 @@ from mad.adapt.checkpoint import load_model
 from mad.adapt.families import family
 from mad.cache.manifest import Manifest
 from mad.errors import MadError
-from mad.extract.backbone import load_backbone, sha256_file
+from mad.extract.backbone import load_backbone
 from mad.extract.decode import DecodeError, decode_clip
-from mad.runtime import resolve_device
+from mad.runtime import resolve_device, sha256_file
 
 
 class PredictError(MadError):

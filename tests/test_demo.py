@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # pytest -m 'not slow' leaves 
 
 
 def test_demo_madapter_learns_temporal_order_that_static_models_cannot(tmp_path):
-    # The shipped defaults (videos, backbone, epochs, compact store), not a reduced copy: ~4 min on 2 CPU cores.
+    # The shipped defaults (videos, backbone, epochs, compact store), not a reduced copy: about 2 min on 2 idle CPU cores.
     report = run_demo(DemoConfig(out=str(tmp_path / "demo"), progress=False))
     results = report["results"]
     assert results["madapter"]["val_top1_last"] >= 0.9, report

@@ -36,9 +36,13 @@ def test_shapes_every_arch_levels_and_grid(arch, num_levels, grid):
     logits = model(levels_for(num_levels, tokens=tokens))
     assert logits.shape == (2, 5)
     logits.sum().backward()
-    grads = {name: p.grad for name, p in model.named_parameters() if p.numel()}  # (one level: no gates)
-    assert all(g is not None for g in grads.values()), [name for name, g in grads.items() if g is None]
-    assert all(torch.isfinite(g).all() for g in grads.values()) and any(g.abs().sum() > 0 for g in grads.values())
+    grads = dict((name, p.grad) for name, p in model.named_parameters())
+    # every parameter gets a gradient (zero where a zero-initialised output hides it at the start), except the
+    # fusion's gates with one level: nothing to weigh
+    unused = {"fusion.gates"} if num_levels == 1 and arch in ("madapter", "meanpool") else set()
+    assert {name for name, grad in grads.items() if grad is None} == unused
+    assert all(torch.isfinite(grad).all() for grad in grads.values() if grad is not None)
+    assert sum(grad.abs().sum() for grad in grads.values() if grad is not None) > 0
 
 
 @pytest.mark.parametrize("options", [dict(temporal="attn"), dict(temporal="conv3d"), dict(temporal="none"),

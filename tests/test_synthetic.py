@@ -47,10 +47,12 @@ def test_demo_layout_and_frame_counts(demo):
 
 def test_demo_motion_direction(demo):
     root, _ = demo
-    for path in (root / "train" / "moving_right").glob("*.mp4"):
+    right, left = (sorted((root / "train" / name).glob("*.mp4")) for name in ("moving_right", "moving_left"))
+    assert right and left  # else the loops below check nothing
+    for path in right:
         x = _centroid_x(_decode(path))
         assert x[-1] - x[0] > 15 and np.all(np.diff(x) > -2), x
-    for path in (root / "train" / "moving_left").glob("*.mp4"):
+    for path in left:
         x = _centroid_x(_decode(path))
         assert x[0] - x[-1] > 15 and np.all(np.diff(x) < 2), x
 

@@ -88,6 +88,7 @@ class Family:
     preset: dict = {}              # settings it trains with where the user gave none (TrainConfig/BranchConfig names)
     stored_as: str = "madapter"    # the --branches entry whose stored inputs it reads (the manifest's `branches` key)
     pair_keys: tuple[str, ...] = TRAINING_KEYS  # manifest fields on which two caches it reads must agree
+    starts_from_file: bool = False  # `start_from` reads a checkpoint format of its own (mad train --init)
 
     def store_need(self, last_blocks: int | None = None) -> StoreNeed:
         """What extraction must store for `--branches <stored_as>` beyond --layers (asked of the family named
@@ -123,6 +124,10 @@ class Family:
     def build(self, cfg: BranchConfig, frozen: dict | None = None) -> nn.Module:
         """The model of a checked `cfg`; `frozen`: the store's frozen weights (saved with the model after)."""
         return self.model(cfg)
+
+    def start_from(self, model: nn.Module, path) -> None:
+        """Load checkpoint `path` (a format of the family's own, e.g. its authors') into a freshly built `model`."""
+        raise ConfigError(f"--init {path}: --arch {self.name} starts from no checkpoint file")
 
     def describe(self, cfg: BranchConfig, parameters: int) -> str:
         """The line `mad train` prints about the branch it built."""

@@ -10,11 +10,7 @@ import torch.nn as nn
 
 from mad.adapt.branch import BranchConfig
 from mad.adapt.families import build_model
-from mad.errors import MadError
-
-
-class CheckpointError(MadError):
-    """A model file that cannot be used (message names the file and says why)."""
+from mad.errors import CheckpointError, MadError
 
 
 def save_model(model: nn.Module, path, branch: BranchConfig, info: dict | None = None) -> None:

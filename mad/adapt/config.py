@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mad.adapt.branch import BranchConfig, ConfigError, known_settings
-from mad.adapt.families import family
+from mad.adapt.families import family, names
 from mad.adapt.step import CLIP_GRAD, LABEL_SMOOTHING
 from mad.adapt.tracking import check_log
 from mad.cache.manifest import Manifest
@@ -59,6 +59,7 @@ class TrainConfig:
     resume: bool = False  # continue the run in `out` from its last completed epoch
     overwrite: bool = False  # replace the run in `out`
     log: str = "none"  # trackers mirroring metrics.jsonl: none or tensorboard (comma-separated)
+    init: str | None = None  # a checkpoint file to start from, for a family that reads one (evl: an official EVL)
 
     @classmethod
     def from_dict(cls, values: dict, what: str = "training settings") -> "TrainConfig":
@@ -89,6 +90,9 @@ def check_options(cfg: TrainConfig) -> None:
         raise TrainError("--resume and --overwrite contradict each other: pick one")
     if cfg.resume and not cfg.out:
         raise TrainError("--resume needs --out: the run folder to continue")
+    if cfg.init and not family(cfg.arch).starts_from_file:
+        those = [name for name in names() if family(name).starts_from_file]
+        raise TrainError(f"--init {cfg.init}: a checkpoint to start from, for --arch {', '.join(those)} only")
     check_log(cfg.log)  # a tracker whose package is missing fails here, before any data is read
 
 

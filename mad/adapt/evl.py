@@ -317,6 +317,13 @@ class EVLFamily(Family):
             model.load_frozen(frozen)
         return model
 
+    starts_from_file = True  # official EVL checkpoints (mad.adapt.evl_checkpoint)
+
+    def start_from(self, model: nn.Module, path) -> None:
+        from mad.adapt.evl_checkpoint import load_official
+
+        load_official(model, path)
+
     def describe(self, cfg: BranchConfig, parameters: int) -> str:
         return (f"{super().describe(cfg, parameters)}, {cfg.depth} decoder layers (q/k/v width {cfg.width}, "
                 f"heads {cfg.heads}) over the last {cfg.depth} cached blocks, their q/k recomputed from frozen "

@@ -93,7 +93,10 @@ def train_on(cfg: TrainConfig, branch: BranchConfig, train_data: CachedTokens, v
     dist.barrier()
     run = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    model = entry.build(branch, train_data.frozen).to(device)  # frozen weights a family needs: the store's
+    model = entry.build(branch, train_data.frozen)  # frozen weights a family needs: the store's
+    if cfg.init and not (cfg.resume and (run / "last.pt").exists()):  # a resumed run starts from its last.pt
+        entry.start_from(model, cfg.init)
+    model = model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = math.ceil(train_data.num_videos / cfg.batch_size)
     scheduler = make_scheduler(optimizer, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
