@@ -259,6 +259,8 @@ def predict(
 def plan(
     videos: Optional[Path] = typer.Option(None, "--videos", help="Folder of videos to count and probe."),
     num_videos: Optional[int] = typer.Option(None, "--num-videos", help="Or a number of videos."),
+    val_videos: Optional[int] = typer.Option(None, "--val-videos", help="Videos of a val split, planned too."),
+    val_views: Optional[int] = typer.Option(None, "--val-views", help="Views per val video (default: as train)."),
     model: str = typer.Option(EXTRACT.model, help="open_clip model name or a model-config .json path."),
     layers: str = typer.Option(EXTRACT.layers),
     frames: int = typer.Option(EXTRACT.frames),
@@ -271,16 +273,19 @@ def plan(
     device: str = typer.Option(EXTRACT.device),
     precision: str = typer.Option(EXTRACT.precision),
     batch_size: int = typer.Option(EXTRACT.batch_size),
-    probe: int = typer.Option(4, help="Videos to decode and model batches to time."),
+    workers: int = typer.Option(EXTRACT.workers, help="Decoding processes of the extraction (-1: its default)."),
+    probe: int = typer.Option(4, help="Videos to decode and model batches to time (0: no probe, bytes only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ):
-    """Before any work: bytes on disk per storage mode, estimated extraction time here, read volume per epoch."""
+    """Before any work: bytes on disk per storage mode, estimated extraction time here, reads; train + val."""
     from mad.plan import PlanConfig, plan as run_plan, print_plan
 
     print_plan(run_plan(PlanConfig(
-        videos=str(videos) if videos else None, num_videos=num_videos, model=model, layers=layers, frames=frames,
+        videos=str(videos) if videos else None, num_videos=num_videos, val_videos=val_videos,
+        val_views=val_views, model=model, layers=layers, frames=frames,
         clips=clips, crops=crops, views=views, grid_downsample=grid_downsample, cell_size=cell_size,
-        correlation=correlation, device=device, precision=precision, batch_size=batch_size, probe=probe)), as_json)
+        correlation=correlation, device=device, precision=precision, batch_size=batch_size, workers=workers,
+        probe=probe)), as_json)
 
 
 @app.command()

@@ -73,6 +73,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from rich.table import Table
 
     from mad.adapt.train import train, with_arch_defaults
+    from mad.tables import print_table
 
     console = Console()
     out = Path(cfg.out)
@@ -97,7 +98,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for arch, summary in results.items():
         table.add_row(arch, f"{summary['last/val/acc/top1']:.3f}", f"{summary['val/acc/top1']:.3f}",
                       f"{summary['parameters']:,}", str(out / "runs" / arch))
-    console.print(table)
+    print_table(table, console)
     console.print(f"demo finished in {seconds:.0f} s")
     report = {"seconds": seconds, "config": dataclasses.asdict(cfg),
               "results": {arch: {"val_top1_last": s["last/val/acc/top1"], "val_top1_best": s["val/acc/top1"],

@@ -182,8 +182,9 @@ def test_plan_predicts_the_bytes_of_both_storage_modes(stores):
     videos = store.manifest.videos_root
     result = plan(PlanConfig(videos=videos, model=store.manifest.model, layers="2,4", cell_size="2", probe=1,
                              device="cpu", precision="fp32"))
-    assert result["num_videos"] == store.num_videos and result["seconds_per_video"]["decode"] > 0
+    split = result["splits"]["train"]
+    assert split["num_videos"] == store.num_videos and result["probe"]["decode_per_clip"] > 0
     for mode in ("full", "compact"):
         real = sum(Store.open(stores[mode, "val"]).bytes_on_disk().values())
-        planned = result["modes"][mode]["read_bytes_per_epoch"]  # the data arrays: one view per video here
+        planned = split["modes"][mode]["read_bytes_per_epoch"]  # the data arrays: one view per video here
         assert abs(planned - real) <= 0.1 * real, (mode, planned, real)

@@ -23,6 +23,7 @@ from mad.cache.dataset import open_tokens
 from mad.cache.manifest import training_keys
 from mad.cache.store import Store
 from mad.progress import make_console
+from mad.tables import print_table
 
 # Settings a grid may not vary: they name the data, the run and its logs, not the training.
 FIXED = ("cache", "val", "out", "resume", "overwrite", "log")
@@ -99,7 +100,7 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
     key = "val/acc/top1" if val else "train/acc"
     results.sort(key=lambda row: -row[key])
     write_leaderboard(results, list(options), out / "leaderboard.csv")
-    console.print(leaderboard_table(results, list(options), key))
+    print_table(leaderboard_table(results, list(options), key), console)
     return results
 
 

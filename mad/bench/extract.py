@@ -212,8 +212,10 @@ def _duration(path: Path) -> float:
 
 
 def _print(r: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from mad.progress import make_console
+    from mad.tables import print_table
 
     s = r["settings"]
     spread = lambda key, f="{:.2f}": " / ".join(f.format(r[key][k]) for k in ("min", "median", "max"))  # noqa: E731
@@ -229,8 +231,8 @@ def _print(r: dict) -> None:
     table.add_row(f"full extract (start-up included: {spread('full_startup_seconds', '{:.1f}')} s)",
                   spread("full_clips_per_s"))
     table.add_row("full extract after its first batch", spread("full_after_first_batch_clips_per_s"))
-    console = Console()
-    console.print(table)
+    console = make_console()
+    print_table(table, console)
     console.print(f"full / CPU-time bound = {spread('full_over_cpu_time_bound')}, after the first batch "
                   f"{spread('full_after_first_batch_over_cpu_time_bound')} (CPU target >= 0.90); "
                   f"full / model only = {spread('full_over_model_only')}; full / min(decode, model) = "

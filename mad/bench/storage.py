@@ -181,8 +181,10 @@ def bench_storage(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
 
 
 def _print(r: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from mad.progress import make_console
+    from mad.tables import print_table
 
     s = r["settings"]
     table = Table(title=f"mad bench storage: {s['model']} ({s['precision']}, random weights), layers {s['layers']}, "
@@ -196,9 +198,8 @@ def _print(r: dict) -> None:
                       f"{read['median']:.0f} ({read['min']:.0f}-{read['max']:.0f})",
                       f"{steps['ram']['median']:.3f}", f"{steps['streamed']['median']:.3f}",
                       f"{steps['streamed_over_ram']:.2f}x")
-    console = Console()
-    console.width = max(console.width, 140)
-    console.print(table)
+    console = make_console()
+    print_table(table, console)
     ratio = r["compact_over_full"]
     console.print(f"compact / full: bytes {ratio['bytes']:.3f} (1/{1 / ratio['bytes']:.1f}), read clips/s "
                   f"{ratio['read_clips_per_s']:.1f}x, extraction {ratio['extract_clips_per_s']:.2f}x")

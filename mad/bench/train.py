@@ -272,8 +272,10 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
 
 
 def _print(r: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from mad.progress import make_console
+    from mad.tables import print_table
 
     s = r["settings"]
     spread = lambda d, f="{:.3f}": " / ".join(f.format(d[k]) for k in ("min", "median", "max"))  # noqa: E731
@@ -291,8 +293,8 @@ def _print(r: dict) -> None:
     table.add_row(f"online ({s['decode_workers']} decoding workers)*", spread(scale(r["online_step_seconds"]), "{:.1f}"))
     table.add_row("online, frames decoded beforehand (ViT + branch)*",
                   spread(scale(r["online_decoded_step_seconds"]), "{:.1f}"))
-    console = Console()
-    console.print(table)
+    console = make_console()
+    print_table(table, console)
     ratios = Table(title="ratios (min / median / max)")
     for column in ("", "vs cache streamed", "vs cache in RAM"):
         ratios.add_column(column)
@@ -301,7 +303,7 @@ def _print(r: dict) -> None:
     ratios.add_row("online, excluding decode", spread(r["online_decoded_over_stream"], "{:.1f}x"),
                    spread(r["online_decoded_over_ram"], "{:.1f}x"))
     ratios.add_row("cache streamed / in RAM", spread(r["stream_over_ram"], "{:.2f}x"), "")
-    console.print(ratios)
+    print_table(ratios, console)
     console.print(f"* online epoch = {n} steps x median of {s['online_steps_timed']} timed steps (extrapolated, "
                   f"not run). Targets on CPU: online excluding decode / streamed >= 20x; streamed / RAM <= 1.10x "
                   f"(epochs of >= 12 steps).")

@@ -159,7 +159,8 @@ def _evl_levels(cfg: ExtractConfig, depth: int) -> dict:
         raise ExtractError(str(e)) from None
 
 
-def _manifest(cfg: ExtractConfig, backbone, video_list) -> Manifest:
+def manifest_for(cfg: ExtractConfig, backbone, class_names: list[str] = (), labelled_by: str = "none") -> Manifest:
+    """The manifest of a store that `cfg` extracts with `backbone`."""
     info = backbone.info
     return Manifest(
         model=cfg.model, model_config=model_config_of(cfg.model),
@@ -169,8 +170,8 @@ def _manifest(cfg: ExtractConfig, backbone, video_list) -> Manifest:
         frames=cfg.frames, clips=cfg.clips, crops=cfg.crops, image_size=info.image_size,
         patch_size=info.patch_size, grid=list(info.grid), grid_downsample=cfg.grid_downsample,
         tokens=backbone.tokens, width=info.width, mean=list(info.mean), std=list(info.std),
-        precision=cfg.precision, sampling="tsn-middle", class_names=video_list.class_names,
-        labelled_by=video_list.labelled_by, videos_root=str(Path(cfg.videos).resolve()),
+        precision=cfg.precision, sampling="tsn-middle", class_names=list(class_names),
+        labelled_by=labelled_by, videos_root=str(Path(cfg.videos).resolve()),
         shard_size=cfg.shard_size, versions=versions(), storage=cfg.store,
         compact=_compact_settings(cfg, backbone) if cfg.store == "compact" else None,
         branches=_branch_needs(cfg, info),
@@ -271,7 +272,7 @@ def extract(cfg: ExtractConfig) -> dict:
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU each
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     backbone = _load_backbone(cfg, device)
-    manifest = _manifest(cfg, backbone, video_list)
+    manifest = manifest_for(cfg, backbone, video_list.class_names, video_list.labelled_by)
     if not Store.exists(cfg.out) and not is_url(cfg.out) and Path(cfg.out).exists() and \
             any(not p.name.startswith(".mad-") for p in Path(cfg.out).iterdir()):
         raise ExtractError(f"{cfg.out}: exists and is not a mad cache; choose another --out")
@@ -340,20 +341,9 @@ def _extract_slice(cfg: ExtractConfig, store: Store, backbone, device: torch.dev
 def _run_batch(backbone, batch: list[tuple[VideoResult, torch.Tensor]], writer: BlockWriter,
                device: torch.device) -> int:
     """Frames of a few videos through the model in one pass; hand each video's tokens to the writer."""
-    sizes = [frames.shape[0] * frames.shape[1] for _, frames in batch]  # views * T per video
     frames = torch.cat([frames.flatten(0, 1) for _, frames in batch]).to(device, non_blocking=True)
     tapped = dict(zip(backbone.levels, backbone(frames)))  # level -> [sum(views * T), N, D]
-    m = writer.store.manifest
-    data = {}  # data array -> [sum(views), ...]
-    if m.storage == "compact":  # what the branch reads, 8-bit: one record per video-view
-        c = m.compact
-        views = sum(size // m.frames for size in sizes)
-        inputs = branch_inputs([tapped[n].view(views, m.frames, *tapped[n].shape[1:]) for n in m.layers],
-                               c["cell_size"], c["correlation"], c["correlation_groups"])
-        data["records"] = compact.encode(inputs, c["layout"]).cpu().numpy()  # [sum(views), R]
-    for n in m.stored_levels:  # every token, float16
-        level = tapped[n].to(torch.float16).cpu().numpy()
-        data[f"layers/{n}"] = level.reshape(-1, m.frames, *level.shape[1:])  # [sum(views), T, N, D]
+    data = store_arrays(tapped, writer.store.manifest)
     offset = 0
     for result, frames in batch:
         views = frames.shape[0]
@@ -361,6 +351,22 @@ def _run_batch(backbone, batch: list[tuple[VideoResult, torch.Tensor]], writer: 
         offset += views
         writer.put(result)
     return len(batch)
+
+
+def store_arrays(tapped: dict[int, torch.Tensor], m: Manifest) -> dict[str, np.ndarray]:
+    """What the store holds of a batch, from its tapped levels (level -> [views * T, N, D]): data array ->
+    [views, ...] on the CPU. (`mad plan` times this too.)"""
+    data = {}
+    if m.storage == "compact":  # what the branch reads, 8-bit: one record per video-view
+        c = m.compact
+        views = next(iter(tapped.values())).shape[0] // m.frames
+        inputs = branch_inputs([tapped[n].view(views, m.frames, *tapped[n].shape[1:]) for n in m.layers],
+                               c["cell_size"], c["correlation"], c["correlation_groups"])
+        data["records"] = compact.encode(inputs, c["layout"]).cpu().numpy()  # [views, R]
+    for n in m.stored_levels:  # every token, float16
+        level = tapped[n].to(torch.float16).cpu().numpy()
+        data[f"layers/{n}"] = level.reshape(-1, m.frames, *level.shape[1:])  # [views, T, N, D]
+    return data
 
 
 class _Progress:
