@@ -6,6 +6,7 @@ Option defaults come from the config dataclasses (ExtractConfig, TrainConfig), s
 
 from __future__ import annotations
 
+import errno
 import sys
 import warnings
 from pathlib import Path
@@ -42,6 +43,11 @@ class _CatchMadErrors(typer.core.TyperGroup):
             raise typer.Exit(2) from None
         except _UsageError as e:
             _usage_error(e)
+        except OSError as e:  # a path the system refuses (an --out under a file, no permission, a full disk)
+            if e.errno == errno.EPIPE or e.filename is None:  # a closed pipe: typer's own handling
+                raise
+            typer.echo(f"error: {e.filename}: {e.strerror}", err=True)
+            raise typer.Exit(2) from None
 
 
 def _usage_error(e: Exception):

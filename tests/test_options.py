@@ -291,3 +291,19 @@ def test_summaries_say_best_or_last():
     headers = [column.header for column in table.columns]
     assert table.title == "sweep leaderboard (by best val/acc/top1)"
     assert {"best top1", "best top5", "best mean1", "last train acc", "last train loss"} <= set(headers)
+
+
+def test_an_output_path_the_system_refuses_is_one_line(tmp_path, inputs):
+    (tmp_path / "afile").write_text("")
+    for args in (["train", "--cache", inputs["cache"], "--out", str(tmp_path / "afile")],
+                 ["sweep", "--grid", "lr=1e-3", "--cache", inputs["cache"], "--out", str(tmp_path / "afile")],
+                 ["demo", "--out", str(tmp_path / "afile")],
+                 ["extract", "--videos", inputs["videos"], "--out", str(tmp_path / "afile"), "--model", TINY_MODEL,
+                  "--pretrained", "none", "--layers", "1,2"],
+                 ["extract", "--videos", inputs["videos"], "--out", str(tmp_path / "s"), "--model", TINY_MODEL,
+                  "--pretrained", str(tmp_path / "afile"), "--layers", "1,2"]):  # an empty checkpoint file
+        result = RUNNER.invoke(app, args)
+        assert isinstance(result.exception, SystemExit), (args, repr(result.exception))
+        assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+        assert str(tmp_path / "afile") in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

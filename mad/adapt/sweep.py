@@ -66,6 +66,8 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
     options = parse_grid(grid)
     base = base or TrainConfig()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: a file, not a folder for the sweep's runs; choose another --out")
     combinations = [dict(zip(options, values)) for values in itertools.product(*options.values())]
     configs = [run_config(base, setting, cache, val, out / run_name(i, setting))  # every one checked, before reading
                for i, setting in enumerate(combinations, 1)]

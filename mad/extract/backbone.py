@@ -226,6 +226,12 @@ def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] 
         hint = ("; without network, pass the checkpoint file itself: --pretrained PATH/open_clip_pytorch_model.bin"
                 if "download" in str(e).lower() else "")
         raise BackboneError(f"{model} with pretrained={pretrained}: {str(e).splitlines()[0]}{hint}") from None
+    except Exception as e:  # a file that is no checkpoint: torch.load's EOFError, UnpicklingError, ...
+        if weights is None or not os.path.isfile(weights):
+            raise
+        first = (str(e).splitlines() or [""])[0][:100]
+        raise BackboneError(f"{pretrained}: not an open_clip checkpoint of {model} ({type(e).__name__}: {first})"
+                            ) from None
     visual = clip.visual
     del clip  # drop the text tower
     depth = len(visual.transformer.resblocks)

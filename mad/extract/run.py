@@ -219,7 +219,7 @@ def _compact_settings(cfg: ExtractConfig, backbone) -> dict:
 
 def _slice(cfg: ExtractConfig) -> tuple[int, int]:
     """(index, count) of this process's slice: --shard I/N, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
-    if cfg.shard:
+    if cfg.shard is not None:
         try:
             index, count = (int(x) for x in cfg.shard.split("/"))
         except ValueError:
@@ -278,15 +278,16 @@ def extract(cfg: ExtractConfig) -> dict:
     index, count = _slice(cfg)
     if count > 1 and cfg.overwrite:
         raise ExtractError("--overwrite cannot be combined with a sharded run: start over with one process first")
+    out = Path(cfg.out)
+    if not is_url(cfg.out) and out.exists() and not Store.exists(cfg.out) and \
+            (not out.is_dir() or any(not p.name.startswith(".mad-") for p in out.iterdir())):
+        raise ExtractError(f"{cfg.out}: exists and is not a mad cache; choose another --out")
     video_list = find_videos(cfg.videos, cfg.labels, cfg.labels_format, cfg.labels_split)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU each
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     backbone = _load_backbone(cfg, device)
     manifest = _manifest(cfg, backbone, video_list)
-    if not Store.exists(cfg.out) and not is_url(cfg.out) and Path(cfg.out).exists() and \
-            any(not p.name.startswith(".mad-") for p in Path(cfg.out).iterdir()):
-        raise ExtractError(f"{cfg.out}: exists and is not a mad cache; choose another --out")
     locks = StoreLocks(cfg.out, index, count)
     try:
         with locks.creating():
