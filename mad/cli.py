@@ -6,6 +6,7 @@ Option defaults come from the config dataclasses (ExtractConfig, TrainConfig), s
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -29,8 +30,19 @@ from mad.extract.run import ExtractConfig  # noqa: E402
 
 
 
+# click's UsageError (typer >= 0.22 vendors click as typer._click): the base of the BadParameter typer exports.
+_UsageError = typer.BadParameter.__bases__[0]
+
+
 class _CatchMadErrors(typer.core.TyperGroup):
-    """Every command (and `mad bench ...`) runs inside this: a MadError is one line on stderr, exit status 2."""
+    """Every command (and `mad bench ...`) runs inside this: a MadError, and click's own usage errors (an
+    option's value of the wrong type, a missing or unknown option), are one line on stderr, exit status 2."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except _UsageError as e:
+            _usage_error(e)
 
     def invoke(self, ctx):
         try:
@@ -38,6 +50,23 @@ class _CatchMadErrors(typer.core.TyperGroup):
         except MadError as e:
             typer.echo(f"error: {error_line(e)}", err=True)
             raise typer.Exit(2) from None
+        except _UsageError as e:
+            _usage_error(e)
+        except OSError as e:  # a path the system refuses (an --out under a file, no permission, a full disk)
+            if e.errno == errno.EPIPE or e.filename is None:  # a closed pipe: typer's own handling
+                raise
+            typer.echo(f"error: {e.filename}: {e.strerror}", err=True)
+            raise typer.Exit(2) from None
+
+
+def _usage_error(e: Exception):
+    """click's message in one line (not its usage block and framed panel); `mad` with no command shows help."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        raise e
+    message = " ".join(e.format_message().split()).rstrip(".")
+    where = f"; see {e.ctx.command_path} --help" if e.ctx is not None else ""
+    typer.echo(f"error: {message}{where}", err=True)
+    raise typer.Exit(2) from None
 
 
 app = typer.Typer(cls=_CatchMadErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -171,11 +200,10 @@ def train(
 
     options = dict(ctx.params)
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+    cfg = with_arch_defaults(options, given)  # every value checked, before any file is read
     if resume and out:
         # Resume with the run's own settings; options given on this command line override them.
         cfg = dataclasses.replace(config_from_run(out), **given)
-    else:
-        cfg = with_arch_defaults(TrainConfig(**options), given)
     run_train(cfg)
 
 

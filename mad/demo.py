@@ -17,6 +17,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from mad.errors import MadError
+
 DEMO_MODEL = str(Path(__file__).parent / "configs" / "mad-demo-vit.json")
 
 
@@ -31,6 +33,23 @@ class DemoConfig:
     seed: int = 0
     archs: tuple[str, ...] = ("madapter", "meanpool", "linear")  # mad demo --archs ...,evl adds EVL (slow on CPU)
     progress: bool = True
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> "DemoConfig":
+        """Refuse a setting the demo's extraction or training would refuse, before drawing any video."""
+        from mad.adapt.madapter import ARCHS
+        from mad.options import SEED, at_least, check_choice, check_layers, check_ranges
+
+        check_ranges(self, {"videos_per_class": at_least(1), "val_per_class": at_least(1), "frames": at_least(1),
+                            "epochs": at_least(1), "seed": SEED})
+        check_layers(self.layers)
+        if not self.archs:
+            raise MadError("--archs: name at least one arch")
+        for arch in self.archs:
+            check_choice("archs", arch, ARCHS)
+        return self
 
 
 def demo_extract_config(videos, out, cfg: DemoConfig, **overrides):

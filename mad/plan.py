@@ -26,6 +26,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ import torch
 from mad.cache import compact
 from mad.cache.inputs import resolve_cell_size
 from mad.errors import MadError
+from mad.options import at_least, check_cell_size, check_choices, check_device, check_layers, check_ranges
 from mad.runtime import resolve_device
 
 CHUNK_OVERHEAD = 4 + 16  # crc32c per chunk + its entry in the shard index
@@ -61,6 +63,24 @@ class PlanConfig:
     batch_size: int = 4
     workers: int = -1               # decoding processes of the extraction; -1: its default
     probe: int = 4                  # videos to decode, and model batches to time; 0: no probe (bytes only)
+
+    RANGES: ClassVar[dict] = {"num_videos": at_least(1), "frames": at_least(1), "clips": at_least(1),
+                              "views": at_least(1), "grid_downsample": at_least(1),
+                              "correlation": at_least(0, "0: none"), "correlation_groups": at_least(1),
+                              "batch_size": at_least(1), "probe": at_least(0)}
+    CHOICES: ClassVar[dict] = {"crops": (1, 3), "precision": ("bf16", "fp16", "fp32")}
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> "PlanConfig":
+        """Refuse, in one line naming the option, a setting `mad extract` would refuse: before any probe."""
+        check_ranges(self, self.RANGES)
+        check_choices(self, self.CHOICES)
+        check_cell_size(self.cell_size)
+        check_layers(self.layers)
+        check_device(self.device)
+        return self
 
 
 def model_shapes(model: str, layers: str) -> dict:

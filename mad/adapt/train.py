@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -34,7 +34,7 @@ import mad
 from mad.adapt.checkpoint import load_model, restore_training_state, save_model, save_training_state
 from mad.adapt.distributed import Distributed
 from mad.adapt.evaluate import accuracy, confusion_matrix, predict_probs
-from mad.adapt.madapter import BranchConfig, build_model, check_branch, count_parameters
+from mad.adapt.madapter import ARCHS, TEMPORAL, BranchConfig, build_model, check_branch, count_parameters
 from mad.adapt.plots import plot_confusion, plot_curves
 from mad.adapt.step import CLIP_GRAD, LABEL_SMOOTHING, make_optimizer, make_scheduler, train_step
 from mad.adapt.tracking import Trackers, check_log
@@ -42,6 +42,8 @@ from mad.cache.dataset import CachedTokens, open_tokens
 from mad.cache.manifest import Manifest, training_keys
 from mad.cache.store import Store
 from mad.errors import MadError
+from mad.options import (FRACTION, NON_NEGATIVE, POSITIVE, SEED, Range, at_least, check_choices, check_device,
+                         check_ranges)
 from mad.progress import make_console, plain
 from mad.runtime import branch_autocast, resolve_device
 
@@ -87,6 +89,36 @@ class TrainConfig:
     log: str = "none"  # trackers mirroring metrics.jsonl: none or tensorboard (comma-separated)
     init: str | None = None  # evl: an official EVL checkpoint to start from (mad.adapt.evl_checkpoint)
 
+    # What each number and each named choice may be (width, depth, heads and arch: `check_branch`)
+    RANGES: ClassVar[dict] = {"epochs": at_least(1), "batch_size": at_least(1), "lr": POSITIVE,
+                              "weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "dropout": FRACTION,
+                              "label_smoothing": FRACTION, "clip_grad": Range(low=0, note="0: off"), "seed": SEED,
+                              "correlation": at_least(0, "0: off"), "workers": at_least(0, "0: read in this process")}
+    CHOICES: ClassVar[dict] = {"precision": ("auto", "bf16", "fp32"), "in_ram": ("auto", "yes", "no"),
+                               "temporal": TEMPORAL, "arch": ARCHS}
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> "TrainConfig":
+        """Refuse, in one line naming the option, a setting that cannot be served: before any data is read."""
+        check_ranges(self, self.RANGES)
+        check_choices(self, self.CHOICES)
+        try:
+            check_branch(self.branch())
+        except ValueError as e:  # its message starts with the setting's name: make it the option's
+            name, _, rest = str(e).partition(" ")
+            raise TrainError(f"--{name.replace('_', '-')} {rest}") from None
+        check_device(self.device)
+        if self.resume and self.overwrite:
+            raise TrainError("--resume and --overwrite contradict each other: pick one")
+        if self.resume and not self.out:
+            raise TrainError("--resume needs --out: the run folder to continue")
+        if self.init and self.arch != "evl":
+            raise TrainError(f"--init {self.init}: an official EVL checkpoint, for --arch evl only")
+        check_log(self.log)  # a tracker whose package is missing fails here, before any data is read
+        return self
+
     def branch(self, manifest: Manifest | None = None, num_classes: int = _BRANCH.num_classes) -> BranchConfig:
         """The branch these settings train on tokens described by `manifest` (BranchConfig's defaults without)."""
         data = {} if manifest is None else dict(num_levels=len(manifest.levels_for(self.arch)),
@@ -111,9 +143,12 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def with_arch_defaults(cfg: TrainConfig, given=()) -> TrainConfig:
-    """`cfg` with its arch's defaults for every setting not in `given` (what a command line or a grid set)."""
-    return dataclasses.replace(cfg, **{k: v for k, v in ARCH_DEFAULTS.get(cfg.arch, {}).items() if k not in given})
+def with_arch_defaults(cfg: TrainConfig | dict, given=()) -> TrainConfig:
+    """`cfg` (a config or all its values) with its arch's defaults for every setting not in `given` (what a
+    command line or a grid set); checked once, on the final values."""
+    values = dict(cfg) if isinstance(cfg, dict) else asdict(cfg)
+    arch = values.get("arch", _BRANCH.arch)
+    return TrainConfig(**{**values, **{k: v for k, v in ARCH_DEFAULTS.get(arch, {}).items() if k not in given}})
 
 
 # Settings that may change when a run is resumed: they do not change its numbers.
@@ -125,12 +160,16 @@ RUN_FOLDERS = ("tensorboard",)
 
 def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, quiet: bool = False) -> dict:
     """Train on `cfg.cache`, validate on `cfg.val`; return the summary (best val metrics)."""
-    check_config(cfg)
+    cfg.check()
     train_store = Store.open(cfg.cache)
     val_store = Store.open(cfg.val) if cfg.val else None
     if val_store is not None:
         train_store.manifest.check_pair(val_store.manifest, cfg.val, f"the training cache {cfg.cache}",
                                         training_keys([cfg.arch]))
+    for store in (train_store, val_store):  # what the stores' manifests and the run folder refuse: before reading
+        if store is not None:
+            branch_for(cfg, store)
+    check_run_dir(cfg)
     train_data = val_data = None
     try:
         train_data = open_tokens(train_store, cfg.in_ram, cfg.workers, progress=not quiet, archs=(cfg.arch,))
@@ -146,25 +185,20 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, 
 def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens | None = None,
              on_epoch_end: Callable[[dict], None] | None = None, quiet: bool = False) -> dict:
     """Train from already opened data (what `sweep` calls once per configuration): set up, then the epochs."""
-    check_config(cfg)
+    cfg.check()
     cfg = dataclasses.replace(cfg)  # prepare_run_dir fills in `out`; leave the caller's config as it was
     device = resolve_device(cfg.device)
     dist = Distributed(device)
     device = dist.device(device)
     if dist.active and cfg.out is None:
         raise TrainError("under torchrun, name the run folder with --out (every rank must agree on it)")
-    if dist.main:
+    if val_data is not None:
+        branch_for(cfg, val_data)  # data opened for other archs (a sweep's)
+    branch = branch_for(cfg, train_data, count_classes(train_data, val_data))
+    if dist.main:  # after every check: a refused run leaves no folder
         prepare_run_dir(cfg)
     dist.barrier()
     run = Path(cfg.out)
-    branch = fit_to_store(cfg.branch(train_data.manifest, count_classes(train_data, val_data)), train_data, cfg)
-    try:
-        branch = check_branch(branch)
-    except ValueError as e:
-        raise TrainError(f"{train_data.location}: {e}") from None
-    for data in (train_data, val_data):
-        if data is not None:
-            data.manifest.check_serves(cfg.arch, data.location)  # data opened for other archs (a sweep's)
     torch.manual_seed(cfg.seed)
     model = build_model(branch)
     if branch.arch == "evl":  # the frozen backbone weights that recompute its q, k: the store carries them
@@ -224,9 +258,20 @@ def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens 
     if not dist.main:
         return {"run": str(run), "rank": dist.rank}
     summary = finish(run, cfg, history, best, val_data or train_data, "val" if val_data else "train", device)
-    log.print(f"[bold]{run}[/]: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()
-                                              if k.startswith("val/acc/") or k == "train/loss"))
+    log.print(f"[bold]{run}[/]: {summary_line(summary)}")
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    """What a finished run scored, saying which epoch each figure is from: the best by val top-1 (the model
+    kept) and the last; without a val cache the last epoch is the one kept."""
+    last = (f"last epoch {summary['epochs']}: train loss {summary['train/loss']:.4f}, "
+            f"train acc {summary['train/acc']:.4f}")
+    if "val/acc/top1" not in summary:
+        return last + " (kept: no val cache)"
+    return (f"best epoch {summary['best_epoch']} (kept): val top-1 {summary['val/acc/top1']:.4f}, "
+            f"top-5 {summary['val/acc/top5']:.4f}, mean class {summary['val/acc/mean1']:.4f}; "
+            f"{last}, val top-1 {summary['last/val/acc/top1']:.4f}")
 
 
 def train_one_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainConfig, epoch: int, device,
@@ -309,7 +354,17 @@ class EpochLog:
         self.task = None
 
 
-def fit_to_store(branch: BranchConfig, data: CachedTokens, cfg: TrainConfig) -> BranchConfig:
+def branch_for(cfg: TrainConfig, source, num_classes: int = _BRANCH.num_classes) -> BranchConfig:
+    """The branch `cfg` trains on `source` (a Store or its opened CachedTokens), or a TrainError naming it."""
+    source.manifest.check_serves(cfg.arch, source.location)
+    branch = fit_to_store(cfg.branch(source.manifest, num_classes), source, cfg)
+    try:
+        return check_branch(branch)
+    except ValueError as e:
+        raise TrainError(f"{source.location}: {e}") from None
+
+
+def fit_to_store(branch: BranchConfig, data, cfg: TrainConfig) -> BranchConfig:
     """The branch as a compact store can serve it: its cells and correlation come from the store.
 
     A compact store holds what the branch reads for one cell size and one correlation
@@ -322,7 +377,8 @@ def fit_to_store(branch: BranchConfig, data: CachedTokens, cfg: TrainConfig) -> 
     fixed = m.compact
     remedy = "extract a full store (mad extract --store full) or a compact one with that setting"
     if cfg.cell_size != "auto" and str(cfg.cell_size) != str(fixed["cell_size"]):
-        raise TrainError(f"{data.location}: a compact store with cells of {fixed['cell_size']} patches cannot serve "
+        cell = fixed["cell_size"]
+        raise TrainError(f"{data.location}: a compact store with cells of {cell}x{cell} patches cannot serve "
                          f"--cell-size {cfg.cell_size}; {remedy}")
     if branch.correlation not in (0, fixed["correlation"]):
         raise TrainError(f"{data.location}: a compact store with correlation radius {fixed['correlation']} cannot "
@@ -364,29 +420,6 @@ def finish(run: Path, cfg: TrainConfig, history: list[dict], best: dict, scored:
 # --------------------------------------------------------------------------- pieces
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Refuse settings that cannot be served, before any data is read."""
-    try:
-        check_branch(cfg.branch())
-    except ValueError as e:  # its message starts with the setting's name: make it the option's
-        name, _, rest = str(e).partition(" ")
-        raise TrainError(f"--{name.replace('_', '-')} {rest}") from None
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise TrainError(f"--precision {cfg.precision!r}: use auto, bf16 or fp32")
-    if cfg.in_ram not in ("auto", "yes", "no"):
-        raise TrainError(f"--in-ram {cfg.in_ram!r}: use auto, yes or no")
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    if cfg.resume and cfg.overwrite:
-        raise TrainError("--resume and --overwrite contradict each other: pick one")
-    if cfg.resume and not cfg.out:
-        raise TrainError("--resume needs --out: the run folder to continue")
-    if cfg.init and cfg.arch != "evl":
-        raise TrainError(f"--init {cfg.init}: an official EVL checkpoint, for --arch evl only")
-    check_log(cfg.log)  # a tracker whose package is missing fails here, before any data is read
-
-
 def count_classes(train_data: CachedTokens, val_data: CachedTokens | None) -> int:
     largest = int(train_data.labels.max())
     if val_data is not None:
@@ -399,6 +432,7 @@ def count_classes(train_data: CachedTokens, val_data: CachedTokens | None) -> in
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
     """Resolve and create the run folder; refuse to mix a new run into an old one."""
+    check_run_dir(cfg)
     if cfg.out is None:
         base = Path("runs") / cfg.arch
         run, n = base, 1
@@ -407,23 +441,30 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
             run = base.with_name(f"{base.name}-{n}")
         cfg.out = str(run)
     run = Path(cfg.out)
-    if (run / "config.json").exists():
-        if cfg.overwrite:
-            for name in RUN_FILES:
-                (run / name).unlink(missing_ok=True)
-            for name in RUN_FOLDERS:
-                shutil.rmtree(run / name, ignore_errors=True)
-        elif not cfg.resume:
-            raise TrainError(f"{run}: a run already exists here; pass --resume to continue it, "
-                             f"--overwrite to replace it, or another --out")
-        else:
-            saved = asdict(config_from_run(run))
-            changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
-                       if k not in RESUMABLE_KEYS and saved.get(k) != v]
-            if changed:
-                raise TrainError(f"{run}/config.json: cannot resume with different settings ({'; '.join(changed)})")
+    if (run / "config.json").exists() and cfg.overwrite:
+        for name in RUN_FILES:
+            (run / name).unlink(missing_ok=True)
+        for name in RUN_FOLDERS:
+            shutil.rmtree(run / name, ignore_errors=True)
     run.mkdir(parents=True, exist_ok=True)
     return run
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """Refuse, writing nothing, a run folder that holds another run (or one resumed with other settings)."""
+    run = Path(cfg.out) if cfg.out else None
+    if run is not None and run.exists() and not run.is_dir():
+        raise TrainError(f"{run}: a file, not a run folder; choose another --out")
+    if run is None or not (run / "config.json").exists() or cfg.overwrite:
+        return
+    if not cfg.resume:
+        raise TrainError(f"{run}: a run already exists here; pass --resume to continue it, "
+                         f"--overwrite to replace it, or another --out")
+    saved = asdict(config_from_run(run))
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+               if k not in RESUMABLE_KEYS and saved.get(k) != v]
+    if changed:
+        raise TrainError(f"{run}/config.json: cannot resume with different settings ({'; '.join(changed)})")
 
 
 def read_history(run: Path, epoch: int) -> list[dict]:

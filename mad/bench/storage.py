@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from mad.errors import MadError
+from mad.options import at_least, check_counts, check_number
 from mad.runtime import machine_info, resolve_device
 
 MODES = ("full", "compact")
@@ -133,6 +134,8 @@ def bench_storage(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
     from mad.cache.store import Store
     from mad.extract.run import ExtractConfig, extract
 
+    check_counts(frames=frames, limit=limit, batch_size=batch_size, epochs=epochs, demo_epochs=demo_epochs)
+    check_number("workers", workers, at_least(0))
     device = resolve_device(device)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]

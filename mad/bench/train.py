@@ -39,6 +39,7 @@ from mad.adapt.step import make_optimizer, train_step
 from mad.adapt.train import TrainConfig
 from mad.bench import video_subset
 from mad.errors import MadError
+from mad.options import at_least, check_choice, check_counts, check_number
 from mad.runtime import branch_autocast, exit_with_parent, machine_info, resolve_device
 
 TRAIN = TrainConfig()
@@ -145,8 +146,11 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
     device = resolve_device(device)
     if branch_precision not in ("auto", "bf16", "fp32"):
         raise BenchTrainError(f"--branch-precision {branch_precision!r}: use auto, bf16 or fp32")
-    if repeats < 1 or online_steps < 1:
-        raise BenchTrainError("--repeats and --online-steps must be at least 1")
+    check_counts(frames=frames, batch_size=batch_size, epochs=epochs, width=width, online_steps=online_steps,
+                 repeats=repeats, limit=limit, grid_downsample=grid_downsample)
+    check_number("workers", workers, at_least(0))
+    check_number("decode_workers", decode_workers, at_least(0))
+    check_choice("store", store, ("compact", "full"))
     bf16 = branch_precision == "bf16" or (branch_precision == "auto" and device.type == "cuda")
     tmp = tempfile.TemporaryDirectory(prefix="mad-bench-train-")
     try:

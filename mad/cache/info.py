@@ -34,7 +34,8 @@ def show_info(location: str, verify: bool = False, console: Console | None = Non
         if m.get(key) is not None:
             table.add_row(key, json.dumps(m[key]) if isinstance(m[key], (list, dict)) else str(m[key]))
     names = m.get("class_names") or []
-    table.add_row("classes", f"{len(names)}: " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
+    table.add_row("classes", f"{len(names)}: " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+                  if names else f"unlabelled (labelled by: {m.get('labelled_by', 'none')})")
     table.add_row("versions", ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()))
     print_table(table, console)
     console.print(f"videos {counts['videos']}: [green]{counts['done']} done[/green], "

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ from mad.cache.locks import StoreLocks
 from mad.cache.manifest import FAMILIES, IDENTITY_KEYS, STORAGE, Manifest, evl_needs
 from mad.cache.store import FAILED, PENDING, IncompleteStoreError, Store, StoreError, VideoResult, is_url
 from mad.errors import MadError
+from mad.extract.annotations import FORMATS
+from mad.options import at_least, check_cell_size, check_choices, check_device, check_layers, check_ranges
 from mad.extract.backbone import load_backbone, model_config_of
 from mad.extract.decode import DecodeError, decode_clip
 from mad.extract.videos import check_labels_kept, find_videos
@@ -66,6 +69,36 @@ class ExtractConfig:
     shard: str | None = None     # "I/N": only slice I of N (whole shard blocks); torchrun sets it itself
     limit: int | None = None     # process at most this many pending videos
     progress: bool = True
+
+    # What each number and each named choice may be (the model's depth bounds --layers and --evl-layers)
+    RANGES: ClassVar[dict] = {"frames": at_least(1), "clips": at_least(1), "batch_size": at_least(1),
+                              "shard_size": at_least(1), "grid_downsample": at_least(1),
+                              "correlation": at_least(0, "0: none"), "correlation_groups": at_least(1),
+                              "evl_layers": at_least(1), "workers": at_least(-1, "-1: automatic, 0: this process"),
+                              "limit": at_least(0)}
+    CHOICES: ClassVar[dict] = {"crops": (1, 3), "store": STORAGE, "precision": ("bf16", "fp16", "fp32"),
+                               "labels_format": FORMATS,
+                               "labels_split": tuple(f"{k}{n}" for k in ("train", "test") for n in (1, 2, 3))}
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> "ExtractConfig":
+        """Refuse, in one line naming the option, a setting that cannot be served: before any video is read."""
+        check_ranges(self, self.RANGES)
+        check_choices(self, self.CHOICES)
+        check_cell_size(self.cell_size)
+        check_layers(self.layers)
+        check_device(self.device)
+        unknown = sorted(set(_families(self)) - set(FAMILIES))
+        if unknown:
+            raise ExtractError(f"--branches {self.branches!r}: unknown branch family {', '.join(unknown)} "
+                               f"(use {', '.join(FAMILIES)})")
+        if "evl" in _families(self) and self.grid_downsample > 1:
+            raise ExtractError("--branches evl reads every patch token (its q/k are recomputed from them): "
+                               "extract it with --grid-downsample 1")
+        _slice(self)
+        return self
 
 
 # ---- decoding (runs in worker processes) --------------------------------------------
@@ -116,24 +149,6 @@ def decoded_videos(dataset: VideoDecodeDataset, workers: int):
 
 
 # ---- the run ------------------------------------------------------------------------
-
-
-def _check_config(cfg: ExtractConfig) -> None:
-    for name in ("frames", "clips", "batch_size", "shard_size", "grid_downsample"):
-        if getattr(cfg, name) < 1:
-            raise ExtractError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.crops not in (1, 3):
-        raise ExtractError("--crops must be 1 or 3")
-    if cfg.store not in STORAGE:
-        raise ExtractError(f"--store {cfg.store!r}: use {' or '.join(STORAGE)}")
-    if cfg.correlation < 0:
-        raise ExtractError(f"--correlation {cfg.correlation}: give a radius in patches, or 0 for none")
-    unknown = sorted(set(_families(cfg)) - set(FAMILIES))
-    if unknown:
-        raise ExtractError(f"--branches: unknown branch family {', '.join(unknown)} (use {', '.join(FAMILIES)})")
-    if "evl" in _families(cfg) and cfg.grid_downsample > 1:
-        raise ExtractError("--branches evl reads every patch token (its q/k are recomputed from them): "
-                           "extract it with --grid-downsample 1")
 
 
 def _families(cfg: ExtractConfig) -> list[str]:
@@ -207,13 +222,13 @@ def _compact_settings(cfg: ExtractConfig, backbone) -> dict:
 
 def _slice(cfg: ExtractConfig) -> tuple[int, int]:
     """(index, count) of this process's slice: --shard I/N, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
-    if cfg.shard:
+    if cfg.shard is not None:
         try:
             index, count = (int(x) for x in cfg.shard.split("/"))
         except ValueError:
             raise ExtractError(f"--shard {cfg.shard!r}: expected I/N, e.g. 0/4") from None
         if not 0 <= index < count:
-            raise ExtractError(f"--shard {cfg.shard}: I must be in 0..N-1")
+            raise ExtractError(f"--shard {cfg.shard!r}: I must be in 0..N-1")
         return index, count
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
@@ -235,7 +250,8 @@ def _open_or_create(cfg: ExtractConfig, manifest: Manifest, video_list, frozen: 
     store = Store.open(out, mode="r+")
     differences = store.manifest.differences(manifest, IDENTITY_KEYS)
     if differences:
-        raise ExtractError(f"{out} was made with different settings ({'; '.join(differences)}); "
+        said = "; ".join(f"{name}: {ours} in the store, {theirs} given" for name, ours, theirs in differences)
+        raise ExtractError(f"{out} was made with different settings ({said}); "
                            "use another --out, or --overwrite to start over")
     # Videos added to the folder since the last run are appended; new classes get new numbers.
     known = store.paths()
@@ -263,19 +279,20 @@ def _load_backbone(cfg: ExtractConfig, device):
 
 def extract(cfg: ExtractConfig) -> dict:
     """Extract (or resume extracting) every video under cfg.videos into cfg.out."""
-    _check_config(cfg)
+    cfg.check()
     index, count = _slice(cfg)
     if count > 1 and cfg.overwrite:
         raise ExtractError("--overwrite cannot be combined with a sharded run: start over with one process first")
+    out = Path(cfg.out)
+    if not is_url(cfg.out) and out.exists() and not Store.exists(cfg.out) and \
+            (not out.is_dir() or any(not p.name.startswith(".mad-") for p in out.iterdir())):
+        raise ExtractError(f"{cfg.out}: exists and is not a mad cache; choose another --out")
     video_list = find_videos(cfg.videos, cfg.labels, cfg.labels_format, cfg.labels_split)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU each
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     backbone = _load_backbone(cfg, device)
     manifest = manifest_for(cfg, backbone, video_list.class_names, video_list.labelled_by)
-    if not Store.exists(cfg.out) and not is_url(cfg.out) and Path(cfg.out).exists() and \
-            any(not p.name.startswith(".mad-") for p in Path(cfg.out).iterdir()):
-        raise ExtractError(f"{cfg.out}: exists and is not a mad cache; choose another --out")
     locks = StoreLocks(cfg.out, index, count)
     try:
         with locks.creating():
