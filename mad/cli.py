@@ -6,6 +6,7 @@ Option defaults come from the config dataclasses (ExtractConfig, TrainConfig), s
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -31,8 +32,19 @@ from mad.extract.run import ExtractConfig  # noqa: E402
 
 
 
+# click's UsageError (typer >= 0.22 vendors click as typer._click): the base of the BadParameter typer exports.
+_UsageError = typer.BadParameter.__bases__[0]
+
+
 class _CatchMadErrors(typer.core.TyperGroup):
-    """Every command (and `mad bench ...`) runs inside this: a MadError is one line on stderr, exit status 2."""
+    """Every command (and `mad bench ...`) runs inside this: a MadError, and click's own usage errors (an
+    option's value of the wrong type, a missing or unknown option), are one line on stderr, exit status 2."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except _UsageError as e:
+            _usage_error(e)
 
     def invoke(self, ctx):
         try:
@@ -40,6 +52,23 @@ class _CatchMadErrors(typer.core.TyperGroup):
         except MadError as e:
             typer.echo(f"error: {error_line(e)}", err=True)
             raise typer.Exit(2) from None
+        except _UsageError as e:
+            _usage_error(e)
+        except OSError as e:  # a path the system refuses (an --out under a file, no permission, a full disk)
+            if e.errno == errno.EPIPE or e.filename is None:  # a closed pipe: typer's own handling
+                raise
+            typer.echo(f"error: {e.filename}: {e.strerror}", err=True)
+            raise typer.Exit(2) from None
+
+
+def _usage_error(e: Exception):
+    """click's message in one line (not its usage block and framed panel); `mad` with no command shows help."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        raise e
+    message = " ".join(e.format_message().split()).rstrip(".")
+    where = f"; see {e.ctx.command_path} --help" if e.ctx is not None else ""
+    typer.echo(f"error: {message}{where}", err=True)
+    raise typer.Exit(2) from None
 
 
 app = typer.Typer(cls=_CatchMadErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -174,11 +203,12 @@ def train(
 
     options = dict(ctx.params)
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+    cfg = TrainConfig(**options)  # every value checked, before any file is read
     if resume and out:
         # Resume with the run's own settings (its preset applied already); options given here override them.
         run_train(dataclasses.replace(config_from_run(out), **given))
     else:
-        run_train(TrainConfig(**options), given=set(given))
+        run_train(cfg, given=set(given))
 
 
 @app.command("eval")
@@ -261,6 +291,8 @@ def predict(
 def plan(
     videos: Optional[Path] = typer.Option(None, "--videos", help="Folder of videos to count and probe."),
     num_videos: Optional[int] = typer.Option(None, "--num-videos", help="Or a number of videos."),
+    val_videos: Optional[int] = typer.Option(None, "--val-videos", help="Videos of a val split, planned too."),
+    val_views: Optional[int] = typer.Option(None, "--val-views", help="Views per val video (default: as train)."),
     model: str = typer.Option(EXTRACT.model, help="open_clip model name or a model-config .json path."),
     layers: str = typer.Option(EXTRACT.layers),
     frames: int = typer.Option(EXTRACT.frames),
@@ -273,16 +305,19 @@ def plan(
     device: str = typer.Option(EXTRACT.device),
     precision: str = typer.Option(EXTRACT.precision),
     batch_size: int = typer.Option(EXTRACT.batch_size),
-    probe: int = typer.Option(4, help="Videos to decode and model batches to time."),
+    workers: int = typer.Option(EXTRACT.workers, help="Decoding processes of the extraction (-1: its default)."),
+    probe: int = typer.Option(4, help="Videos to decode and model batches to time (0: no probe, bytes only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
 ):
-    """Before any work: bytes on disk per storage mode, estimated extraction time here, read volume per epoch."""
+    """Before any work: bytes on disk per storage mode, estimated extraction time here, reads; train + val."""
     from mad.plan import PlanConfig, plan as run_plan, print_plan
 
     print_plan(run_plan(PlanConfig(
-        videos=str(videos) if videos else None, num_videos=num_videos, model=model, layers=layers, frames=frames,
+        videos=str(videos) if videos else None, num_videos=num_videos, val_videos=val_videos,
+        val_views=val_views, model=model, layers=layers, frames=frames,
         clips=clips, crops=crops, views=views, grid_downsample=grid_downsample, cell_size=cell_size,
-        correlation=correlation, device=device, precision=precision, batch_size=batch_size, probe=probe)), as_json)
+        correlation=correlation, device=device, precision=precision, batch_size=batch_size, workers=workers,
+        probe=probe)), as_json)
 
 
 @app.command()

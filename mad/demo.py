@@ -17,6 +17,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from mad.errors import MadError
+
 DEMO_MODEL = str(Path(__file__).parent / "configs" / "mad-demo-vit.json")
 
 
@@ -31,6 +33,23 @@ class DemoConfig:
     seed: int = 0
     archs: tuple[str, ...] = ("madapter", "meanpool", "linear")  # mad demo --archs ...,evl adds EVL (slow on CPU)
     progress: bool = True
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> "DemoConfig":
+        """Refuse a setting the demo's extraction or training would refuse, before drawing any video."""
+        from mad.adapt.families import Registered
+        from mad.options import SEED, at_least, check_choice, check_layers, check_ranges
+
+        check_ranges(self, {"videos_per_class": at_least(1), "val_per_class": at_least(1), "frames": at_least(1),
+                            "epochs": at_least(1), "seed": SEED})
+        check_layers(self.layers)
+        if not self.archs:
+            raise MadError("--archs: name at least one arch")
+        for arch in self.archs:
+            check_choice("archs", arch, Registered())
+        return self
 
 
 def demo_extract_config(videos, out, cfg: DemoConfig, **overrides):
@@ -76,6 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from rich.table import Table
 
     from mad.adapt.train import train
+    from mad.tables import print_table
 
     console = Console()
     out = Path(cfg.out)
@@ -100,7 +120,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for arch, summary in results.items():
         table.add_row(arch, f"{summary['last/val/acc/top1']:.3f}", f"{summary['val/acc/top1']:.3f}",
                       f"{summary['parameters']:,}", str(out / "runs" / arch))
-    console.print(table)
+    print_table(table, console)
     console.print(f"demo finished in {seconds:.0f} s")
     report = {"seconds": seconds, "config": dataclasses.asdict(cfg),
               "results": {arch: {"val_top1_last": s["last/val/acc/top1"], "val_top1_best": s["val/acc/top1"],

@@ -1,14 +1,17 @@
-"""`mad plan`: before any work, what an extraction will cost: bytes per storage mode, time, read volume.
+"""`mad plan`: before any work, what extracting a dataset's splits will cost: bytes per storage mode, time, reads.
 
 From the model's config alone (no weights are loaded; the probe runs the architecture
 with random weights, whose speed does not depend on weight values):
     bytes on disk     per video-view and in all, per storage mode (full: every token as
                       float16; compact: one record, `mad.cache.compact`), with Zarr's
                       per-chunk overhead (crc32c 4 B, shard index 16 B) and the small arrays
-    extraction time   a short probe on this device: the model on a batch of frames, plus
-                      decoding a few of the videos (with --videos); CPU: decode and model
-                      share the cores, so their times add; GPU: the slower of the two
-    read per epoch    what training reads from the store each epoch (one view per video)
+    extraction time   a short probe on this device of what `mad extract` does per video
+                      (`probe_seconds`), combined as its pipeline overlaps them
+                      (`seconds_per_video`); --probe 0: no probe, no model, no time
+    reads             what training reads of the store per epoch (one view per video), and
+                      an evaluation of every view
+Splits: the videos of --videos or --num-videos (train), and --val-videos (val), each with its
+own views; the total of both.
 """
 
 from __future__ import annotations
@@ -19,25 +22,32 @@ import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
+import numpy as np
 import torch
 
 from mad.cache import compact
-from mad.cache.inputs import branch_inputs, resolve_cell_size
+from mad.cache.inputs import resolve_cell_size
 from mad.errors import MadError
+from mad.options import at_least, check_cell_size, check_choices, check_device, check_layers, check_ranges
 from mad.runtime import resolve_device
 
 CHUNK_OVERHEAD = 4 + 16  # crc32c per chunk + its entry in the shard index
 VIDEO_OVERHEAD = 64      # label, path, frame_index, num_frames, status (zstd-compressed) per video, about
+MODES = ("full", "compact")
 
 
 @dataclass
 class PlanConfig:
-    videos: str | None = None       # a folder to count and probe
+    videos: str | None = None       # a folder to count and probe (the train split)
     num_videos: int | None = None   # or a count
+    val_videos: int | None = None   # videos of a val split, planned with the train split
+    val_views: int | None = None    # views per val video (default: as train), e.g. 9 for 3 clips x 3 crops
     model: str = "ViT-B-16"
     layers: str = "4,8,12"
     frames: int = 8
@@ -51,7 +61,26 @@ class PlanConfig:
     device: str = "auto"
     precision: str = "bf16"
     batch_size: int = 4
-    probe: int = 4                  # videos to decode, and model batches to time
+    workers: int = -1               # decoding processes of the extraction; -1: its default
+    probe: int = 4                  # videos to decode, and model batches to time; 0: no probe (bytes only)
+
+    RANGES: ClassVar[dict] = {"num_videos": at_least(1), "frames": at_least(1), "clips": at_least(1),
+                              "views": at_least(1), "grid_downsample": at_least(1),
+                              "correlation": at_least(0, "0: none"), "correlation_groups": at_least(1),
+                              "batch_size": at_least(1), "probe": at_least(0)}
+    CHOICES: ClassVar[dict] = {"crops": (1, 3), "precision": ("bf16", "fp16", "fp32")}
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> "PlanConfig":
+        """Refuse, in one line naming the option, a setting `mad extract` would refuse: before any probe."""
+        check_ranges(self, self.RANGES)
+        check_choices(self, self.CHOICES)
+        check_cell_size(self.cell_size)
+        check_layers(self.layers)
+        check_device(self.device)
+        return self
 
 
 def model_shapes(model: str, layers: str) -> dict:
@@ -80,48 +109,119 @@ def bytes_per_view(cfg: PlanConfig, shapes: dict) -> dict:
             "cell_size": cell}
 
 
+def clips_of(views: int) -> int:
+    """Clips decoded per video for `views` views given directly: 3 crops per clip when 3 divides them (the
+    usual 3 x 3 and 1 x 3 test views), else a clip per view. Crops of a clip share its decoded frames."""
+    return views // 3 if views % 3 == 0 else views
+
+
+def _decode_workers(cfg: PlanConfig, device: torch.device) -> int:
+    """As `mad extract` picks them."""
+    return cfg.workers if cfg.workers >= 0 else (1 if device.type == "cpu" else min(8, os.cpu_count() or 1))
+
+
 def probe_seconds(cfg: PlanConfig, shapes: dict, paths: list[str]) -> dict:
-    """Seconds per video: decode (median over the probed files, None without --videos), model, compact encoding."""
+    """What `mad extract` spends, timed here: decoding one clip (median over the probed files; None without
+    --videos), and per video-view the model, turning its levels into each mode's arrays (compact: the
+    branch inputs and their 8-bit records; full: float16 tokens), and writing them into a store."""
+    from mad.cache.store import Store, VideoResult
     from mad.extract.backbone import load_backbone
     from mad.extract.decode import DecodeError, decode_clip
+    from mad.extract.run import ExtractConfig, manifest_for, store_arrays
 
     device = resolve_device(cfg.device)
-    views = cfg.views or cfg.clips * cfg.crops
     decode = []
     for path in paths[: cfg.probe]:
         started = time.perf_counter()
         try:
-            decode_clip(path, cfg.frames, cfg.clips, cfg.crops, shapes["image_size"])
+            decode_clip(path, cfg.frames, 1, 1, shapes["image_size"])
         except DecodeError:
             continue
         decode.append(time.perf_counter() - started)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: speed does not depend on them
         backbone = load_backbone(cfg.model, "none", shapes["layers"], device, cfg.precision, cfg.grid_downsample)
-    S = shapes["image_size"]
-    frames = torch.randint(0, 256, (cfg.batch_size * views * cfg.frames, 3, S, S), dtype=torch.uint8, device=device)
-    model, encode = [], []
+    n, S = cfg.batch_size, shapes["image_size"]  # one view per video: every cost below is per view
+    manifests = {mode: manifest_for(ExtractConfig(
+        videos=".", model=cfg.model, pretrained="none", layers=cfg.layers, frames=cfg.frames, store=mode,
+        grid_downsample=cfg.grid_downsample, cell_size=cfg.cell_size, correlation=cfg.correlation,
+        correlation_groups=cfg.correlation_groups, precision=cfg.precision, shard_size=n), backbone) for mode in MODES}
+    frames = torch.randint(0, 256, (n * cfg.frames, 3, S, S), dtype=torch.uint8, device=device)
+    model, arrays, data = [], {mode: [] for mode in MODES}, {}
     for step in range(cfg.probe // 2 + 2):  # the first pass warms up
         started = time.perf_counter()
-        levels = backbone(frames)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        middle = time.perf_counter()
-        n = cfg.batch_size * views
-        branch_inputs([x.view(n, cfg.frames, *x.shape[1:]) for x in levels], resolve_cell_size(cfg.cell_size,
-                      levels[0].shape[1]), cfg.correlation, cfg.correlation_groups)
+        with torch.no_grad():
+            tapped = dict(zip(backbone.levels, backbone(frames)))
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step:
-            model.append((middle - started) / cfg.batch_size)
-            encode.append((time.perf_counter() - middle) / cfg.batch_size)
-    return {"device": str(device), "decode": statistics.median(decode) if decode else None,
-            "model": statistics.median(model), "compact_inputs": statistics.median(encode), "decoded_files": len(decode)}
+            model.append((time.perf_counter() - started) / n)
+        for mode in MODES:
+            started = time.perf_counter()
+            data[mode] = store_arrays(tapped, manifests[mode])  # on the CPU: synchronised
+            if step:
+                arrays[mode].append((time.perf_counter() - started) / n)
+    write = {mode: _write_seconds(manifests[mode], data[mode], Store, VideoResult) for mode in MODES}
+    return {"device": str(device), "threads": torch.get_num_threads(), "workers": _decode_workers(cfg, device),
+            "decode_per_clip": statistics.median(decode) if decode else None, "decoded_files": len(decode),
+            "model_per_view": statistics.median(model),
+            "arrays_per_view": {mode: statistics.median(arrays[mode]) for mode in MODES},
+            "write_per_view": write}
+
+
+def _write_seconds(manifest, data: dict, Store, VideoResult, blocks: int = 2) -> float:
+    """Seconds per video-view to write `data` (one view per video) as a store's shard blocks: the median of
+    `blocks` blocks, in a store under the temporary folder."""
+    n = next(iter(data.values())).shape[0]
+    with tempfile.TemporaryDirectory(prefix="mad-plan-") as folder:
+        store = Store.create(os.path.join(folder, "probe"), manifest, [f"{i}.mp4" for i in range(blocks * n)],
+                             [-1] * (blocks * n))
+        seconds = []
+        for block in range(blocks):
+            results = [VideoResult(video=block * n + i, path=f"{block * n + i}.mp4", num_frames=manifest.frames,
+                                   data={name: values[i:i + 1] for name, values in data.items()},
+                                   frame_index=np.zeros((1, manifest.frames), np.int32)) for i in range(n)]
+            started = time.perf_counter()
+            store.write_block(block, results)
+            seconds.append((time.perf_counter() - started) / n)
+    return statistics.median(seconds)
+
+
+def seconds_per_video(probe: dict, mode: str, clips: int, views: int) -> float:
+    """Seconds per video of a long `mad extract` (after its start-up), from the probe's timings.
+
+    Decoding runs in worker processes beside the main process (model, arrays) and its writer
+    thread. On a CPU they share the cores: the model's threads use every core, so the decoding
+    adds its share (decode / cores) to the main process's work, unless the workers themselves
+    are slower (decode / workers). On a GPU the device runs the model, and the slowest of
+    decoding, model + arrays, and writing sets the pace.
+    """
+    decode = (probe["decode_per_clip"] or 0.0) * clips
+    arrays, write = views * probe["arrays_per_view"][mode], views * probe["write_per_view"][mode]
+    main = views * probe["model_per_view"] + arrays
+    workers = probe["workers"]
+    if probe["device"] == "cpu":
+        if workers == 0:  # decoded in the main process
+            return decode + main + write
+        return max(decode / workers, decode / max(probe["threads"], 1) + main + write)
+    return max(decode / max(workers, 1), main, write)
+
+
+def _splits(cfg: PlanConfig, num_videos: int) -> dict:
+    """split -> (videos, views, clips decoded per video)."""
+    views = cfg.views or cfg.clips * cfg.crops
+    splits = {"train": (num_videos, views, clips_of(views) if cfg.views else cfg.clips)}
+    if cfg.val_videos is not None:
+        val_views = cfg.val_views or views
+        splits["val"] = (cfg.val_videos, val_views, clips_of(val_views) if cfg.val_views else splits["train"][2])
+    return splits
 
 
 def plan(cfg: PlanConfig) -> dict:
     if cfg.videos is None and cfg.num_videos is None:
         raise MadError("mad plan needs --videos DIR or --num-videos N")
+    if cfg.val_views is not None and cfg.val_videos is None:
+        raise MadError("mad plan: --val-views needs --val-videos N (the val split's videos)")
     shapes = model_shapes(cfg.model, cfg.layers)
     paths, source_bytes = [], None
     if cfg.videos is not None:
@@ -131,25 +231,27 @@ def plan(cfg: PlanConfig) -> dict:
         paths = [os.path.join(cfg.videos, p) for p in found.paths]
         source_bytes = sum(os.path.getsize(p) for p in paths)
     num_videos = cfg.num_videos if cfg.num_videos is not None else len(paths)
-    views = cfg.views or cfg.clips * cfg.crops
     per_view = bytes_per_view(cfg, shapes)
-    seconds = probe_seconds(cfg, shapes, paths[:: max(1, len(paths) // max(cfg.probe, 1))] if paths else [])
-    decode = seconds["decode"] or 0.0
-    cpu = seconds["device"] == "cpu"
-    modes = {}
-    for mode in ("full", "compact"):
-        model = seconds["model"] + (seconds["compact_inputs"] if mode == "compact" else 0.0)
-        per_video = decode + model if cpu else max(decode / min(8, os.cpu_count() or 1), model)
-        modes[mode] = {
-            "bytes_per_video_view": per_view[mode],
-            "bytes_on_disk": num_videos * (views * per_view[mode] + VIDEO_OVERHEAD),
-            "read_bytes_per_epoch": num_videos * per_view[mode],
-            "extraction_seconds": num_videos * per_video,
-        }
+    probe = None
+    if cfg.probe > 0:
+        probe = probe_seconds(cfg, shapes, paths[:: max(1, len(paths) // cfg.probe)] if paths else [])
+    splits, total = {}, {mode: {"bytes_on_disk": 0, "extraction_seconds": 0.0 if probe else None} for mode in MODES}
+    for split, (videos, views, clips) in _splits(cfg, num_videos).items():
+        modes = {}
+        for mode in MODES:
+            seconds = videos * seconds_per_video(probe, mode, clips, views) if probe else None
+            modes[mode] = {"bytes_per_video_view": per_view[mode],
+                           "bytes_on_disk": videos * (views * per_view[mode] + VIDEO_OVERHEAD),
+                           "read_bytes_per_epoch": videos * per_view[mode],  # one view per video
+                           "read_bytes_every_view": videos * views * per_view[mode],
+                           "extraction_seconds": seconds}
+            total[mode]["bytes_on_disk"] += modes[mode]["bytes_on_disk"]
+            if probe:
+                total[mode]["extraction_seconds"] += seconds
+        splits[split] = {"num_videos": videos, "views": views, "clips_decoded": clips, "modes": modes}
     return {"command": shlex.join(["mad", *sys.argv[1:]]), "date": datetime.date.today().isoformat(),
-            "config": asdict(cfg), "num_videos": num_videos, "views": views, "tokens": per_view["tokens"],
-            "compact_cell_size": per_view["cell_size"], "source_bytes": source_bytes,
-            "seconds_per_video": seconds, "decode_probed": seconds["decoded_files"] > 0, "modes": modes}
+            "config": asdict(cfg), "tokens": per_view["tokens"], "compact_cell_size": per_view["cell_size"],
+            "source_bytes": source_bytes, "probe": probe, "splits": splits, "total": total}
 
 
 def _size(n: float) -> str:
@@ -159,7 +261,9 @@ def _size(n: float) -> str:
         n /= 1000
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
     hours = seconds / 3600
     return f"{hours / 24:.1f} days" if hours >= 48 else f"{hours:.1f} h" if hours >= 1 else f"{seconds / 60:.1f} min"
 
@@ -168,22 +272,38 @@ def print_plan(result: dict, as_json: bool = False) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    c = result["config"]
-    s = result["seconds_per_video"]
-    table = Table(title=f"mad plan: {result['num_videos']:,} videos x {result['views']} views, {c['model']} "
-                        f"layers {c['layers']}, T={c['frames']}, {result['tokens']} tokens, {s['device']}")
-    for column in ("storage", "per video-view", "on disk", "read per epoch", "extraction"):
-        table.add_column(column, justify="left" if column == "storage" else "right")
-    for mode, row in result["modes"].items():
-        table.add_row(mode, _size(row["bytes_per_video_view"]), _size(row["bytes_on_disk"]),
-                      _size(row["read_bytes_per_epoch"]), _duration(row["extraction_seconds"]))
-    console = Console()
-    console.print(table)
-    decode = f"decode {s['decode']:.2f} s" if s["decode"] is not None else "decode not probed (no --videos)"
-    console.print(f"probe on this machine, per video: {decode}, model {s['model']:.2f} s, compact inputs "
-                  f"{s['compact_inputs']:.3f} s; compact cells of {result['compact_cell_size']} patches, "
-                  f"correlation radius {c['correlation']}"
-                  + (f"; the videos themselves: {_size(result['source_bytes'])}" if result["source_bytes"] else ""))
+    from mad.progress import make_console
+    from mad.tables import print_table
+
+    c, p = result["config"], result["probe"]
+    table = Table(title=f"mad plan: {c['model']} layers {c['layers']}, T={c['frames']}, {result['tokens']} tokens"
+                        + (f", {p['device']}" if p else ""))
+    for column in ("split", "storage", "videos x views", "per video-view", "on disk", "read per epoch",
+                   "read every view", "extraction"):
+        table.add_column(column, justify="left" if column in ("split", "storage") else "right")
+    for split, s in result["splits"].items():
+        for mode, row in s["modes"].items():
+            table.add_row(split, mode, f"{s['num_videos']:,} x {s['views']}", _size(row["bytes_per_video_view"]),
+                          _size(row["bytes_on_disk"]), _size(row["read_bytes_per_epoch"]),
+                          _size(row["read_bytes_every_view"]), _duration(row["extraction_seconds"]))
+    if len(result["splits"]) > 1:
+        for mode, row in result["total"].items():
+            table.add_row("total", mode, "", "", _size(row["bytes_on_disk"]), "", "",
+                          _duration(row["extraction_seconds"]))
+    console = make_console()
+    print_table(table, console)
+    compact_note = (f"compact: cells of {result['compact_cell_size']}x{result['compact_cell_size']} patches, "
+                    f"correlation radius {c['correlation']}")
+    if p is None:
+        console.print(f"extraction time not probed (--probe 0: no model run); {compact_note}")
+    else:
+        decode = (f"decode {p['decode_per_clip']:.2f} s per clip ({p['workers']} worker(s))"
+                  if p["decode_per_clip"] is not None else "decode not probed (no --videos)")
+        console.print(f"probe on this machine: {decode}; per video-view model {p['model_per_view']:.3f} s, "
+                      f"arrays full {p['arrays_per_view']['full']:.3f} s / compact "
+                      f"{p['arrays_per_view']['compact']:.3f} s, writing full {p['write_per_view']['full']:.3f} s / "
+                      f"compact {p['write_per_view']['compact']:.3f} s; {compact_note}")
+    if result["source_bytes"]:
+        console.print(f"the videos themselves: {_size(result['source_bytes'])}")

@@ -19,6 +19,7 @@ from mad.cache.manifest import Manifest
 from mad.errors import MadError
 from mad.extract.backbone import load_backbone
 from mad.extract.decode import DecodeError, decode_clip
+from mad.options import at_least, check_number
 from mad.runtime import resolve_device, sha256_file
 
 
@@ -47,6 +48,7 @@ def _weights_for(manifest: Manifest, pretrained: str | None) -> str:
 def predict_videos(videos: list[str], run: str, top: int = 5, pretrained: str | None = None,
                    device: str = "auto", precision: str | None = None) -> list[dict]:
     """[{path, top: [(class name, probability)...]} or {path, error}] for each video."""
+    check_number("top", top, at_least(1))
     model_file = Path(run) / "model.safetensors" if Path(run).is_dir() else Path(run)
     branch, info = load_model(model_file)
     manifest = Manifest.from_dict(info["manifest"], str(model_file))

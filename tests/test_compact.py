@@ -127,11 +127,11 @@ def test_training_from_compact_equals_full_up_to_8_bits(stores, tmp_path):
 @pytest.mark.slow
 def test_compact_store_refuses_branch_settings_it_cannot_serve(stores, tmp_path):
     base = dict(cache=stores["compact", "train"], epochs=1, width=32, heads=2, batch_size=8, workers=0)
-    with pytest.raises(MadError, match="cells of 2 patches cannot serve --cell-size 1"):
+    with pytest.raises(MadError, match="cells of 2x2 patches cannot serve --cell-size 1"):
         train(TrainConfig(out=str(tmp_path / "a"), cell_size="1", **base), quiet=True)
     with pytest.raises(MadError, match="correlation radius 1 cannot serve --correlation 2"):
         train(TrainConfig(out=str(tmp_path / "b"), correlation=2, **base), quiet=True)
-    with pytest.raises(MadError, match="does not match the training cache .* on storage"):
+    with pytest.raises(MadError, match="does not match the training cache .* on --store: full here, compact there$"):
         train(TrainConfig(out=str(tmp_path / "c"), val=stores["full", "val"], **base), quiet=True)
     for arch, correlation in (("madapter", 0), ("meanpool", 1), ("linear", 1)):  # served from the stored inputs
         summary = train(TrainConfig(out=str(tmp_path / arch), arch=arch, correlation=correlation, **base), quiet=True)
@@ -148,9 +148,9 @@ def test_compact_extraction_resumes_bitwise_and_refuses_other_settings(stores, t
         extract(extract_config(videos, tmp_path / "parts", store="compact", limit=5))
         assert Store.open(tmp_path / "parts").counts()["pending"] == 7
         extract(extract_config(videos, tmp_path / "parts", store="compact"))
-        with pytest.raises(MadError, match="made with different settings .*compact"):
+        with pytest.raises(MadError, match=r"different settings \(--correlation: 1 in the store, 2 given\); use"):
             extract(extract_config(videos, tmp_path / "parts", store="compact", correlation=2))
-        with pytest.raises(MadError, match="made with different settings .*storage"):
+        with pytest.raises(MadError, match=r"different settings \(--store: compact in the store, full given\); use"):
             extract(extract_config(videos, tmp_path / "parts", store="full"))
     whole, parts = Store.open(tmp_path / "whole"), Store.open(tmp_path / "parts")
     assert np.array_equal(whole.read("records"), parts.read("records"))
@@ -167,7 +167,7 @@ def test_eval_and_predict_from_a_run_trained_on_a_compact_store(stores, tmp_path
                       width=32, heads=2, batch_size=8, workers=0), quiet=True)
     result = evaluate(run, stores["compact", "val"], device="cpu", progress=False)
     assert result["videos"] == 18 and 0 <= result["multi_view"]["acc/top1"] <= 1
-    with pytest.raises(MadError, match="does not match the training cache of .* on storage"):
+    with pytest.raises(MadError, match="does not match the training cache of .* on --store: full here, compact there$"):
         evaluate(run, stores["full", "val"], device="cpu", progress=False)
     store = Store.open(stores["compact", "val"])
     video = str(Path(store.manifest.videos_root) / store.paths()[0])
@@ -184,8 +184,9 @@ def test_plan_predicts_the_bytes_of_both_storage_modes(stores):
     videos = store.manifest.videos_root
     result = plan(PlanConfig(videos=videos, model=store.manifest.model, layers="2,4", cell_size="2", probe=1,
                              device="cpu", precision="fp32"))
-    assert result["num_videos"] == store.num_videos and result["seconds_per_video"]["decode"] > 0
+    split = result["splits"]["train"]
+    assert split["num_videos"] == store.num_videos and result["probe"]["decode_per_clip"] > 0
     for mode in ("full", "compact"):
         real = sum(Store.open(stores[mode, "val"]).bytes_on_disk().values())
-        planned = result["modes"][mode]["read_bytes_per_epoch"]  # the data arrays: one view per video here
+        planned = split["modes"][mode]["read_bytes_per_epoch"]  # the data arrays: one view per video here
         assert abs(planned - real) <= 0.1 * real, (mode, planned, real)

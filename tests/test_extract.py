@@ -219,7 +219,7 @@ def test_resume_with_different_settings_is_refused(tmp_path, change):
 
 def test_out_of_range_layer_fails_before_any_work(tmp_path):
     videos = _demo_videos(tmp_path, per_class=1)
-    with pytest.raises(MadError, match="layer 5 is out of range"):
+    with pytest.raises(MadError, match="--layers 5: out of range"):
         extract(extract_config(videos, tmp_path / "cache", layers="2,5"))
     assert not (tmp_path / "cache").exists()
 

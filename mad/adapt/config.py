@@ -14,12 +14,16 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from mad.adapt.branch import BranchConfig, ConfigError, known_settings
-from mad.adapt.families import family, names
+from mad.adapt.families import Registered, family, names
+from mad.adapt.madapter import TEMPORAL
 from mad.adapt.step import CLIP_GRAD, LABEL_SMOOTHING
 from mad.adapt.tracking import check_log
 from mad.cache.manifest import Manifest
+from mad.options import (FRACTION, NON_NEGATIVE, POSITIVE, SEED, Range, at_least, check_choices, check_device,
+                         check_ranges)
 
 _BRANCH = BranchConfig()
 # The settings TrainConfig hands to the branch (the rest of BranchConfig is fixed by the store or the family).
@@ -61,6 +65,24 @@ class TrainConfig:
     log: str = "none"  # trackers mirroring metrics.jsonl: none or tensorboard (comma-separated)
     init: str | None = None  # a checkpoint file to start from, for a family that reads one (evl: an official EVL)
 
+    # What each number and each named choice may be (width, depth, heads: the family's check, in `resolve`,
+    # against the store; arch: the registry, live)
+    RANGES: ClassVar[dict] = {"epochs": at_least(1), "batch_size": at_least(1), "lr": POSITIVE,
+                              "weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "dropout": FRACTION,
+                              "label_smoothing": FRACTION, "clip_grad": Range(low=0, note="0: off"), "seed": SEED,
+                              "correlation": at_least(0, "0: off"), "workers": at_least(0, "0: read in this process")}
+    CHOICES: ClassVar[dict] = {"precision": ("auto", "bf16", "fp32"), "in_ram": ("auto", "yes", "no"),
+                               "temporal": TEMPORAL, "arch": Registered()}
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> "TrainConfig":
+        """Refuse, in one line naming the option, a run setting that cannot be served: before any data is read
+        (the branch's settings are checked against the store by `resolve`)."""
+        check_options(self)
+        return self
+
     @classmethod
     def from_dict(cls, values: dict, what: str = "training settings") -> "TrainConfig":
         """A config saved in a run's config.json (older names read too; an unknown key is refused)."""
@@ -78,14 +100,9 @@ def with_preset(cfg: TrainConfig, given=None) -> TrainConfig:
 
 def check_options(cfg: TrainConfig) -> None:
     """Refuse the run's own settings (not the branch's) that cannot be served, before any data is read."""
-    family(cfg.arch)  # an unknown arch: the registered ones
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise TrainError(f"--precision {cfg.precision!r}: use auto, bf16 or fp32")
-    if cfg.in_ram not in ("auto", "yes", "no"):
-        raise TrainError(f"--in-ram {cfg.in_ram!r}: use auto, yes or no")
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    check_ranges(cfg, cfg.RANGES)
+    check_choices(cfg, cfg.CHOICES)  # an unknown arch: the registered ones
+    check_device(cfg.device)
     if cfg.resume and cfg.overwrite:
         raise TrainError("--resume and --overwrite contradict each other: pick one")
     if cfg.resume and not cfg.out:

@@ -23,6 +23,7 @@ from mad.adapt.families import family, pair_keys, reads
 from mad.cache.manifest import Manifest
 from mad.cache.store import DONE, Store
 from mad.errors import MadError
+from mad.options import at_least, check_choice, check_number
 from mad.runtime import resolve_device
 
 
@@ -73,6 +74,9 @@ def evaluate(run_dir, cache, batch_size: int = 64, device: str = "auto", in_ram:
              workers: int = 2, progress: bool = True) -> dict:
     """Score `run_dir/model.safetensors` on `cache`; write eval-<cache>.json, confusion-<cache>.png and
     predictions-<cache>.csv there. Unlabelled videos get predictions but no score."""
+    check_number("batch_size", batch_size, at_least(1))
+    check_number("workers", workers, at_least(0, "0: read in this process"))
+    check_choice("in_ram", in_ram, ("auto", "yes", "no"))
     run_dir = Path(run_dir)
     model_path = run_dir / "model.safetensors" if run_dir.is_dir() else run_dir
     run_dir = model_path.parent

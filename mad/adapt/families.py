@@ -13,6 +13,18 @@ import torch.nn as nn
 from mad.adapt import baselines, evl, madapter  # noqa: F401  (each registers its families)
 from mad.adapt.branch import FAMILIES, BranchConfig, ConfigError, Family
 from mad.cache.manifest import TRAINING_KEYS, Manifest, StoreNeed
+from mad.options import at_least, check_number
+
+
+class Registered:
+    """The registered archs as a live collection of choices (an option's CHOICES): a family registered later
+    is one too."""
+
+    def __contains__(self, name) -> bool:
+        return name in FAMILIES
+
+    def __iter__(self):
+        return iter(FAMILIES)
 
 
 def names() -> list[str]:
@@ -41,6 +53,8 @@ def stored_names() -> list[str]:
 def store_needs(branches: str, last_blocks: int | None = None, grid_downsample: int = 1) -> dict[str, StoreNeed]:
     """What extraction must store for a --branches list (the layers' entry always: --layers are always stored),
     or a ConfigError naming the option. `last_blocks`: --evl-layers (None: each family's default)."""
+    if last_blocks is not None:
+        check_number("evl_layers", last_blocks, at_least(1))
     named = [name.strip() for name in branches.split(",") if name.strip()]
     known = stored_names()
     unknown = [name for name in named if name not in known]

@@ -18,12 +18,14 @@ from pathlib import Path
 from rich.table import Table
 
 from mad.adapt.branch import RENAMED
-from mad.adapt.config import TrainConfig, TrainError, check_options, resolve
+from mad.adapt.config import TrainConfig, TrainError, resolve, with_preset
 from mad.adapt.families import family, pair_keys, reads
-from mad.adapt.train import count_classes, train_on
+from mad.adapt.train import check_run_dir, count_classes, summary_line, train_on
 from mad.cache.dataset import open_tokens
 from mad.cache.store import Store
+from mad.errors import MadError
 from mad.progress import make_console
+from mad.tables import print_table
 
 # Settings a grid may not vary: they name the data, the run and its logs, not the training.
 FIXED = ("cache", "val", "out", "resume", "overwrite", "log")
@@ -38,17 +40,17 @@ def parse_grid(grid: str) -> dict[str, list]:
         name, sep, values = item.partition("=")
         name = RENAMED.get(name.replace("-", "_"), name.replace("-", "_"))
         if not sep or not values:
-            raise TrainError(f"grid item {item!r}: write setting=value1,value2")
+            raise TrainError(f"--grid item {item!r}: write setting=value1,value2")
         if name not in fields or name in FIXED:
             allowed = ", ".join(n for n in fields if n not in FIXED)
-            raise TrainError(f"grid item {item!r}: {name!r} is not a setting a sweep can vary ({allowed})")
+            raise TrainError(f"--grid item {item!r}: {name!r} is not a setting a sweep can vary ({allowed})")
         kind = type(getattr(defaults, name)) if getattr(defaults, name) is not None else str
         try:
             parsed[name] = [_cast(value, kind) for value in values.split(",")]
         except ValueError:
-            raise TrainError(f"grid item {item!r}: {name} takes {kind.__name__} values") from None
+            raise TrainError(f"--grid item {item!r}: {name} takes {kind.__name__} values") from None
     if not parsed:
-        raise TrainError("empty grid: write e.g. 'lr=1e-3,3e-4 arch=madapter,linear'")
+        raise TrainError(f"--grid {grid!r}: no setting; write e.g. 'lr=1e-3,3e-4 arch=madapter,linear'")
     return parsed
 
 
@@ -65,24 +67,30 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
     """Train every combination of `grid` (on top of `base`); return the summaries, best val top-1 first."""
     options = parse_grid(grid)
     base = base or TrainConfig()
-    check_options(base)  # every run logs to base.log's trackers: a missing package fails before any reading
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: a file, not a folder for the sweep's runs; choose another --out")
     combinations = [dict(zip(options, values)) for values in itertools.product(*options.values())]
+    configs = [run_config(base, setting, cache, val, out / run_name(i, setting))  # every one checked, before reading
+               for i, setting in enumerate(combinations, 1)]
+    for cfg in configs:
+        check_run_dir(cfg)
     console = make_console(quiet)
     train_store = Store.open(cache)
     val_store = Store.open(val) if val else None
     archs = sorted({setting.get("arch", base.arch) for setting in combinations})  # read what they all need, once
     if val_store is not None:
         train_store.manifest.check_pair(val_store.manifest, val, f"the training cache {cache}", pair_keys(archs))
-    out = Path(out)
-    defaults = TrainConfig()
     num_classes = count_classes(train_store, val_store)
-    runs = []  # every configuration resolved (and refused) before any data is read
-    for i, setting in enumerate(combinations, 1):
-        name = f"{i:02d}-" + "-".join(f"{k}={v}" for k, v in setting.items())
-        cfg = dataclasses.replace(base, cache=cache, val=val, out=str(out / name), resume=False, **setting)
-        # the arch's preset (EVL's lr, dropout, ...) for what neither the grid nor `base` set
-        given = set(setting) | {k for k in family(cfg.arch).preset if getattr(base, k) != getattr(defaults, k)}
-        runs.append((name, setting, *resolve(cfg, train_store.manifest, num_classes, cache, given)))
+    runs = []  # every configuration resolved against the stores (and refused) before any data is read
+    for setting, cfg in zip(combinations, configs):
+        try:
+            if val_store is not None:
+                resolve(cfg, val_store.manifest, num_classes, val)
+            runs.append((setting, *resolve(cfg, train_store.manifest, num_classes, cache)))
+        except MadError as e:
+            point = " ".join(f"{k}={v}" for k, v in setting.items())
+            raise TrainError(f"--grid {point!r}: {e}") from None
     train_data = val_data = None
     results = []
     try:
@@ -90,8 +98,8 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
                                  arrays=reads(archs, train_store.manifest, cache))
         val_data = (open_tokens(val_store, base.in_ram, base.workers, progress=not quiet,
                                 arrays=reads(archs, val_store.manifest, val)) if val_store else None)
-        for i, (name, setting, cfg, branch) in enumerate(runs, 1):
-            console.print(f"[bold]{i}/{len(combinations)}[/] {name}")
+        for i, (setting, cfg, branch) in enumerate(runs, 1):
+            console.print(f"[bold]{i}/{len(combinations)}[/] {Path(cfg.out).name}")
             summary = train_on(cfg, branch, train_data, val_data, quiet=True)
             results.append({**setting, **summary})
             console.print("  " + _brief(summary))
@@ -103,13 +111,30 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
     key = "val/acc/top1" if val else "train/acc"
     results.sort(key=lambda row: -row[key])
     write_leaderboard(results, list(options), out / "leaderboard.csv")
-    console.print(leaderboard_table(results, list(options), key))
+    print_table(leaderboard_table(results, list(options), key), console)
     return results
 
 
+def run_name(i: int, setting: dict) -> str:
+    return f"{i:02d}-" + "-".join(f"{k}={v}" for k, v in setting.items())
+
+
+def run_config(base: TrainConfig, setting: dict, cache: str, val: str | None, out: Path) -> TrainConfig:
+    """One grid point's config: `base` with `setting`, and the arch's preset (EVL's lr, dropout, ...) for what
+    neither the grid nor `base` set; a value it refuses names the grid point."""
+    defaults = TrainConfig()
+    arch = setting.get("arch", base.arch)
+    try:
+        given = set(setting) | {k for k in family(arch).preset if getattr(base, k) != getattr(defaults, k)}
+        values = {**dataclasses.asdict(base), "cache": cache, "val": val, "out": str(out), "resume": False, **setting}
+        return with_preset(TrainConfig(**values), given)
+    except MadError as e:
+        point = " ".join(f"{k}={v}" for k, v in setting.items())
+        raise TrainError(f"--grid {point!r}: {e}") from None
+
+
 def _brief(summary: dict) -> str:
-    shown = {k: summary[k] for k in ("val/acc/top1", "val/acc/mean1", "train/loss") if k in summary}
-    return ", ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f", {summary['seconds']:.1f}s"
+    return f"{summary_line(summary)}; {summary['seconds']:.1f}s"
 
 
 COLUMNS = ("val/acc/top1", "val/acc/top5", "val/acc/mean1", "train/acc", "train/loss", "best_epoch", "parameters",
@@ -125,13 +150,14 @@ def write_leaderboard(results: list[dict], settings: list[str], path: Path) -> N
         writer.writerows(results)
 
 
-TABLE = {"val/acc/top1": "top1", "val/acc/top5": "top5", "val/acc/mean1": "mean1", "train/acc": "train acc",
-         "train/loss": "train loss", "parameters": "params", "seconds": "s"}
+# val figures are the best epoch's (the model kept), train figures the last epoch's
+TABLE = {"val/acc/top1": "best top1", "val/acc/top5": "best top5", "val/acc/mean1": "best mean1",
+         "train/acc": "last train acc", "train/loss": "last train loss", "parameters": "params", "seconds": "s"}
 
 
 def leaderboard_table(results: list[dict], settings: list[str], key: str) -> Table:
     columns = [c for c in TABLE if c in results[0]]
-    table = Table(title=f"sweep leaderboard (by {key})")
+    table = Table(title=f"sweep leaderboard (by {'best' if key.startswith('val/') else 'last'} {key})")
     table.add_column("#", justify="right")
     for name in settings + [TABLE[c] for c in columns]:
         table.add_column(name, justify="right")

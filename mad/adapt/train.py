@@ -64,6 +64,7 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, 
         train_store.manifest.check_pair(val_store.manifest, cfg.val, f"the training cache {cfg.cache}",
                                         pair_keys([cfg.arch]))
     cfg, branch = resolve(cfg, train_store.manifest, count_classes(train_store, val_store), cfg.cache, given)
+    check_run_dir(cfg)  # what the run folder refuses: before reading, writing nothing
     train_data = val_data = None
     try:
         train_data = open_tokens(train_store, cfg.in_ram, cfg.workers, progress=not quiet,
@@ -88,7 +89,10 @@ def train_on(cfg: TrainConfig, branch: BranchConfig, train_data: CachedTokens, v
     device = dist.device(device)
     if dist.active and cfg.out is None:
         raise TrainError("under torchrun, name the run folder with --out (every rank must agree on it)")
-    if dist.main:
+    for data in (train_data, val_data):  # data opened for other archs (a sweep's) must hold this one's
+        if data is not None:
+            data.manifest.check_serves(entry.stored_as, cfg.arch, data.location)
+    if dist.main:  # after every check: a refused run leaves no folder
         prepare_run_dir(cfg)
     dist.barrier()
     run = Path(cfg.out)
@@ -147,9 +151,20 @@ def train_on(cfg: TrainConfig, branch: BranchConfig, train_data: CachedTokens, v
     if not dist.main:
         return {"run": str(run), "rank": dist.rank}
     summary = finish(run, cfg, history, best, val_data or train_data, "val" if val_data else "train", device)
-    log.print(f"[bold]{run}[/]: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()
-                                              if k.startswith("val/acc/") or k == "train/loss"))
+    log.print(f"[bold]{run}[/]: {summary_line(summary)}")
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    """What a finished run scored, saying which epoch each figure is from: the best by val top-1 (the model
+    kept) and the last; without a val cache the last epoch is the one kept."""
+    last = (f"last epoch {summary['epochs']}: train loss {summary['train/loss']:.4f}, "
+            f"train acc {summary['train/acc']:.4f}")
+    if "val/acc/top1" not in summary:
+        return last + " (kept: no val cache)"
+    return (f"best epoch {summary['best_epoch']} (kept): val top-1 {summary['val/acc/top1']:.4f}, "
+            f"top-5 {summary['val/acc/top5']:.4f}, mean class {summary['val/acc/mean1']:.4f}; "
+            f"{last}, val top-1 {summary['last/val/acc/top1']:.4f}")
 
 
 def train_one_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainConfig, epoch: int, device,
@@ -221,6 +236,7 @@ def count_classes(train_store: Store, val_store: Store | None) -> int:
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
     """Resolve and create the run folder; refuse to mix a new run into an old one."""
+    check_run_dir(cfg)
     if cfg.out is None:
         base = Path("runs") / cfg.arch
         run, n = base, 1
@@ -229,23 +245,30 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
             run = base.with_name(f"{base.name}-{n}")
         cfg.out = str(run)
     run = Path(cfg.out)
-    if (run / "config.json").exists():
-        if cfg.overwrite:
-            for name in RUN_FILES:
-                (run / name).unlink(missing_ok=True)
-            for name in RUN_FOLDERS:
-                shutil.rmtree(run / name, ignore_errors=True)
-        elif not cfg.resume:
-            raise TrainError(f"{run}: a run already exists here; pass --resume to continue it, "
-                             f"--overwrite to replace it, or another --out")
-        else:
-            saved = asdict(config_from_run(run))
-            changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
-                       if k not in RESUMABLE_KEYS and saved.get(k) != v]
-            if changed:
-                raise TrainError(f"{run}/config.json: cannot resume with different settings ({'; '.join(changed)})")
+    if (run / "config.json").exists() and cfg.overwrite:
+        for name in RUN_FILES:
+            (run / name).unlink(missing_ok=True)
+        for name in RUN_FOLDERS:
+            shutil.rmtree(run / name, ignore_errors=True)
     run.mkdir(parents=True, exist_ok=True)
     return run
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """Refuse, writing nothing, a run folder that holds another run (or one resumed with other settings)."""
+    run = Path(cfg.out) if cfg.out else None
+    if run is not None and run.exists() and not run.is_dir():
+        raise TrainError(f"{run}: a file, not a run folder; choose another --out")
+    if run is None or not (run / "config.json").exists() or cfg.overwrite:
+        return
+    if not cfg.resume:
+        raise TrainError(f"{run}: a run already exists here; pass --resume to continue it, "
+                         f"--overwrite to replace it, or another --out")
+    saved = asdict(config_from_run(run))
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+               if k not in RESUMABLE_KEYS and saved.get(k) != v]
+    if changed:
+        raise TrainError(f"{run}/config.json: cannot resume with different settings ({'; '.join(changed)})")
 
 
 def read_history(run: Path, epoch: int) -> list[dict]:

@@ -31,6 +31,7 @@ from mad.extract.decode import decode_clip
 from mad.extract.run import ExtractConfig, VideoDecodeDataset, decoded_videos, extract
 from mad.bench import video_subset
 from mad.errors import MadError
+from mad.options import at_least, check_counts, check_number
 from mad.extract.videos import find_videos
 from mad.runtime import machine_info, resolve_device
 
@@ -101,10 +102,10 @@ def bench_extract(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
     """Decode only, model only and the full pipeline on the same `limit` clips (the folder's list
     repeated past its end), `repeats` times; rates, the CPU-time bound and the ratios against it,
     each as min / median / max over the repeats."""
+    check_counts(frames=frames, limit=limit, batch_size=batch_size, repeats=repeats)
+    check_number("workers", workers, at_least(-1, "-1: automatic"))
     device = resolve_device(device)
     workers = workers if workers >= 0 else (1 if device.type == "cpu" else min(8, os.cpu_count() or 1))
-    if repeats < 1:
-        raise BenchExtractError("--repeats must be at least 1")
     backbone = load_backbone(model, "none", layers, device, precision)
     size = backbone.info.image_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,8 +213,10 @@ def _duration(path: Path) -> float:
 
 
 def _print(r: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from mad.progress import make_console
+    from mad.tables import print_table
 
     s = r["settings"]
     spread = lambda key, f="{:.2f}": " / ".join(f.format(r[key][k]) for k in ("min", "median", "max"))  # noqa: E731
@@ -229,8 +232,8 @@ def _print(r: dict) -> None:
     table.add_row(f"full extract (start-up included: {spread('full_startup_seconds', '{:.1f}')} s)",
                   spread("full_clips_per_s"))
     table.add_row("full extract after its first batch", spread("full_after_first_batch_clips_per_s"))
-    console = Console()
-    console.print(table)
+    console = make_console()
+    print_table(table, console)
     console.print(f"full / CPU-time bound = {spread('full_over_cpu_time_bound')}, after the first batch "
                   f"{spread('full_after_first_batch_over_cpu_time_bound')} (CPU target >= 0.90); "
                   f"full / model only = {spread('full_over_model_only')}; full / min(decode, model) = "
@@ -256,6 +259,7 @@ def bench_scaling(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
     import subprocess
     import sys
 
+    check_counts(frames=frames, limit=limit, processes=processes)
     timings = {}
     with tempfile.TemporaryDirectory() as tmp:
         link_root = video_subset(videos, limit, Path(tmp) / "videos")

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from mad.errors import MadError
+from mad.options import at_least, check_counts, check_number
 from mad.runtime import machine_info, resolve_device
 
 MODES = ("full", "compact")
@@ -132,6 +133,8 @@ def bench_storage(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
     from mad.cache.store import Store
     from mad.extract.run import ExtractConfig, extract
 
+    check_counts(frames=frames, limit=limit, batch_size=batch_size, epochs=epochs, demo_epochs=demo_epochs)
+    check_number("workers", workers, at_least(0))
     device = resolve_device(device)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -180,8 +183,10 @@ def bench_storage(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", 
 
 
 def _print(r: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from mad.progress import make_console
+    from mad.tables import print_table
 
     s = r["settings"]
     table = Table(title=f"mad bench storage: {s['model']} ({s['precision']}, random weights), layers {s['layers']}, "
@@ -195,9 +200,8 @@ def _print(r: dict) -> None:
                       f"{read['median']:.0f} ({read['min']:.0f}-{read['max']:.0f})",
                       f"{steps['ram']['median']:.3f}", f"{steps['streamed']['median']:.3f}",
                       f"{steps['streamed_over_ram']:.2f}x")
-    console = Console()
-    console.width = max(console.width, 140)
-    console.print(table)
+    console = make_console()
+    print_table(table, console)
     ratio = r["compact_over_full"]
     console.print(f"compact / full: bytes {ratio['bytes']:.3f} (1/{1 / ratio['bytes']:.1f}), read clips/s "
                   f"{ratio['read_clips_per_s']:.1f}x, extraction {ratio['extract_clips_per_s']:.2f}x")

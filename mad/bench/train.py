@@ -40,6 +40,7 @@ from mad.adapt.families import build_model, family
 from mad.adapt.step import make_optimizer, train_step
 from mad.bench import video_subset
 from mad.errors import MadError
+from mad.options import at_least, check_choice, check_counts, check_number
 from mad.runtime import branch_autocast, exit_with_parent, machine_info, resolve_device
 
 TRAIN = TrainConfig()
@@ -148,8 +149,11 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
     device = resolve_device(device)
     if branch_precision not in ("auto", "bf16", "fp32"):
         raise BenchTrainError(f"--branch-precision {branch_precision!r}: use auto, bf16 or fp32")
-    if repeats < 1 or online_steps < 1:
-        raise BenchTrainError("--repeats and --online-steps must be at least 1")
+    check_counts(frames=frames, batch_size=batch_size, epochs=epochs, width=width, online_steps=online_steps,
+                 repeats=repeats, limit=limit, grid_downsample=grid_downsample)
+    check_number("workers", workers, at_least(0))
+    check_number("decode_workers", decode_workers, at_least(0))
+    check_choice("store", store, ("compact", "full"))
     bf16 = branch_precision == "bf16" or (branch_precision == "auto" and device.type == "cuda")
     tmp = tempfile.TemporaryDirectory(prefix="mad-bench-train-")
     try:
@@ -272,8 +276,10 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
 
 
 def _print(r: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from mad.progress import make_console
+    from mad.tables import print_table
 
     s = r["settings"]
     spread = lambda d, f="{:.3f}": " / ".join(f.format(d[k]) for k in ("min", "median", "max"))  # noqa: E731
@@ -291,8 +297,8 @@ def _print(r: dict) -> None:
     table.add_row(f"online ({s['decode_workers']} decoding workers)*", spread(scale(r["online_step_seconds"]), "{:.1f}"))
     table.add_row("online, frames decoded beforehand (ViT + branch)*",
                   spread(scale(r["online_decoded_step_seconds"]), "{:.1f}"))
-    console = Console()
-    console.print(table)
+    console = make_console()
+    print_table(table, console)
     ratios = Table(title="ratios (min / median / max)")
     for column in ("", "vs cache streamed", "vs cache in RAM"):
         ratios.add_column(column)
@@ -301,7 +307,7 @@ def _print(r: dict) -> None:
     ratios.add_row("online, excluding decode", spread(r["online_decoded_over_stream"], "{:.1f}x"),
                    spread(r["online_decoded_over_ram"], "{:.1f}x"))
     ratios.add_row("cache streamed / in RAM", spread(r["stream_over_ram"], "{:.2f}x"), "")
-    console.print(ratios)
+    print_table(ratios, console)
     console.print(f"* online epoch = {n} steps x median of {s['online_steps_timed']} timed steps (extrapolated, "
                   f"not run). Targets on CPU: online excluding decode / streamed >= 20x; streamed / RAM <= 1.10x "
                   f"(epochs of >= 12 steps).")

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mad.cache.store import DONE, Store
+from mad.tables import print_table
 
 
 def _human(n: float) -> str:
@@ -33,9 +34,10 @@ def show_info(location: str, verify: bool = False, console: Console | None = Non
         if m.get(key) is not None:
             table.add_row(key, json.dumps(m[key]) if isinstance(m[key], (list, dict)) else str(m[key]))
     names = m.get("class_names") or []
-    table.add_row("classes", f"{len(names)}: " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else ""))
+    table.add_row("classes", f"{len(names)}: " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+                  if names else f"unlabelled (labelled by: {m.get('labelled_by', 'none')})")
     table.add_row("versions", ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items()))
-    console.print(table)
+    print_table(table, console)
     console.print(f"videos {counts['videos']}: [green]{counts['done']} done[/green], "
                   f"[red]{counts['failed']} failed[/red], {counts['pending']} pending")
     if counts["failed"]:
@@ -46,7 +48,7 @@ def show_info(location: str, verify: bool = False, console: Console | None = Non
     for name, (shape, dtype) in store.data_arrays.items():
         per_view = on_disk[name] / views_done if views_done else 0
         arrays.add_row(name, str([store.num_videos, *shape]), dtype, _human(on_disk[name]), _human(per_view))
-    console.print(arrays)
+    print_table(arrays, console)
     total = sum(on_disk.values())
     console.print(f"storage [bold]{store.manifest.storage}[/bold]: "
                   + (f"{total / views_done / 1e6:.3f} MB per video-view on disk" if views_done else "nothing done yet")

@@ -110,24 +110,78 @@ class Manifest:
         except TypeError as e:
             raise MadError(f"{location}: cache manifest is incomplete ({e})") from None
 
-    def differences(self, other: "Manifest", keys=TRAINING_KEYS) -> list[str]:
-        """'key: ours != theirs' for every key in `keys` on which the two differ."""
-        return [f"{k}: {getattr(self, k)!r} != {getattr(other, k)!r}" for k in keys
-                if getattr(self, k) != getattr(other, k)]
+    def differences(self, other: "Manifest", keys=TRAINING_KEYS) -> list[tuple[str, str, str]]:
+        """(what differs, our value, theirs) for every key in `keys` on which the two differ, named by the
+        `mad extract` option that sets it; a compact store's settings and the branch families are compared
+        by those options, not by what follows from them (the record layout follows from --layers, ...)."""
+        found = []
+        for key in keys:
+            ours, theirs = getattr(self, key), getattr(other, key)
+            if ours == theirs:
+                continue
+            if key == "compact":
+                if self.storage == other.storage:  # else --store says it all
+                    found += _compact_differences(ours or {}, theirs or {})
+            elif key == "branches":
+                found += _branch_differences(ours, theirs)
+            else:
+                found.append((OPTION_OF.get(key, key), _brief(ours), _brief(theirs)))
+        if not found and any(getattr(self, k) != getattr(other, k) for k in keys):  # only derived values differ
+            found.append(("the compact record layout", "stored", "another"))
+        return found
 
     def check_pair(self, other: "Manifest", other_location: str, reference: str, keys=TRAINING_KEYS) -> None:
         """Refuse, in one line, a second cache that one model cannot read beside this one (described by
         `reference`, e.g. 'the training cache cache/train')."""
         differences = self.differences(other, keys)
         if differences:
-            names = ", ".join(d.split(":")[0] for d in differences)
-            raise MadError(f"{other_location}: does not match {reference} on {names} ({'; '.join(differences)})")
+            raise MadError(f"{other_location}: does not match {reference} on "
+                           + "; ".join(f"{name}: {theirs} here, {ours} there" for name, ours, theirs in differences))
         if self.class_names and other.class_names and self.class_names != other.class_names:
             raise MadError(f"{other_location}: class names differ from {reference}")
         for family in set(self.branches) & set(other.branches):  # e.g. levels read from other blocks
             if self.branches[family] != other.branches[family]:
-                raise MadError(f"{other_location}: holds other {family} inputs than {reference} "
-                               f"({other.branches[family]} != {self.branches[family]})")
+                detail = ", ".join(f"{name} {theirs} here, {ours} there"
+                                   for name, ours, theirs in _branch_differences({family: self.branches[family]},
+                                                                                 {family: other.branches[family]}))
+                raise MadError(f"{other_location}: holds other {family} inputs than {reference} ({detail})")
+
+
+# The `mad extract` option that sets each manifest key, for refusals that say what to change.
+OPTION_OF = {"model": "--model", "pretrained": "--pretrained", "pretrained_sha256": "--pretrained (file sha256)",
+             "layers": "--layers", "frames": "--frames", "clips": "--clips", "crops": "--crops",
+             "grid_downsample": "--grid-downsample", "precision": "--precision", "storage": "--store",
+             "image_size": "image size (--model)", "tokens": "tokens (--model, --grid-downsample)",
+             "width": "width (--model)", "sampling": "sampling"}
+_COMPACT_OPTIONS = {"cell_size": "--cell-size", "correlation": "--correlation",
+                    "correlation_groups": "correlation groups", "values": "compact values"}
+
+
+def _brief(value) -> str:
+    """A manifest value in a few characters: 4,8,12 for a list, a sha256's first 12 digits."""
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]
+    text = "none" if value is None else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _compact_differences(ours: dict, theirs: dict) -> list[tuple[str, str, str]]:
+    return [(option, _brief(ours.get(key)), _brief(theirs.get(key))) for key, option in _COMPACT_OPTIONS.items()
+            if ours.get(key) != theirs.get(key)]
+
+
+def _branch_differences(ours: dict, theirs: dict) -> list[tuple[str, str, str]]:
+    """--branches when the families differ; else --evl-layers (the blocks EVL reads) when those do."""
+    if set(ours) != set(theirs):
+        return [("--branches", ",".join(ours), ",".join(theirs))]
+    found = []
+    for family in ours:
+        blocks = [(ours[family] or {}).get("blocks"), (theirs[family] or {}).get("blocks")]
+        if blocks[0] != blocks[1]:
+            found.append((f"--{family}-layers (blocks)", _brief(blocks[0]), _brief(blocks[1])))
+    return found
 
 
 @dataclass(frozen=True)

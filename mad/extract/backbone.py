@@ -35,16 +35,16 @@ def parse_layers(spec: str | list[int], depth: int) -> list[int]:
         return list(range(1, depth + 1))
     items = spec if isinstance(spec, list) else [s for s in str(spec).replace(" ", "").split(",") if s]
     if not items:
-        raise BackboneError("no layers given (use e.g. --layers 4,8,12, -1 or all)")
+        raise BackboneError("--layers: none given (use e.g. --layers 4,8,12, -1 or all)")
     layers = []
     for item in items:
         try:
             n = int(item)
         except ValueError:
-            raise BackboneError(f"layer {item!r} is not a block number (use e.g. 4,8,12, -1 or all)") from None
+            raise BackboneError(f"--layers {item!r}: not a block number (use e.g. 4,8,12, -1 or all)") from None
         block = n + depth + 1 if n < 0 else n
         if not 1 <= block <= depth or n == 0:
-            raise BackboneError(f"layer {n} is out of range: the model has blocks 1..{depth} (or -1..-{depth})")
+            raise BackboneError(f"--layers {n}: out of range, the model has blocks 1..{depth} (or -1..-{depth})")
         layers.append(block)
     return sorted(set(layers))
 
@@ -191,8 +191,6 @@ def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] 
     pretrained = pretrained or "none"
     sha = None
     if pretrained == "none":
-        warnings.warn(f"{model}: random weights (--pretrained none, seed 0): the features are not pre-trained",
-                      stacklevel=2)
         weights = None
     elif os.path.isfile(pretrained):
         sha = sha256_file(pretrained)
@@ -208,13 +206,23 @@ def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] 
         # Random weights are seeded, so a resumed extraction matches an uninterrupted one.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            logging.disable(logging.WARNING)  # open_clip logs its own "initialized randomly" warning
+            # open_clip logs its "initialized randomly" warning, and logs every error it then raises (an unknown
+            # tag, a failed download): the raised one is printed once, as `error:`
+            logging.disable(logging.ERROR)
             try:
                 clip = open_clip.create_model(name, pretrained=weights, device="cpu")
             finally:
                 logging.disable(logging.NOTSET)
     except RuntimeError as e:  # open_clip raises RuntimeError for bad or missing weights
-        raise BackboneError(f"{model} with pretrained={pretrained}: {str(e).splitlines()[0]}") from None
+        hint = ("; without network, pass the checkpoint file itself: --pretrained PATH/open_clip_pytorch_model.bin"
+                if "download" in str(e).lower() else "")
+        raise BackboneError(f"{model} with pretrained={pretrained}: {str(e).splitlines()[0]}{hint}") from None
+    except Exception as e:  # a file that is no checkpoint: torch.load's EOFError, UnpicklingError, ...
+        if weights is None or not os.path.isfile(weights):
+            raise
+        first = (str(e).splitlines() or [""])[0][:100]
+        raise BackboneError(f"{pretrained}: not an open_clip checkpoint of {model} ({type(e).__name__}: {first})"
+                            ) from None
     visual = clip.visual
     del clip  # drop the text tower
     depth = len(visual.transformer.resblocks)
@@ -235,6 +243,9 @@ def load_backbone(model: str, pretrained: str = "none", layers: str | list[int] 
         mean=tuple(pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(pcfg.get("std", open_clip.OPENAI_DATASET_STD)),
     )
+    if weights is None:  # said once the model is served (a refused request prints only its error)
+        warnings.warn(f"{model}: random weights (--pretrained none, seed 0): the features are not pre-trained",
+                      stacklevel=2)
     dtype = DTYPES[precision]
     visual = visual.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Backbone(visual, blocks, info, dtype, grid_downsample, levels).to(device)

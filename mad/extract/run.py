@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ from mad.cache.locks import StoreLocks
 from mad.cache.manifest import IDENTITY_KEYS, LAYERS_ONLY, STORAGE, Manifest, StoreNeed
 from mad.cache.store import FAILED, PENDING, IncompleteStoreError, Store, StoreError, VideoResult, is_url
 from mad.errors import MadError
+from mad.extract.annotations import FORMATS
+from mad.options import at_least, check_cell_size, check_choices, check_device, check_layers, check_ranges
 from mad.extract.backbone import load_backbone, model_config_of
 from mad.extract.decode import DecodeError, decode_clip
 from mad.extract.videos import check_labels_kept, find_videos
@@ -64,6 +67,29 @@ class ExtractConfig:
     shard: str | None = None     # "I/N": only slice I of N (whole shard blocks); torchrun sets it itself
     limit: int | None = None     # process at most this many pending videos
     progress: bool = True
+
+    # What each number and each named choice may be (the model's depth bounds --layers)
+    RANGES: ClassVar[dict] = {"frames": at_least(1), "clips": at_least(1), "batch_size": at_least(1),
+                              "shard_size": at_least(1), "grid_downsample": at_least(1),
+                              "correlation": at_least(0, "0: none"), "correlation_groups": at_least(1),
+                              "workers": at_least(-1, "-1: automatic, 0: this process"),
+                              "limit": at_least(0)}
+    CHOICES: ClassVar[dict] = {"crops": (1, 3), "store": STORAGE, "precision": ("bf16", "fp16", "fp32"),
+                               "labels_format": FORMATS,
+                               "labels_split": tuple(f"{k}{n}" for k in ("train", "test") for n in (1, 2, 3))}
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> "ExtractConfig":
+        """Refuse, in one line naming the option, a setting that cannot be served: before any video is read."""
+        check_ranges(self, self.RANGES)
+        check_choices(self, self.CHOICES)
+        check_cell_size(self.cell_size)
+        check_layers(self.layers)
+        check_device(self.device)
+        _slice(self)
+        return self
 
 
 # ---- decoding (runs in worker processes) --------------------------------------------
@@ -116,16 +142,8 @@ def decoded_videos(dataset: VideoDecodeDataset, workers: int):
 # ---- the run ------------------------------------------------------------------------
 
 
-def _check_config(cfg: ExtractConfig) -> None:
-    for name in ("frames", "clips", "batch_size", "shard_size", "grid_downsample"):
-        if getattr(cfg, name) < 1:
-            raise ExtractError(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.crops not in (1, 3):
-        raise ExtractError("--crops must be 1 or 3")
-    if cfg.store not in STORAGE:
-        raise ExtractError(f"--store {cfg.store!r}: use {' or '.join(STORAGE)}")
-    if cfg.correlation < 0:
-        raise ExtractError(f"--correlation {cfg.correlation}: give a radius in patches, or 0 for none")
+def _needs(needs: dict[str, StoreNeed] | None) -> dict[str, StoreNeed]:
+    return {name: StoreNeed() for name in LAYERS_ONLY} if needs is None else needs
 
 
 def _records(needs: dict[str, StoreNeed], depth: int, heads: int = 0, ln_eps: float = 0.0) -> dict:
@@ -136,7 +154,9 @@ def _records(needs: dict[str, StoreNeed], depth: int, heads: int = 0, ln_eps: fl
         raise ExtractError(str(e)) from None
 
 
-def _manifest(cfg: ExtractConfig, backbone, video_list, needs: dict[str, StoreNeed]) -> Manifest:
+def manifest_for(cfg: ExtractConfig, backbone, class_names: list[str] = (), labelled_by: str = "none",
+                 needs: dict[str, StoreNeed] | None = None) -> Manifest:
+    """The manifest of a store that `cfg` extracts with `backbone`, storing `needs` beyond --layers."""
     info = backbone.info
     return Manifest(
         model=cfg.model, model_config=model_config_of(cfg.model),
@@ -146,11 +166,11 @@ def _manifest(cfg: ExtractConfig, backbone, video_list, needs: dict[str, StoreNe
         frames=cfg.frames, clips=cfg.clips, crops=cfg.crops, image_size=info.image_size,
         patch_size=info.patch_size, grid=list(info.grid), grid_downsample=cfg.grid_downsample,
         tokens=backbone.tokens, width=info.width, mean=list(info.mean), std=list(info.std),
-        precision=cfg.precision, sampling="tsn-middle", class_names=video_list.class_names,
-        labelled_by=video_list.labelled_by, videos_root=str(Path(cfg.videos).resolve()),
+        precision=cfg.precision, sampling="tsn-middle", class_names=list(class_names),
+        labelled_by=labelled_by, videos_root=str(Path(cfg.videos).resolve()),
         shard_size=cfg.shard_size, versions=versions(), storage=cfg.store,
         compact=_compact_settings(cfg, backbone) if cfg.store == "compact" else None,
-        branches=_records(needs, info.depth, info.heads, info.ln_eps),
+        branches=_records(_needs(needs), info.depth, info.heads, info.ln_eps),
     )
 
 
@@ -182,13 +202,13 @@ def _compact_settings(cfg: ExtractConfig, backbone) -> dict:
 
 def _slice(cfg: ExtractConfig) -> tuple[int, int]:
     """(index, count) of this process's slice: --shard I/N, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
-    if cfg.shard:
+    if cfg.shard is not None:
         try:
             index, count = (int(x) for x in cfg.shard.split("/"))
         except ValueError:
             raise ExtractError(f"--shard {cfg.shard!r}: expected I/N, e.g. 0/4") from None
         if not 0 <= index < count:
-            raise ExtractError(f"--shard {cfg.shard}: I must be in 0..N-1")
+            raise ExtractError(f"--shard {cfg.shard!r}: I must be in 0..N-1")
         return index, count
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
@@ -210,7 +230,8 @@ def _open_or_create(cfg: ExtractConfig, manifest: Manifest, video_list, frozen: 
     store = Store.open(out, mode="r+")
     differences = store.manifest.differences(manifest, IDENTITY_KEYS)
     if differences:
-        raise ExtractError(f"{out} was made with different settings ({'; '.join(differences)}); "
+        said = "; ".join(f"{name}: {ours} in the store, {theirs} given" for name, ours, theirs in differences)
+        raise ExtractError(f"{out} was made with different settings ({said}); "
                            "use another --out, or --overwrite to start over")
     # Videos added to the folder since the last run are appended; new classes get new numbers.
     known = store.paths()
@@ -242,23 +263,24 @@ def extract(cfg: ExtractConfig, needs: dict[str, StoreNeed] | None = None) -> di
     """Extract (or resume extracting) every video under cfg.videos into cfg.out. `needs`: what to store
     beyond --layers per --branches name (the command layer asks the registry: `mad.adapt.families`);
     None: --layers only, as stores were before --branches."""
-    needs = {name: StoreNeed() for name in LAYERS_ONLY} if needs is None else needs
-    _check_config(cfg)
+    cfg.check()
+    needs = _needs(needs)
     for name, need in needs.items():
         if need.full_grid and cfg.grid_downsample > 1:
             raise ExtractError(f"--branches {name} reads every patch token: extract it with --grid-downsample 1")
     index, count = _slice(cfg)
     if count > 1 and cfg.overwrite:
         raise ExtractError("--overwrite cannot be combined with a sharded run: start over with one process first")
+    out = Path(cfg.out)
+    if not is_url(cfg.out) and out.exists() and not Store.exists(cfg.out) and \
+            (not out.is_dir() or any(not p.name.startswith(".mad-") for p in out.iterdir())):
+        raise ExtractError(f"{cfg.out}: exists and is not a mad cache; choose another --out")
     video_list = find_videos(cfg.videos, cfg.labels, cfg.labels_format, cfg.labels_split)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU each
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     backbone = _load_backbone(cfg, device, needs)
-    manifest = _manifest(cfg, backbone, video_list, needs)
-    if not Store.exists(cfg.out) and not is_url(cfg.out) and Path(cfg.out).exists() and \
-            any(not p.name.startswith(".mad-") for p in Path(cfg.out).iterdir()):
-        raise ExtractError(f"{cfg.out}: exists and is not a mad cache; choose another --out")
+    manifest = manifest_for(cfg, backbone, video_list.class_names, video_list.labelled_by, needs)
     locks = StoreLocks(cfg.out, index, count)
     try:
         with locks.creating():
@@ -324,20 +346,9 @@ def _extract_slice(cfg: ExtractConfig, store: Store, backbone, device: torch.dev
 def _run_batch(backbone, batch: list[tuple[VideoResult, torch.Tensor]], writer: BlockWriter,
                device: torch.device) -> int:
     """Frames of a few videos through the model in one pass; hand each video's tokens to the writer."""
-    sizes = [frames.shape[0] * frames.shape[1] for _, frames in batch]  # views * T per video
     frames = torch.cat([frames.flatten(0, 1) for _, frames in batch]).to(device, non_blocking=True)
     tapped = dict(zip(backbone.levels, backbone(frames)))  # level -> [sum(views * T), N, D]
-    m = writer.store.manifest
-    data = {}  # data array -> [sum(views), ...]
-    if m.storage == "compact":  # what the branch reads, 8-bit: one record per video-view
-        c = m.compact
-        views = sum(size // m.frames for size in sizes)
-        inputs = branch_inputs([tapped[n].view(views, m.frames, *tapped[n].shape[1:]) for n in m.layers],
-                               c["cell_size"], c["correlation"], c["correlation_groups"])
-        data["records"] = compact.encode(inputs, c["layout"]).cpu().numpy()  # [sum(views), R]
-    for n in m.stored_levels:  # every token, float16
-        level = tapped[n].to(torch.float16).cpu().numpy()
-        data[f"layers/{n}"] = level.reshape(-1, m.frames, *level.shape[1:])  # [sum(views), T, N, D]
+    data = store_arrays(tapped, writer.store.manifest)
     offset = 0
     for result, frames in batch:
         views = frames.shape[0]
@@ -345,6 +356,22 @@ def _run_batch(backbone, batch: list[tuple[VideoResult, torch.Tensor]], writer: 
         offset += views
         writer.put(result)
     return len(batch)
+
+
+def store_arrays(tapped: dict[int, torch.Tensor], m: Manifest) -> dict[str, np.ndarray]:
+    """What the store holds of a batch, from its tapped levels (level -> [views * T, N, D]): data array ->
+    [views, ...] on the CPU. (`mad plan` times this too.)"""
+    data = {}
+    if m.storage == "compact":  # what the branch reads, 8-bit: one record per video-view
+        c = m.compact
+        views = next(iter(tapped.values())).shape[0] // m.frames
+        inputs = branch_inputs([tapped[n].view(views, m.frames, *tapped[n].shape[1:]) for n in m.layers],
+                               c["cell_size"], c["correlation"], c["correlation_groups"])
+        data["records"] = compact.encode(inputs, c["layout"]).cpu().numpy()  # [views, R]
+    for n in m.stored_levels:  # every token, float16
+        level = tapped[n].to(torch.float16).cpu().numpy()
+        data[f"layers/{n}"] = level.reshape(-1, m.frames, *level.shape[1:])  # [views, T, N, D]
+    return data
 
 
 def _print_summary(summary: dict) -> None:

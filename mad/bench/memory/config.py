@@ -9,6 +9,7 @@ import warnings
 from dataclasses import dataclass
 
 from mad.errors import MadError
+from mad.options import at_least, check_number
 from mad.runtime import DTYPES
 
 MODES = ("full-finetune", "in-backbone-adapter", "madapter-online", "madapter-cached", "evl-online", "evl-cached")
@@ -82,6 +83,7 @@ def resolve_config(model: str, frames: int, batch: int, layers: str, device: str
     for name, value in (("--frames", frames), ("--batch", batch), ("--steps", steps), ("--classes", classes)):
         if value < 1:
             raise BenchError(f"{name} must be at least 1 (got {value})")
+    check_number("threads", threads, at_least(0, "0: torch's default"))
     try:
         device = str(resolve_device(device))
         name = register_model_config(model)

@@ -46,8 +46,9 @@ def budget_cell(found: dict) -> str:
 
 
 def print_table(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from mad.tables import print_table
 
     cfg = report["config"]
     title = (f"Training memory: {model_name(cfg['model'])}, T={cfg['frames']}, batch {cfg['batch']}, "
@@ -66,9 +67,7 @@ def print_table(report: dict) -> None:
         if budget:
             cells.append(budget_cell(budget["modes"][row["mode"]]))
         table.add_row(*cells)
-    console = Console()
-    console.width = max(console.width, 132)  # a piped or narrow terminal would wrap the table into noise
-    console.print(table)
+    print_table(table)
 
 
 def plot_chart(report: dict, path: Path) -> None:

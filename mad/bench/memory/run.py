@@ -11,6 +11,7 @@ from pathlib import Path
 from mad.bench.memory.config import MODES, REFERENCE_MODE, BenchConfig, BenchError, resolve_config
 from mad.bench.memory.harness import find_max_batch, run_child
 from mad.bench.memory.report import add_ratios, print_table, write_report
+from mad.options import Range, check_number
 from mad.runtime import machine_info, versions
 
 
@@ -20,6 +21,7 @@ def run_benchmark(model: str = "ViT-B-16", frames: int = 8, batch: int = 8, laye
                   threads: int = 0, modes: tuple[str, ...] = MODES, command: str | None = None,
                   probe_timeout: float = 300.0, quiet: bool = False, cell_size: str | int = "auto") -> dict:
     """Run every mode in its own process, print the table, write JSON and PNG into `out`; return the report."""
+    check_number("budget_gb", budget_gb, Range(low=0, low_open=True))  # None: not given
     cfg = resolve_config(model, frames, batch, layers, device, precision, steps, classes, branch_width, threads,
                          cell_size)
     rows = []
