@@ -114,7 +114,7 @@ TRAIN = {**numbers_and_choices(TrainConfig), "--width": BRANCH_SIZE, "--depth": 
 COMMANDS = {
     # command: (arguments it is valid with, the options' bad values, options whose values are names of files,
     # folders or models: checked when used)
-    "train": (lambda i: ["--cache", i["cache"]], TRAIN, {"--cache", "--val", "--out"}),
+    "train": (lambda i: ["--cache", i["cache"]], TRAIN, {"--cache", "--val", "--out", "--init"}),
     "sweep": (lambda i: ["--grid", "lr=1e-3", "--cache", i["cache"]],
               {**{k: TRAIN[k] for k in ("--epochs", "--batch-size", "--device", "--seed", "--in-ram", "--log")},
                "--grid": bad_grid()}, {"--cache", "--val", "--out"}),

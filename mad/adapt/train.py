@@ -42,7 +42,7 @@ from mad.cache.dataset import CachedTokens, open_tokens
 from mad.cache.manifest import Manifest, training_keys
 from mad.cache.store import Store
 from mad.errors import MadError
-from mad.options import (FRACTION, NON_NEGATIVE, POSITIVE, SEED, Range, at_least, check_choices, check_device,
+from mad.options import (FRACTION, NON_NEGATIVE, SEED, Range, at_least, check_choices, check_device,
                          check_ranges)
 from mad.progress import make_console, plain
 from mad.runtime import branch_autocast, resolve_device
@@ -90,7 +90,7 @@ class TrainConfig:
     init: str | None = None  # evl: an official EVL checkpoint to start from (mad.adapt.evl_checkpoint)
 
     # What each number and each named choice may be (width, depth, heads and arch: `check_branch`)
-    RANGES: ClassVar[dict] = {"epochs": at_least(1), "batch_size": at_least(1), "lr": POSITIVE,
+    RANGES: ClassVar[dict] = {"epochs": at_least(1), "batch_size": at_least(1), "lr": Range(low=0, note="0: weights stay"),
                               "weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "dropout": FRACTION,
                               "label_smoothing": FRACTION, "clip_grad": Range(low=0, note="0: off"), "seed": SEED,
                               "correlation": at_least(0, "0: off"), "workers": at_least(0, "0: read in this process")}
@@ -104,8 +104,10 @@ class TrainConfig:
         """Refuse, in one line naming the option, a setting that cannot be served: before any data is read."""
         check_ranges(self, self.RANGES)
         check_choices(self, self.CHOICES)
+        # without a store: as many levels as --depth asks for (the store's own count is checked when it is opened)
+        unopened = dataclasses.replace(self.branch(), num_levels=max(_BRANCH.num_levels, self.depth + 1))
         try:
-            check_branch(self.branch())
+            check_branch(unopened)
         except ValueError as e:  # its message starts with the setting's name: make it the option's
             name, _, rest = str(e).partition(" ")
             raise TrainError(f"--{name.replace('_', '-')} {rest}") from None
