@@ -67,7 +67,8 @@ class PlanConfig:
     RANGES: ClassVar[dict] = {"num_videos": at_least(1), "frames": at_least(1), "clips": at_least(1),
                               "views": at_least(1), "grid_downsample": at_least(1),
                               "correlation": at_least(0, "0: none"), "correlation_groups": at_least(1),
-                              "batch_size": at_least(1), "probe": at_least(0)}
+                              "batch_size": at_least(1), "probe": at_least(0), "val_videos": at_least(1),
+                              "val_views": at_least(1), "workers": at_least(-1, "-1: the extraction's default")}
     CHOICES: ClassVar[dict] = {"crops": (1, 3), "precision": ("bf16", "fp16", "fp32")}
 
     def __post_init__(self):

@@ -343,8 +343,8 @@ def test_an_official_checkpoint_loads_strictly_and_gives_its_logits(stores, tmp_
         assert torch.equal(model(levels), expected)
     assert evaluate(run, str(tmp / "full"), progress=False)["videos"] == 12  # mad eval reads it as a run
 
-    # mad train --init: the run starts from the checkpoint (--lr must be > 0; 1e-12 moves no float32 weight)
-    summary = train(evl_config(cache=str(tmp / "full"), init=str(checkpoint), epochs=1, lr=1e-12,
+    # mad train --init: the run starts from the checkpoint (lr 0: it stays there)
+    summary = train(evl_config(cache=str(tmp / "full"), init=str(checkpoint), epochs=1, lr=0.0,
                                batch_size=6, device="cpu", out=str(tmp_path / "tuned")), quiet=True)
     tuned, _ = load_model(summary["run"] + "/model.safetensors")
     with torch.no_grad():

@@ -21,7 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from mad.adapt.families import names
 from mad.adapt.train import TrainConfig
 from mad.cli import app
 from mad.extract.run import ExtractConfig
@@ -114,7 +113,7 @@ TRAIN = {**numbers_and_choices(TrainConfig), "--width": BRANCH_SIZE, "--depth": 
 COMMANDS = {
     # command: (arguments it is valid with, the options' bad values, options whose values are names of files,
     # folders or models: checked when used)
-    "train": (lambda i: ["--cache", i["cache"]], TRAIN, {"--cache", "--val", "--out"}),
+    "train": (lambda i: ["--cache", i["cache"]], TRAIN, {"--cache", "--val", "--out", "--init"}),
     "sweep": (lambda i: ["--grid", "lr=1e-3", "--cache", i["cache"]],
               {**{k: TRAIN[k] for k in ("--epochs", "--batch-size", "--device", "--seed", "--in-ram", "--log")},
                "--grid": bad_grid()}, {"--cache", "--val", "--out"}),

@@ -22,7 +22,7 @@ from mad.adapt.madapter import TEMPORAL
 from mad.adapt.step import CLIP_GRAD, LABEL_SMOOTHING
 from mad.adapt.tracking import check_log
 from mad.cache.manifest import Manifest
-from mad.options import (FRACTION, NON_NEGATIVE, POSITIVE, SEED, Range, at_least, check_choices, check_device,
+from mad.options import (FRACTION, NON_NEGATIVE, SEED, Range, at_least, check_choices, check_device,
                          check_ranges)
 
 _BRANCH = BranchConfig()
@@ -67,7 +67,8 @@ class TrainConfig:
 
     # What each number and each named choice may be (width, depth, heads: the family's check, in `resolve`,
     # against the store; arch: the registry, live)
-    RANGES: ClassVar[dict] = {"epochs": at_least(1), "batch_size": at_least(1), "lr": POSITIVE,
+    RANGES: ClassVar[dict] = {"epochs": at_least(1), "batch_size": at_least(1),
+                              "lr": Range(low=0, note="0: weights stay"),
                               "weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "dropout": FRACTION,
                               "label_smoothing": FRACTION, "clip_grad": Range(low=0, note="0: off"), "seed": SEED,
                               "correlation": at_least(0, "0: off"), "workers": at_least(0, "0: read in this process")}
