@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
-from mad.adapt.branch import BranchConfig, Family, register
+from mad.adapt.branch import FAMILIES, BranchConfig, Family, register
 from mad.adapt.checkpoint import load_model, save_model
 from mad.adapt.families import family, names, store_needs, stored_names
 from mad.cache.store import Store
@@ -40,7 +40,17 @@ class ToyFamily(Family):
     preset = dict(lr=3e-3)
 
 
-register(ToyFamily())
+ARCHS = [*names(), "toy"]  # every family mad registers, and this file's
+
+
+@pytest.fixture(autouse=True, scope="module")
+def toy_registered():
+    """`toy` is registered while this file's tests run, and only then (other files see mad's own registry)."""
+    register(ToyFamily())
+    yield
+    FAMILIES.pop("toy")
+
+
 SMALL = dict(width=16, heads=2)  # for the families that take them; a preset's 0s (EVL) win where it sets them
 
 
@@ -66,7 +76,7 @@ def test_registry_refuses_unknown_arch_naming_the_registered_ones():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", names())
+@pytest.mark.parametrize("arch", ARCHS)
 def test_every_family_trains_round_trips_evaluates_and_predicts(arch, stores, tmp_path):
     from mad.adapt.evaluate import evaluate
     from mad.adapt.train import TrainConfig, train

@@ -296,8 +296,9 @@ class MAdapterFamily(LayersFamily):
         fixed = manifest.compact
         remedy = "extract a full store (mad extract --store full) or a compact one with that setting"
         if str(cfg.cell_size) not in ("auto", str(fixed["cell_size"])):
-            raise ConfigError(f"{location}: a compact store with cells of {fixed['cell_size']} patches cannot "
-                              f"serve --cell-size {cfg.cell_size}; {remedy}")
+            cell = fixed["cell_size"]
+            raise ConfigError(f"{location}: a compact store with cells of {cell}x{cell} patches cannot serve "
+                              f"--cell-size {cfg.cell_size}; {remedy}")
         if cfg.correlation not in (0, fixed["correlation"]):
             raise ConfigError(f"{location}: a compact store with correlation radius {fixed['correlation']} "
                               f"cannot serve --correlation {cfg.correlation}; {remedy}")
