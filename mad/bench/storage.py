@@ -102,7 +102,7 @@ def step_seconds(location: str, batch_size: int, epochs: int, workers: int, devi
 
 def demo_accuracy(root: Path, seeds: list[int], epochs: int, progress: bool) -> dict:
     """Val top-1 of the demo task from a full and a compact store of the same videos, per seed."""
-    from mad.adapt.train import train
+    from mad.adapt.train import TrainConfig, train
     from mad.demo import DemoConfig, demo_extract_config, demo_train_config
     from mad.extract.run import extract
     from mad.synthetic import make_demo_videos
@@ -117,7 +117,8 @@ def demo_accuracy(root: Path, seeds: list[int], epochs: int, progress: bool) -> 
         for seed in seeds:
             if progress:
                 print(f"demo task: {mode} store, seed {seed}", file=sys.stderr, flush=True)
-            summary = train(demo_train_config(root / mode / "train", root / mode / "val", "madapter",
+            arch = TrainConfig().arch  # the default branch: the storage modes are what is compared
+            summary = train(demo_train_config(root / mode / "train", root / mode / "val", arch,
                                               root / "runs" / f"{mode}-{seed}", cfg, seed=seed), quiet=True)
             result[mode]["last"].append(summary["last/val/acc/top1"])
             result[mode]["best"].append(summary["val/acc/top1"])
