@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from mad.adapt.madapter import BranchConfig, build_model, check_branch
+from mad.adapt.branch import BranchConfig
+from mad.adapt.families import build_model, family
 from mad.adapt.step import make_optimizer, train_step
 from mad.runtime import machine_info
 
@@ -63,7 +64,8 @@ def main():
     first = statistics.median(times[settings[0]])
     rows = []
     for (cell, precision), seconds in times.items():
-        n = int(check_branch(BranchConfig(num_tokens=args.tokens, in_width=args.in_width, cell_size=cell)).cell_size)
+        n = int(family("madapter").check(BranchConfig(num_tokens=args.tokens, in_width=args.in_width,
+                                                   cell_size=cell)).cell_size)
         cells = -(-side // n)
         median = statistics.median(seconds)
         rows.append({"cell_size": cell, "resolved": n, "branch_grid": f"{cells}x{cells}", "precision": precision,

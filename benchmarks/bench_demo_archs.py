@@ -33,22 +33,24 @@ ARCHS = ("madapter", "evl", "meanpool", "linear")
 
 def demo_runs(args) -> dict:
     """Part 1: every arch over every seed on one demo cache."""
-    from mad.adapt.train import train, with_arch_defaults
+    from mad.adapt.config import with_preset
+    from mad.adapt.train import train
     from mad.demo import DemoConfig, demo_train_config, extract_demo
 
     cfg = DemoConfig(out=args.work, videos_per_class=args.videos_per_class, val_per_class=args.val_per_class,
                      epochs=args.epochs, archs=tuple(args.archs), progress=False)
     work = Path(args.work)
-    extract_demo(cfg, branches="madapter,evl")
+    extract_demo(cfg, ("madapter", "evl"))
 
     rows = {}
     for arch in args.archs:
         runs = []
         for seed in args.seeds:
             run_dir = work / "runs" / f"{arch}-seed{seed}"
-            train_cfg = with_arch_defaults(demo_train_config(work / "cache" / "train", work / "cache" / "val", arch,
-                                                             run_dir, cfg, seed=seed))
-            summary = train(train_cfg, quiet=True)
+            train_cfg = demo_train_config(work / "cache" / "train", work / "cache" / "val", arch, run_dir, cfg,
+                                          seed=seed)
+            summary = train(train_cfg, quiet=True, given=())  # each arch's own preset
+            train_cfg = with_preset(train_cfg, given=())
             history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             clips = 6 * args.videos_per_class
             steps = math.ceil(clips / train_cfg.batch_size)

@@ -38,7 +38,8 @@ def gather_bmm(attn, table, index):  # [n, P, P], [R, C], [P, P] -> [n, P, C]
 def demo_step_seconds() -> dict:
     """Median seconds of an EVL training step (batch 16, T 8, 5 levels of 197 x 128), each mix."""
     from mad.adapt import evl
-    from mad.adapt.madapter import BranchConfig, build_model
+    from mad.adapt.branch import BranchConfig
+    from mad.adapt.families import build_model
 
     torch.manual_seed(0)
     model = build_model(BranchConfig(arch="evl", num_levels=5, in_width=128, num_tokens=197, num_frames=8,

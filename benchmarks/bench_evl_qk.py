@@ -28,7 +28,8 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mad.adapt.madapter import BranchConfig, build_model  # noqa: E402
+from mad.adapt.branch import BranchConfig  # noqa: E402
+from mad.adapt.families import build_model  # noqa: E402
 from mad.adapt.step import make_optimizer, train_step  # noqa: E402
 from mad.runtime import machine_info  # noqa: E402
 

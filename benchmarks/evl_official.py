@@ -43,8 +43,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mad.adapt.branch import BranchConfig, count_parameters  # noqa: E402
+from mad.adapt.families import build_model, store_needs  # noqa: E402
 from mad.adapt.evl_checkpoint import load_official  # noqa: E402
-from mad.adapt.madapter import BranchConfig, build_model, count_parameters  # noqa: E402
 
 FILES = ("model.py", "vision_transformer.py", "weight_loaders.py")
 MODEL, FRAMES, CLASSES, VIDEOS = "ViT-B-16-quickgelu", 8, 400, 2
@@ -82,8 +83,8 @@ def make_store(tmp: Path):
         write_video(tmp / "videos" / "c" / f"clip{v}.mp4", (video + rng.normal(0, 8, video.shape)).clip(0, 255)
                     .astype(np.uint8))
     extract(ExtractConfig(videos=str(tmp / "videos"), out=str(tmp / "store"), model=MODEL, pretrained="none",
-                          layers="12", frames=FRAMES, store="full", branches="madapter,evl", precision="fp32",
-                          workers=0, progress=False))
+                          layers="12", frames=FRAMES, store="full", precision="fp32", workers=0, progress=False),
+            store_needs("madapter,evl"))
     store = Store.open(tmp / "store")
     backbone = load_backbone(MODEL, "none", "12", precision="fp32")  # the store's seeded random weights
     frames = []
@@ -119,9 +120,10 @@ def main():
                                       backbone_path="open_clip", backbone_mode="freeze_fp32", decoder_num_layers=4,
                                       decoder_qkv_dim=768, decoder_num_heads=12, num_classes=CLASSES)
         m = store.manifest
-        ours = build_model(BranchConfig(arch="evl", num_levels=len(m.evl["levels"]), in_width=m.width,
+        ours = build_model(BranchConfig(arch="evl", num_levels=len(m.branches["evl"]["levels"]), in_width=m.width,
                                         num_tokens=m.tokens, num_frames=m.frames, num_classes=CLASSES, width=0,
-                                        heads=0, depth=0, dropout=0.5, qk_heads=m.evl["heads"], qk_eps=m.evl["ln_eps"]))
+                                        heads=0, depth=0, dropout=0.5, qk_heads=m.branches["evl"]["heads"],
+                                        qk_eps=m.branches["evl"]["ln_eps"]))
         theirs_params, ours_params = count_parameters(official), count_parameters(ours)
         print(f"trainable parameters, ViT-B/16 8 frames 400 classes: official {theirs_params:,}, ours {ours_params:,}")
 
@@ -151,7 +153,8 @@ def main():
         reference = official(x)
         B, T = x.shape[0], x.shape[2]
         blocks_out = [{k: v.view(B, T, *v.shape[1:]) for k, v in f.items()} for f in features[0]]  # 12 blocks
-        levels = [torch.from_numpy(store.read_layer(n, slice(None))[:, 0]) for n in m.evl["levels"]]  # float16
+        levels = [torch.from_numpy(store.read_layer(n, slice(None))[:, 0])  # float16
+                  for n in m.branches["evl"]["levels"]]
         result = {"official_parameters": theirs_params, "our_parameters": ours_params,
                   "store_qk_weights_equal_official": same_frozen}
 

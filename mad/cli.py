@@ -23,7 +23,9 @@ import typer.core
 # A user's own OMP_WAIT_POLICY wins (ACTIVE on a machine that runs nothing else).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from mad.adapt.train import TrainConfig  # noqa: E402 (after the OpenMP setting above)
+from mad.adapt.config import TrainConfig  # noqa: E402 (after the OpenMP setting above)
+from mad.adapt.families import names, presets  # noqa: E402
+from mad.bench.commands import bench_app  # noqa: E402
 from mad.errors import MadError  # noqa: E402
 from mad.demo import DemoConfig  # noqa: E402
 from mad.extract.run import ExtractConfig  # noqa: E402
@@ -71,7 +73,6 @@ def _usage_error(e: Exception):
 
 app = typer.Typer(cls=_CatchMadErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="M-adapter video action recognition from a cached frozen open_clip ViT.")
-bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (print figures and ratios).")
 app.add_typer(bench_app, name="bench")
 # Warnings meant for users (random weights, ...) as one plain line, not a source excerpt.
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
@@ -112,11 +113,11 @@ def extract(
                                   "(auto: no fewer than 7x7)."),
     correlation: int = typer.Option(EXTRACT.correlation, help="--store compact: radius of the stored patch matches "
                                     "(0: none)."),
-    branches: str = typer.Option(EXTRACT.branches, help="Branch families to serve: madapter (reads --layers; also "
+    branches: str = typer.Option("madapter", help="Branch families to serve: madapter (reads --layers; also "
                                  "meanpool, linear), evl (adds the last --evl-layers blocks and the one before, "
                                  "float16, and the frozen weights of their q/k)."),
-    evl_layers: int = typer.Option(EXTRACT.evl_layers, "--evl-layers", help="--branches evl: the model's last blocks "
-                                   "EVL's decoder reads."),
+    evl_layers: Optional[int] = typer.Option(None, "--evl-layers", help="--branches evl: the model's last "
+                                             "blocks EVL's decoder reads (default 4, the official)."),
     batch_size: int = typer.Option(EXTRACT.batch_size, help="Videos per forward pass."),
     workers: int = typer.Option(EXTRACT.workers, help="Decoding worker processes (-1: automatic)."),
     device: str = typer.Option(EXTRACT.device, help="cpu, cuda, cuda:N or auto."),
@@ -131,16 +132,18 @@ def extract(
                                   "on a terminal, plain lines (every 10%) in a log file or pipe."),
 ):
     """Run the frozen model over every video and cache per-layer tokens (resumable)."""
+    from mad.adapt.families import store_needs
     from mad.extract.run import extract as run_extract
 
+    needs = store_needs(branches, evl_layers, grid_downsample)  # what the named branch families read
     summary = run_extract(ExtractConfig(
         videos=str(videos), out=out, layers=layers, model=model, pretrained=pretrained, frames=frames,
         clips=clips, crops=crops, labels=str(labels) if labels else None,
         labels_format=labels_format, labels_split=labels_split, grid_downsample=grid_downsample,
-        store=store, cell_size=cell_size, correlation=correlation, branches=branches, evl_layers=evl_layers,
+        store=store, cell_size=cell_size, correlation=correlation,
         batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
         shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit, progress=progress,
-    ))
+    ), needs)
     if summary["done_now"] == 0 and summary["failed_now"] > 0 and summary["done_total"] == 0:
         typer.echo(f"error: no video could be extracted; reasons in {summary['errors']}", err=True)
         raise typer.Exit(1)
@@ -163,8 +166,8 @@ def train(
     ctx: typer.Context,
     cache: str = typer.Option(TRAIN.cache, "--cache", help="Training cache (made by `mad extract`)."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation cache (same model, layers and frames)."),
-    arch: str = typer.Option(TRAIN.arch, help="madapter, meanpool, linear or evl (options not given take the "
-                             "arch's defaults: evl --lr 4e-4 --dropout 0.5, width, heads, depth from the cache)."),
+    arch: str = typer.Option(TRAIN.arch, help=f"A registered branch family: {', '.join(names())} (options not "
+                             f"given take its preset: {presets()}; 0: from the cache)."),
     width: int = typer.Option(TRAIN.width, help="Branch width."),
     depth: int = typer.Option(TRAIN.depth, help="Fusion/temporal blocks."),
     heads: int = typer.Option(TRAIN.heads, help="Attention heads."),
@@ -196,15 +199,16 @@ def train(
     """Train the M-adapter branch (or a baseline) from cached tokens; no image model is loaded."""
     import dataclasses
 
-    from mad.adapt.train import config_from_run, train as run_train, with_arch_defaults
+    from mad.adapt.train import config_from_run, train as run_train
 
     options = dict(ctx.params)
     given = {k: v for k, v in options.items() if ctx.get_parameter_source(k).name == "COMMANDLINE"}
-    cfg = with_arch_defaults(options, given)  # every value checked, before any file is read
+    cfg = TrainConfig(**options)  # every value checked, before any file is read
     if resume and out:
-        # Resume with the run's own settings; options given on this command line override them.
-        cfg = dataclasses.replace(config_from_run(out), **given)
-    run_train(cfg)
+        # Resume with the run's own settings (its preset applied already); options given here override them.
+        run_train(dataclasses.replace(config_from_run(out), **given))
+    else:
+        run_train(cfg, given=set(given))
 
 
 @app.command("eval")
@@ -236,7 +240,7 @@ def import_evl(
     out: Path = typer.Option(..., "--out", help="Run folder to write model.safetensors into."),
 ):
     """Make a run folder from an official EVL checkpoint, for mad eval and mad predict."""
-    from mad.adapt.evl_checkpoint import import_official
+    from mad.adapt.import_evl import import_official
 
     typer.echo(f"wrote {import_official(checkpoint, cache, out)}")
 
@@ -341,129 +345,6 @@ def report(
     from mad.report import write_report
 
     typer.echo(f"wrote {write_report(runs, out, device=device, worst=worst)}")
-
-
-@bench_app.command("extract")
-def bench_extract(
-    videos: Path = typer.Option(..., "--videos", help="Folder of videos (e.g. ../shared/data/k2/train)."),
-    model: str = typer.Option("ViT-B-16", help="open_clip model name (random weights)."),
-    layers: str = typer.Option("4,8,12"),
-    frames: int = typer.Option(8),
-    limit: int = typer.Option(48, help="Clips to use (the folder's list repeats past its end)."),
-    repeats: int = typer.Option(3, help="Run the side-by-side measurement this many times (min / median / max)."),
-    batch_size: int = typer.Option(4),
-    workers: int = typer.Option(-1),
-    device: str = typer.Option("auto"),
-    precision: str = typer.Option("bf16"),
-    long_clip: Optional[Path] = typer.Option(None, help="Clip for the short-vs-long decode test (default: longest)."),
-    out: Optional[Path] = typer.Option(None, help="Write the figures as JSON into this folder."),
-):
-    """Decode-only, model-only and full extraction throughput, and the ratios between them."""
-    from mad.bench.extract import bench_extract as run
-
-    run(str(videos), model, layers, frames, limit, batch_size, workers, device, precision,
-        str(long_clip) if long_clip else None, str(out) if out else None, repeats)
-
-
-@bench_app.command("memory")
-def bench_memory(
-    model: str = typer.Option("ViT-B-16", help="open_clip model name or config .json (random weights)."),
-    frames: int = typer.Option(8, help="Frames per clip (T)."),
-    batch: int = typer.Option(8, help="Clips per training step."),
-    layers: str = typer.Option("4,8,12", help="Blocks tapped for the M-adapter (1-based)."),
-    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
-    precision: str = typer.Option("bf16", help="Backbone weight dtype (every mode); on CUDA also the autocast "
-                                  "dtype: bf16, fp16, fp32."),
-    steps: int = typer.Option(5, help="Timed training steps per mode (after one warm-up step)."),
-    budget_gb: Optional[float] = typer.Option(None, "--budget-gb",
-                                              help="Also find each mode's largest batch within this many GiB."),
-    out: Path = typer.Option(Path("benchmarks/results"), help="Folder for the JSON and PNG."),
-    classes: int = typer.Option(174, help="Classes of the linear heads (174: SSv2)."),
-    branch_width: int = typer.Option(384, help="M-adapter branch width."),
-    threads: int = typer.Option(0, help="torch CPU threads per mode process (0: torch's default)."),
-    cell_size: str = typer.Option(TRAIN.cell_size, "--cell-size", "--grid-pool",
-                                  help="M-adapter cells, as `mad train --cell-size`: auto, 1, 2, ..."),
-):
-    """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter and EVL online and
-    cached."""
-    from mad.bench.memory import run_benchmark
-
-    run_benchmark(model=model, frames=frames, batch=batch, layers=layers, device=device, precision=precision,
-                  steps=steps, budget_gb=budget_gb, out=out, classes=classes, branch_width=branch_width,
-                  threads=threads, command=" ".join(["mad", *sys.argv[1:]]), cell_size=cell_size)
-
-
-@bench_app.command("train")
-def bench_train(
-    videos: Path = typer.Option(Path("../shared/data/k2/train"), "--videos", help="Folder of videos (class folders)."),
-    model: str = typer.Option("ViT-B-16", help="open_clip model name or config .json (random weights)."),
-    layers: str = typer.Option("4,8,12"),
-    frames: int = typer.Option(8),
-    batch_size: int = typer.Option(8, help="Clips per training step (every mode)."),
-    epochs: int = typer.Option(2, help="Cached epochs to time (the first warms up when there are more)."),
-    width: int = typer.Option(384, help="M-adapter branch width."),
-    online_steps: int = typer.Option(3, help="Online steps to time (after one warm-up), extrapolated to an epoch."),
-    workers: int = typer.Option(2, help="Reader processes for the streamed mode."),
-    decode_workers: int = typer.Option(2, help="DataLoader processes decoding videos in the online mode."),
-    repeats: int = typer.Option(3, help="Run the whole comparison this many times (min / median / max)."),
-    limit: Optional[int] = typer.Option(None, help="Use N videos: the first N, or the list repeated up to N."),
-    cache: Optional[str] = typer.Option(None, help="Existing cache of --videos (default: extract one now, timed)."),
-    store: str = typer.Option("compact", help="Store to extract: compact (the default of mad extract) or full."),
-    device: str = typer.Option("auto"),
-    precision: str = typer.Option("bf16", help="Backbone precision for extraction and online mode."),
-    grid_downsample: int = typer.Option(1, "--grid-downsample", "--pool",
-                                        help="Average the patch grid in NxN cells at extraction (cache and online alike)."),
-    out: Optional[Path] = typer.Option(None, help="Write the figures as JSON into this folder."),
-    branch_precision: str = typer.Option(TRAIN.precision, help="Branch autocast, as `mad train --precision`: auto, bf16 or fp32."),
-    cell_size: str = typer.Option(TRAIN.cell_size, "--cell-size", "--grid-pool",
-                                  help="Branch cells, as `mad train --cell-size`: auto, 1, 2, ..."),
-):
-    """Epoch time training from the cache vs online (frozen ViT every step); streamed vs in-RAM cache."""
-    from mad.bench.train import bench_train as run
-
-    run(str(videos), model, layers, frames, batch_size, epochs, width, online_steps, workers, limit, device,
-        precision, cache, grid_downsample, str(out) if out else None, branch_precision, cell_size, store, repeats,
-        decode_workers)
-
-
-@bench_app.command("storage")
-def bench_storage(
-    videos: Path = typer.Option(Path("../shared/data/k2/train"), "--videos", help="Folder of videos."),
-    model: str = typer.Option("ViT-B-16", help="open_clip model name or config .json (random weights)."),
-    layers: str = typer.Option("4,8,12"),
-    frames: int = typer.Option(8),
-    limit: Optional[int] = typer.Option(16, help="Use only the first N videos."),
-    batch_size: int = typer.Option(8, help="Clips per training step and per read batch."),
-    epochs: int = typer.Option(2, help="Timed epochs per source (after one warm-up epoch)."),
-    workers: int = typer.Option(2, help="Reader processes for the streamed source."),
-    device: str = typer.Option("auto"),
-    precision: str = typer.Option("bf16", help="Backbone precision for extraction."),
-    seeds: str = typer.Option("0,1,2", help="Seeds of the demo-task accuracy runs ('' to skip them)."),
-    demo_epochs: int = typer.Option(30, help="Epochs of each demo-task run."),
-    out: Optional[Path] = typer.Option(None, help="Write the figures as JSON into this folder."),
-):
-    """Storage modes side by side: bytes per video-view, extraction, reading, step time, demo accuracy."""
-    from mad.bench.storage import bench_storage as run
-
-    run(str(videos), model, layers, frames, limit, batch_size, epochs, workers, device, precision, seeds,
-        demo_epochs, str(out) if out else None)
-
-
-@bench_app.command("scaling")
-def bench_scaling(
-    videos: Path = typer.Option(..., "--videos", help="Folder of videos."),
-    model: str = typer.Option("ViT-B-16"),
-    layers: str = typer.Option("4,8,12"),
-    frames: int = typer.Option(8),
-    limit: int = typer.Option(16, help="Number of clips."),
-    processes: int = typer.Option(2, help="Slices run side by side (--shard I/N)."),
-    precision: str = typer.Option("bf16"),
-    out: Optional[Path] = typer.Option(None, help="Write the figures as JSON into this folder."),
-):
-    """Extraction throughput with one process vs N --shard slices side by side on this machine."""
-    from mad.bench.extract import bench_scaling as run
-
-    run(str(videos), model, layers, frames, limit, processes, precision, str(out) if out else None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,7 +39,7 @@ class DemoConfig:
 
     def check(self) -> "DemoConfig":
         """Refuse a setting the demo's extraction or training would refuse, before drawing any video."""
-        from mad.adapt.madapter import ARCHS
+        from mad.adapt.families import Registered
         from mad.options import SEED, at_least, check_choice, check_layers, check_ranges
 
         check_ranges(self, {"videos_per_class": at_least(1), "val_per_class": at_least(1), "frames": at_least(1),
@@ -48,7 +48,7 @@ class DemoConfig:
         if not self.archs:
             raise MadError("--archs: name at least one arch")
         for arch in self.archs:
-            check_choice("archs", arch, ARCHS)
+            check_choice("archs", arch, Registered())
         return self
 
 
@@ -71,19 +71,22 @@ def demo_train_config(cache, val, arch: str, out, cfg: DemoConfig, seed: int | N
                        batch_size=16, lr=1e-3, **overrides)
 
 
-def extract_demo(cfg: DemoConfig, branches: str = "madapter", **overrides) -> dict:
+def extract_demo(cfg: DemoConfig, archs=("madapter",), **overrides) -> dict:
     """Draw the demo's videos into cfg.out/videos and extract both splits into cfg.out/cache/{train,val}
-    (an extraction that is already complete is left as it is): {"classes": [...], "train": ..., "val": ...}."""
+    (an extraction that is already complete is left as it is), with what `archs` read: {"classes": [...],
+    "train": ..., "val": ...}."""
+    from mad.adapt.families import family, store_needs
     from mad.extract.run import extract
     from mad.synthetic import make_demo_videos
 
     out = Path(cfg.out)
     videos = make_demo_videos(out / "videos", videos_per_class=cfg.videos_per_class,
                               val_per_class=cfg.val_per_class, seed=cfg.seed)
+    needs = store_needs(",".join(family(arch).stored_as for arch in archs))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random weights.*")
         for split in ("train", "val"):
-            extract(demo_extract_config(videos[split], out / "cache" / split, cfg, branches=branches, **overrides))
+            extract(demo_extract_config(videos[split], out / "cache" / split, cfg, **overrides), needs)
     return {"classes": videos["classes"], "train": out / "cache" / "train", "val": out / "cache" / "val"}
 
 
@@ -91,7 +94,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from mad.adapt.train import train, with_arch_defaults
+    from mad.adapt.train import train
     from mad.tables import print_table
 
     console = Console()
@@ -101,13 +104,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     console.print("backbone: a small ViT (mad-demo-vit: 112 px, 8 px patches, so a 14x14 grid as ViT-B/16's; 4 blocks, "
                   "width 128) with [bold]random weights[/bold] "
                   "(no download needed): the features are not pre-trained")
-    caches = extract_demo(cfg, branches="madapter,evl" if "evl" in cfg.archs else "madapter")
+    caches = extract_demo(cfg, cfg.archs)
     console.print(f"classes: {', '.join(caches['classes'])}")
     results = {}
     for arch in cfg.archs:
         console.print(f"training [bold]{arch}[/bold] from the cache")
-        summary = train(with_arch_defaults(demo_train_config(out / "cache" / "train", out / "cache" / "val", arch,
-                                                             out / "runs" / arch, cfg)), quiet=not cfg.progress)
+        summary = train(demo_train_config(out / "cache" / "train", out / "cache" / "val", arch, out / "runs" / arch,
+                                          cfg), quiet=not cfg.progress, given=())  # each arch's own preset
         results[arch] = summary
     seconds = time.perf_counter() - started
 

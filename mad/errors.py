@@ -6,3 +6,7 @@ Each message names the file (or option) and says why, so it can be shown as it i
 
 class MadError(Exception):
     """A request mad cannot serve; `str(error)` is the one line to show the user."""
+
+
+class CheckpointError(MadError):
+    """A model or checkpoint file that cannot be used (message names the file and says why)."""

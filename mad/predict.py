@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 
 from mad.adapt.checkpoint import load_model
+from mad.adapt.families import family
 from mad.cache.manifest import Manifest
 from mad.errors import MadError
-from mad.extract.backbone import load_backbone, sha256_file
+from mad.extract.backbone import load_backbone
 from mad.extract.decode import DecodeError, decode_clip
 from mad.options import at_least, check_number
-from mad.runtime import resolve_device
+from mad.runtime import resolve_device, sha256_file
 
 
 class PredictError(MadError):
@@ -53,7 +54,7 @@ def predict_videos(videos: list[str], run: str, top: int = 5, pretrained: str | 
     manifest = Manifest.from_dict(info["manifest"], str(model_file))
     class_names = info.get("class_names") or [str(i) for i in range(info["branch"].num_classes)]
     device = resolve_device(device)
-    levels_read = manifest.levels_for(info["branch"].arch)  # --layers, or EVL's blocks and the one before
+    levels_read = family(info["branch"].arch).levels(manifest)  # the levels its family reads as tokens
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*random weights.*")
         backbone = load_backbone(manifest.model, _weights_for(manifest, pretrained), manifest.layers, device,

@@ -4,7 +4,8 @@ On a terminal (stdout is a tty) progress is a rich bar redrawn in place. Anywher
 (Slurm, nohup, CI, a pipe) a redrawn bar leaves nothing readable: rich draws it once, at
 the end, or (FORCE_COLOR set) as carriage returns and ANSI codes. There progress is plain
 lines instead, `PlainProgress`, and rich text is printed with no colour, no control codes
-and no wrapping (`make_console`).
+and no wrapping (`make_console`). The one progress module: extraction's `VideoProgress`,
+training's `EpochLog`, and `passing_bar` (reading a store into RAM) all draw through it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sys
 import time
 
 from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 
 def plain() -> bool:
@@ -28,6 +31,11 @@ def make_console(quiet: bool = False, stderr: bool = False, highlight: bool = Fa
     # force_terminal=False and no colour system also when FORCE_COLOR is set: a log file gets plain text.
     return Console(quiet=quiet, stderr=stderr, highlight=False, color_system=None, force_terminal=False,
                    soft_wrap=True)
+
+
+def passing_bar(enabled: bool = True) -> Progress:
+    """A bar that clears itself when done: on a terminal only (none in a log)."""
+    return Progress(transient=True, disable=not enabled or plain())
 
 
 def format_seconds(seconds: float) -> str:
@@ -75,3 +83,82 @@ class PlainProgress:
     def stop(self) -> None:
         """The last line, if the counts moved since the one before (e.g. a run stopped early)."""
         self.emit()
+
+
+class VideoProgress:
+    """Videos done/total, videos/s, ETA, failures so far: a rich bar on a terminal, plain lines elsewhere."""
+
+    def __init__(self, total: int, enabled: bool, label: str = "extract"):
+        self.progress = self.lines = None
+        self.failed = self.done = 0
+        self.started = time.perf_counter()
+        if not enabled:
+            return
+        if plain():
+            self.lines = PlainProgress(label, total)
+            return
+        self.progress = Progress(
+            TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} videos/s"),
+            TimeRemainingColumn(), TextColumn("[red]{task.fields[failed]} failed"),
+        )
+        self.task = self.progress.add_task("extract", total=total, rate="-", failed=0)
+        self.progress.start()
+
+    def advance(self, n: int = 1, failed: bool = False) -> None:
+        self.failed += failed
+        self.done += 0 if failed else n
+        if self.lines is not None:
+            self.lines.update(self.done + self.failed, self.done, self.failed)
+        if self.progress is None:
+            return
+        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, advance=n, rate=f"{rate:.2f}", failed=self.failed)
+
+    def stop(self) -> None:
+        if self.lines is not None:
+            self.lines.stop()
+        if self.progress is not None:
+            self.progress.stop()
+
+
+class EpochLog:
+    """Training progress fed by the epoch loop: a rich bar per epoch on a terminal, one plain line per
+    epoch elsewhere (Slurm, nohup, CI), nothing when quiet."""
+
+    def __init__(self, quiet: bool, epochs: int, steps_per_epoch: int):
+        self.console = make_console(quiet)
+        self.epochs, self.steps = epochs, steps_per_epoch
+        self.plain = plain()
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console,
+                                 disable=quiet or self.plain)
+        self.task = None
+
+    def print(self, text: str) -> None:
+        self.console.print(text)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def step(self, status: str) -> None:
+        if self.plain:
+            return
+        if self.task is None:
+            self.task = self.progress.add_task(f"epoch {len(self.progress.tasks) + 1}", total=self.steps, status="")
+        self.progress.update(self.task, advance=1, status=status)
+
+    def epoch_done(self, row: dict) -> None:
+        val = f"  val {row['val/acc/top1']:.3f}" if "val/acc/top1" in row else ""
+        status = (f"loss {row['train/loss']:.4f}  acc {row['train/acc']:.3f}{val}  "
+                  f"{row['clips_per_second']:.0f} clips/s")
+        if self.plain:
+            self.print(f"epoch {row['epoch']}/{self.epochs}  {status}  {row['epoch_seconds']:.1f} s")
+            return
+        if self.task is None:
+            self.task = self.progress.add_task("", total=self.steps, status="")
+        self.progress.update(self.task, description=f"epoch {row['epoch']}/{self.epochs}", status=status)
+        self.task = None

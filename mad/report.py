@@ -177,7 +177,7 @@ def score_run(run: Run, caches: dict, device, worst: int, batch_size: int) -> No
     if int(data.labels.max()) >= num_classes:
         raise ReportError(f"{val}: label {int(data.labels.max())} is outside {model_path}'s {num_classes} classes")
 
-    probs = predict_probs(model, data, batch_size, device, all_views=True).mean(dim=1)  # [V, C]
+    probs = predict_probs(model, data, batch_size, device, all_views=True, arch=info["branch"].arch).mean(dim=1)
     labels = data.labels
     names = info.get("class_names") or data.class_names or [str(c) for c in range(num_classes)]
     run.multi_top1 = accuracy(probs, labels)["acc/top1"]

@@ -125,3 +125,14 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
     return info
+
+
+def sha256_file(path) -> str:
+    """The file's sha256, hex (a checkpoint's identity in manifests and runs)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mad.adapt.families import family
 from mad.adapt.train import TrainConfig, train
 from mad.cache import compact
 from mad.cache.dataset import open_tokens
@@ -111,8 +112,9 @@ def test_training_from_compact_equals_full_up_to_8_bits(stores, tmp_path):
     with torch.no_grad():
         (a, labels, _, _), = list(full.eval_batches(64))
         (b, _, _, _), = list(small.eval_batches(64))
-        logits_full = model(full.to_model(a, "cpu"))
-        logits_compact = model(small.to_model(b, "cpu"))
+        layers = family("madapter")  # full levels, or compact records decoded
+        logits_full = model(layers.inputs(full.to_device(a, "cpu"), full.manifest))
+        logits_compact = model(layers.inputs(small.to_device(b, "cpu"), small.manifest))
     assert torch.allclose(logits_full, logits_compact, atol=0.05 * logits_full.abs().max().item())
     assert (logits_full.argmax(1) == logits_compact.argmax(1)).float().mean() >= 0.99
     # and a run trained on the compact store itself trains the same model, to within 8-bit noise

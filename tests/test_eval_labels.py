@@ -41,7 +41,7 @@ def test_multi_view_is_the_mean_of_softmaxes_and_unlabelled_videos_are_not_score
 
     from mad.adapt.checkpoint import load_model
 
-    model, _ = load_model(tmp_path / "run" / "model.safetensors")
+    model, info = load_model(tmp_path / "run" / "model.safetensors")
     data = open_tokens(cache, "yes", progress=False)
     labels = torch.from_numpy(cache.labels()[[0, 3, 4, 5, 6, 7]].astype(np.int64))
     per_view = []
@@ -51,7 +51,7 @@ def test_multi_view_is_the_mean_of_softmaxes_and_unlabelled_videos_are_not_score
             per_view.append(model(levels).softmax(dim=-1))
     assert result["single_view"] == pytest.approx(accuracy(per_view[0], labels))
     assert result["multi_view"] == pytest.approx(accuracy((per_view[0] + per_view[1]) / 2, labels))
-    assert torch.allclose(predict_probs(model, data, 4, torch.device("cpu"), all_views=True),
+    assert torch.allclose(predict_probs(model, data, 4, torch.device("cpu"), all_views=True, arch=info["branch"].arch),
                           torch.stack(per_view, dim=1), atol=1e-6)
 
 

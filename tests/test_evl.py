@@ -16,9 +16,12 @@ import torch.nn.functional as F
 from tests.helpers import extract_config
 from mad.adapt.checkpoint import load_model
 from mad.adapt.evl import TemporalCrossAttention, relative_index
-from mad.adapt.evl_checkpoint import import_official, load_official
-from mad.adapt.madapter import BranchConfig, build_model, count_parameters
+from mad.adapt.branch import BranchConfig, count_parameters
+from mad.adapt.families import build_model, store_needs
+from mad.adapt.evl_checkpoint import load_official
+from mad.adapt.import_evl import import_official
 from mad.adapt.sweep import sweep
+from mad.adapt.config import resolve, with_preset
 from mad.adapt.train import TrainConfig, train
 from mad.cache.manifest import Manifest
 from mad.cache.store import Store
@@ -106,8 +109,8 @@ def stores(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evl")
     videos = make_demo_videos(tmp / "videos", videos_per_class=2, val_per_class=1, num_frames=12, size=64)
     for store in ("compact", "full"):
-        extract(extract_config(videos["train"], tmp / store, store=store, branches="madapter,evl"))
-    extract(extract_config(videos["val"], tmp / "val", store="compact", branches="madapter,evl"))
+        extract(extract_config(videos["train"], tmp / store, store=store), store_needs("madapter,evl"))
+    extract(extract_config(videos["val"], tmp / "val", store="compact"), store_needs("madapter,evl"))
     return tmp, videos
 
 
@@ -123,9 +126,9 @@ def test_recomputed_qk_equal_open_clip_attention_qk_in_value(stores):
     from mad.extract.decode import decode_clip
 
     tmp, videos = stores
-    extract(extract_config(videos["val"], tmp / "evl3", store="full", branches="madapter,evl", evl_layers=3))
+    extract(extract_config(videos["val"], tmp / "evl3", store="full"), store_needs("madapter,evl", 3))
     store = Store.open(tmp / "evl3")
-    evl = store.manifest.evl
+    evl = store.manifest.branches["evl"]
     assert evl["blocks"] == [2, 3, 4] and evl["levels"] == [1, 2, 3, 4]
     model = build_model(BranchConfig(arch="evl", num_levels=len(evl["levels"]), in_width=store.manifest.width,
                                      num_tokens=store.manifest.tokens, num_frames=store.manifest.frames,
@@ -167,11 +170,13 @@ def test_store_records_what_each_family_needs_and_refuses_what_it_cannot_serve(s
     assert set(Store.open(tmp / "full").data_arrays) == {f"layers/{n}" for n in range(5)}  # --layers 2,4 in them
     # resuming with other branch families is refused (they change what the store holds)
     with pytest.raises(MadError, match="branches"):
-        extract(extract_config(videos["train"], tmp / "compact", store="compact", branches="madapter"))
+        extract(extract_config(videos["train"], tmp / "compact", store="compact"), store_needs("madapter"))
     with pytest.raises(MadError, match="grid-downsample 1"):
-        extract(extract_config(videos["train"], tmp_path / "x", branches="madapter,evl", grid_downsample=2))
+        store_needs("madapter,evl", grid_downsample=2)
+    with pytest.raises(MadError, match="grid-downsample 1"):  # extraction itself refuses it too
+        extract(extract_config(videos["train"], tmp_path / "x", grid_downsample=2), store_needs("madapter,evl"))
     with pytest.raises(MadError, match="unknown branch family"):
-        extract(extract_config(videos["train"], tmp_path / "x", branches="madapter,aim"))
+        store_needs("madapter,aim")
     # a store without EVL's inputs: one line naming what to re-run
     extract(extract_config(videos["train"], tmp_path / "plain", store="compact"))
     assert Store.open(tmp_path / "plain").manifest.branches == {"madapter": {}}
@@ -216,7 +221,7 @@ def test_train_eval_predict_and_sweep_evl_next_to_the_others(stores, tmp_path):
     store = Store.open(tmp / "full")
     path = store.paths()[0]
     (predicted,) = predict_videos([str(videos["train"] / path)], str(run), top=6)
-    levels = [torch.from_numpy(store.read_layer(n, 0).astype(np.float32)) for n in store.manifest.evl["levels"]]
+    levels = [torch.from_numpy(store.read_layer(n, 0).astype(np.float32)) for n in store.manifest.branches["evl"]["levels"]]
     with torch.no_grad():
         expected = model(levels).softmax(-1)[0]
     assert len(info["class_names"]) == 6 and len(predicted["top"]) == 6
@@ -254,6 +259,31 @@ def test_evl_reads_only_its_levels_and_its_depth_takes_the_deepest_blocks():
         build_model(BranchConfig(**{**cfg.to_dict(), "num_tokens": 7}))
 
 
+def test_evl_depth_follows_the_store(stores, tmp_path):
+    """A store holding N EVL blocks trains --depth N and refuses --depth N+1 in one line naming --depth and the
+    extraction that would serve it (the depth was once checked against a default of 2 blocks, not the store)."""
+    from typer.testing import CliRunner
+
+    from mad.cli import app
+
+    tmp, _ = stores
+    base = ["train", "--cache", str(tmp / "compact"), "--arch", "evl", "--epochs", "1", "--batch-size", "4",
+            "--device", "cpu", "--in-ram", "yes", "--workers", "0"]
+    served = CliRunner().invoke(app, base + ["--depth", "4", "--out", str(tmp_path / "depth4")])
+    assert served.exit_code == 0, served.output
+    assert json.loads((tmp_path / "depth4" / "config.json").read_text())["model"]["depth"] == 4
+    refused = CliRunner().invoke(app, base + ["--depth", "5", "--out", str(tmp_path / "depth5")])
+    assert refused.exit_code == 2
+    line = refused.output.strip()
+    assert "\n" not in line and line.startswith("error: --depth 5:") and "--evl-layers 5" in line, line
+    assert not (tmp_path / "depth5").exists()  # refused before any run folder or data
+
+
+def evl_config(**settings) -> TrainConfig:
+    """What `mad train --arch evl` with these options trains: EVL's preset for the rest."""
+    return with_preset(TrainConfig(arch="evl", **settings), given=set(settings))
+
+
 def official_state_names(layers: int) -> list[str]:
     """The state dict keys of the official EVLTransformer with a frozen backbone (decoder and head only: the
     backbone is kept out of the module tree), transcribed from OpenGVLab/efficient-video-recognition's model.py
@@ -288,7 +318,7 @@ def test_an_official_checkpoint_loads_strictly_and_gives_its_logits(stores, tmp_
     store = Store.open(tmp / "full")
     frozen = {name: torch.from_numpy(value) for name, value in store.frozen().items()}
     torch.manual_seed(1)
-    source = build_model(TrainConfig.for_arch("evl").branch(store.manifest, 6)).eval()
+    source = build_model(resolve(TrainConfig(arch="evl"), store.manifest, 6, given=())[1]).eval()
     source.load_frozen(frozen)
     with torch.no_grad():  # the tables, embeddings and query start at zero: make every weight count
         for p in source.parameters():
@@ -298,7 +328,7 @@ def test_an_official_checkpoint_loads_strictly_and_gives_its_logits(stores, tmp_
     checkpoint = tmp_path / "official.pth"
     save_official(state, checkpoint)
     levels = [torch.from_numpy(store.read_layer(n, v).astype(np.float32)) for v in range(3)
-              for n in store.manifest.evl["levels"]]
+              for n in store.manifest.branches["evl"]["levels"]]
     levels = [torch.cat(levels[i::5]) for i in range(5)]  # 3 videos
     with torch.no_grad():
         expected = source(levels)
@@ -314,8 +344,8 @@ def test_an_official_checkpoint_loads_strictly_and_gives_its_logits(stores, tmp_
     assert evaluate(run, str(tmp / "full"), progress=False)["videos"] == 12  # mad eval reads it as a run
 
     # mad train --init: the run starts from the checkpoint (lr 0: it stays there)
-    summary = train(TrainConfig.for_arch("evl", cache=str(tmp / "full"), init=str(checkpoint), epochs=1, lr=0.0,
-                                         batch_size=6, device="cpu", out=str(tmp_path / "tuned")), quiet=True)
+    summary = train(evl_config(cache=str(tmp / "full"), init=str(checkpoint), epochs=1, lr=0.0,
+                               batch_size=6, device="cpu", out=str(tmp_path / "tuned")), quiet=True)
     tuned, _ = load_model(summary["run"] + "/model.safetensors")
     with torch.no_grad():
         assert torch.equal(tuned(levels), expected)
@@ -326,7 +356,7 @@ def test_an_official_checkpoint_loads_strictly_and_gives_its_logits(stores, tmp_
                          ("layers3", lambda s: {k: v for k, v in s.items() if not (".3." in k or k.endswith(".3"))})):
         save_official(change(state), tmp_path / f"{name}.pth")
     with pytest.raises(MadError, match=r"temporal_pos_embed.0 is \(16, 64\) in the checkpoint, \(8, 64\) here"):
-        train(TrainConfig.for_arch("evl", cache=str(tmp / "full"), init=str(tmp_path / "frames16.pth"), epochs=1,
+        train(evl_config(cache=str(tmp / "full"), init=str(tmp_path / "frames16.pth"), epochs=1,
                                    device="cpu", out=str(tmp_path / "x")), quiet=True)
     with pytest.raises(MadError, match="backbone weights .* fine-tuned"):
         import_official(tmp_path / "backbone.pth", str(tmp / "full"), tmp_path / "y")

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from mad.adapt.checkpoint import CheckpointError, load_model, load_state, save_model
-from mad.adapt.madapter import (BranchConfig, Correlation, SpaceTimeConv, TemporalConv, build_model,
-                                count_parameters, resolve_cell_size)
-from mad.cache.inputs import average_cells, branch_inputs, normalized_cells
-from mad.cache.manifest import FAMILIES
+from mad.adapt.branch import BranchConfig, count_parameters
+from mad.adapt.families import build_model
+from mad.adapt.madapter import Correlation, SpaceTimeConv, TemporalConv
+from mad.errors import MadError
+from mad.cache.inputs import average_cells, branch_inputs, normalized_cells, resolve_cell_size
 
-ARCHS = FAMILIES["madapter"]  # this file's archs (evl: tests/test_evl.py)
+ARCHS = ("madapter", "meanpool", "linear")  # this file's archs (evl: tests/test_evl.py; all: test_families.py)
 
 SMALL = dict(width=16, heads=2, dropout=0.0)
 
@@ -108,7 +109,7 @@ def test_correlation_finds_where_a_patch_came_from():
 
 @pytest.mark.parametrize("cell", [1, 2])
 def test_projection_of_cells_keeps_no_copy_but_gives_autograd_gradients(cell):
-    from mad.adapt.madapter import LevelProjection
+    from mad.adapt.layers import LevelProjection
 
     torch.manual_seed(0)
     projection = LevelProjection(24, 8)
@@ -145,7 +146,7 @@ def test_branch_inputs_are_what_the_branch_reads_of_full_levels():
 
 
 def test_mlp_gradients_equal_autograd_through_gelu():
-    from mad.adapt.madapter import Mlp
+    from mad.adapt.layers import Mlp
 
     torch.manual_seed(0)
     mlp = Mlp(16, 64)
@@ -247,7 +248,8 @@ def test_madapter_sees_frame_order_and_linear_does_not():
 
 
 def test_unknown_arch_and_bad_heads_are_refused():
-    with pytest.raises(ValueError, match="arch 'resnet': use one of"):
+    with pytest.raises(MadError, match=r"--arch 'resnet': not a registered branch family \(use madapter, meanpool, "
+                                        "linear, evl"):
         branch("resnet", 1, 8, 5, 4, 2)
     with pytest.raises(ValueError, match="divisible"):
         branch("madapter", 1, 8, 5, 4, 2, width=10, heads=3)

@@ -21,11 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from mad.adapt.madapter import ARCHS
 from mad.adapt.train import TrainConfig
 from mad.cli import app
 from mad.extract.run import ExtractConfig
-from mad.options import Range
+from mad.options import Range, at_least
 from mad.plan import PlanConfig
 from tests.helpers import TINY_MODEL, extract_config
 from tests.helpers.cache import make_cache
@@ -121,6 +120,7 @@ COMMANDS = {
     "extract": (lambda i: ["--videos", i["videos"], "--model", TINY_MODEL, "--pretrained", "none", "--layers", "1,2"],
                 {**numbers_and_choices(ExtractConfig), "--layers": LAYERS_OF_TINY, "--cell-size": CELL_SIZE,
                  "--device": DEVICE, "--branches": st.sampled_from(["foo", "madapter,bar", "evl2", "mad adapter"]),
+                 "--evl-layers": out_of(at_least(1)),
                  "--shard": st.sampled_from(["x", "1/1", "2/1", "-1/2", "1/0", "1/2/3", "a/b", ""])},
                 {"--videos", "--out", "--model", "--pretrained", "--labels"}),
     "plan": (lambda i: ["--num-videos", "10", "--model", TINY_MODEL, "--layers", "1,2", "--probe", "0"],

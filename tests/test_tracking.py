@@ -154,10 +154,10 @@ def test_predictions_csv_reproduces_mad_eval(tmp_path):
             assert len({r[f"{view}_class{i}"] for i in range(1, 6)}) == 5
 
     # The probabilities are the model's softmax: view 0, and the mean over the 3 views.
-    model, _ = load_model(tmp_path / "run" / "model.safetensors")
+    model, info = load_model(tmp_path / "run" / "model.safetensors")
     done = np.arange(12)
     probs = predict_probs(model, open_tokens(val, "yes", progress=False, videos=done), 4, torch.device("cpu"),
-                          all_views=True)
+                          all_views=True, arch=info["branch"].arch)
     for view, p in (("single", probs[:, 0]), ("multi", probs.mean(dim=1))):
         values, indices = p.topk(5, dim=1)
         assert [[r[f"{view}_class{i}"] for i in range(1, 6)] for r in rows] == \

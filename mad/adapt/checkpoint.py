@@ -8,12 +8,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from mad.adapt.madapter import BranchConfig, build_model
-from mad.errors import MadError
-
-
-class CheckpointError(MadError):
-    """A model file that cannot be used (message names the file and says why)."""
+from mad.adapt.branch import BranchConfig
+from mad.adapt.families import build_model
+from mad.errors import CheckpointError, MadError
 
 
 def save_model(model: nn.Module, path, branch: BranchConfig, info: dict | None = None) -> None:
@@ -41,9 +38,9 @@ def load_model(path, device: str | torch.device = "cpu") -> tuple[nn.Module, dic
         raise CheckpointError(f"{path}: not a mad model (no 'mad' metadata)")
     info = json.loads(metadata["mad"])
     try:
-        info["branch"] = BranchConfig.from_dict(info["model_args"])
+        info["branch"] = BranchConfig.from_dict(info["model_args"], f"{path}: model_args")
         model = build_model(info["branch"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, MadError) as e:
         raise CheckpointError(f"{path}: cannot rebuild the model ({e})") from None
     load_state(model, load_file(str(path)), path)
     return model.to(device).eval(), info

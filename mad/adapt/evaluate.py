@@ -19,7 +19,8 @@ import torch
 
 from mad.adapt.checkpoint import load_model
 from mad.cache.dataset import CachedTokens, open_tokens, usable_videos
-from mad.cache.manifest import Manifest, training_keys
+from mad.adapt.families import family, pair_keys, reads
+from mad.cache.manifest import Manifest
 from mad.cache.store import DONE, Store
 from mad.errors import MadError
 from mad.options import at_least, check_choice, check_number
@@ -32,14 +33,16 @@ class EvalError(MadError):
 
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, data: CachedTokens, batch_size: int, device: torch.device,
-                  all_views: bool = False, arch: str = "madapter") -> torch.Tensor:
-    """Softmax probabilities of branch `model` (of `arch`), float32 [V, views, C] (views = 1 unless `all_views`)."""
+                  all_views: bool = False, *, arch: str) -> torch.Tensor:
+    """Softmax probabilities of branch `model` (of `arch`: its family says how it takes a batch), float32
+    [V, views, C] (views = 1 unless `all_views`)."""
+    entry = family(arch)
     model.eval()
     views_used = data.num_views if all_views else 1
     probs = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for arrays, _, positions, views in data.eval_batches(batch_size, all_views):
-        inputs = data.to_model(arrays, device, arch)
+        inputs = entry.inputs(data.to_device(arrays, device), data.manifest)
         with autocast:
             logits = model(inputs)
         p = logits.float().softmax(dim=-1).cpu()
@@ -82,12 +85,12 @@ def evaluate(run_dir, cache, batch_size: int = 64, device: str = "auto", in_ram:
     store = Store.open(cache)
     trained_on = Manifest.from_dict(info["manifest"], str(model_path)) if info.get("manifest") else store.manifest
     arch = info["branch"].arch
-    trained_on.check_pair(store.manifest, str(cache), f"the training cache of {model_path}", training_keys([arch]))
+    trained_on.check_pair(store.manifest, str(cache), f"the training cache of {model_path}", pair_keys([arch]))
     if info.get("class_names") and store.class_names and info["class_names"] != store.class_names:
         raise EvalError(f"{cache}: class names differ from those {model_path} was trained with")
     usable_videos(store)  # refuses a cache with no extracted, labelled video to score
     data = open_tokens(store, in_ram, workers, progress=progress, videos=np.flatnonzero(store.status() == DONE),
-                       archs=(arch,))
+                       arrays=reads([arch], store.manifest, str(cache)))
     try:
         num_classes = info["branch"].num_classes
         if int(data.labels.max()) >= num_classes:

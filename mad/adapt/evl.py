@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from mad.adapt.madapter import BranchConfig
+from mad.adapt.branch import BranchConfig, Family, check_positive, register
+from mad.cache.manifest import TRAINING_KEYS, Manifest, StoreNeed
 
 
 class QuickGELU(nn.Module):
@@ -266,3 +265,69 @@ class EVL(nn.Module):
         levels = levels[-(self.depth + 1):]  # a store's EVL levels may reach further back than this decoder
         x = self.decoder(levels, self.qk)
         return self.proj(x[:, 0])
+
+
+class EVLFamily(Family):
+    """EVL reads float16 levels of its own (the last --evl-layers blocks and the one before) in either storage
+    mode, and the frozen weights that recompute their q/k; width, heads and depth 0 come from the store."""
+
+    name = "evl"
+    description = "EVL's decoder (Lin et al., ECCV 2022) over the last blocks, q/k recomputed from frozen weights"
+    model = EVL
+    # EVL's official ViT-B/16 recipe (AdamW 4e-4, weight decay 0.05 as ours, dropout 0.5); width, heads and
+    # depth 0: from the store (q/k/v width D, D / 64 heads, one decoder layer per cached EVL block)
+    preset = dict(lr=4e-4, dropout=0.5, width=0, heads=0, depth=0)
+    stored_as = "evl"
+    pair_keys = tuple(k for k in TRAINING_KEYS if k not in ("layers", "storage", "compact"))
+
+    def store_need(self, last_blocks: int | None = None) -> StoreNeed:
+        # the official default reads the last 4 blocks
+        return StoreNeed(blocks=last_blocks or 4, option="--evl-layers", frozen="evl_", full_grid=True)
+
+    def levels(self, manifest: Manifest) -> list[int]:
+        return list(manifest.branches[self.stored_as]["levels"])
+
+    def from_store(self, manifest: Manifest) -> dict:
+        entry = manifest.branches[self.stored_as]
+        return {**super().from_store(manifest), "qk_heads": entry["heads"], "qk_eps": entry["ln_eps"]}
+
+    def check(self, cfg: BranchConfig) -> BranchConfig:
+        check_positive(cfg, zero_ok=True)
+        width = cfg.width or cfg.in_width
+        heads = cfg.heads or max(1, width // 64)
+        blocks = cfg.num_levels - 1  # the store's levels: the input of its first block, then each block's output
+        depth = cfg.depth or blocks
+        if blocks < 1:
+            raise ValueError("evl needs at least two cached levels (a block's input and its output)")
+        side = math.isqrt(cfg.num_tokens - 1)
+        if side * side != cfg.num_tokens - 1:
+            raise ValueError(f"evl needs a square patch grid; {cfg.num_tokens - 1} patch tokens is not one")
+        if depth > blocks:
+            raise ValueError(f"depth {depth}: evl reads one cached block per decoder layer and the store holds "
+                             f"{blocks}; to serve {depth}, extract with --branches madapter,evl --evl-layers {depth}")
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        if cfg.in_width % cfg.qk_heads:
+            raise ValueError(f"level width {cfg.in_width} is not divisible by the backbone's {cfg.qk_heads} heads")
+        return cfg.replace(width=width, heads=heads, depth=depth, cell_size=1)
+
+    def build(self, cfg: BranchConfig, frozen: dict | None = None) -> nn.Module:
+        model = EVL(cfg)
+        if frozen:  # the store carries them; a checkpoint holds them as buffers
+            model.load_frozen(frozen)
+        return model
+
+    starts_from_file = True  # official EVL checkpoints (mad.adapt.evl_checkpoint)
+
+    def start_from(self, model: nn.Module, path) -> None:
+        from mad.adapt.evl_checkpoint import load_official
+
+        load_official(model, path)
+
+    def describe(self, cfg: BranchConfig, parameters: int) -> str:
+        return (f"{super().describe(cfg, parameters)}, {cfg.depth} decoder layers (q/k/v width {cfg.width}, "
+                f"heads {cfg.heads}) over the last {cfg.depth} cached blocks, their q/k recomputed from frozen "
+                "backbone weights")
+
+
+register(EVLFamily())

@@ -1,4 +1,4 @@
-"""The M-adapter branch over cached levels of a frozen image model, and two baselines.
+"""The M-adapter branch over cached levels of a frozen image model, (the madapter family).
 
 M-adapter (Li et al., CVIU 2024) trains a small branch *beside* a frozen image
 model: it reads the outputs of several of its layers and never backpropagates
@@ -9,9 +9,7 @@ deep, each [B, T, N, D] (N = 1 + H*W tokens, CLS first). Output: logits [B, C].
                -> + motion + correlation -> + time embedding
                -> depth x Block(attention within a frame, temporal module, MLP)
                -> mean over tokens and time + deepest CLS -> head
-    meanpool   every level averaged over time and tokens -> projection + fusion -> head
-    linear     deepest level's CLS averaged over time -> head
-    evl        EVL's decoder (Lin et al., ECCV 2022) over the last blocks: `mad.adapt.evl`
+    (the static baselines meanpool and linear: `mad.adapt.baselines`; EVL: `mad.adapt.evl`)
 
 The temporal module is a residual depthwise convolution over T ("conv", the
 paper's choice) or attention over T ("attn"), per token; attention within the
@@ -24,192 +22,24 @@ tokens; the branch averages each level's patch grid in cells of `cell_size` x
 `cell_size` patches right after LayerNorm, so its projections and blocks run on
 fewer tokens while the correlation still matches patches on the full grid.
 
-One file for the whole model, as nanoGPT's model.py: it is over 400 lines because
-its memory-lean autograd Functions sit beside the modules that use them.
+The layers it shares with other families (fusion, attention, MLP, head) are in `mad.adapt.layers`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mad.adapt.branch import BranchConfig, ConfigError, Family, check_positive, register
+from mad.adapt.layers import Attention, GatedFusion, Head, LevelProjection, Mlp
+from mad.cache import compact
 from mad.cache.inputs import BranchInputs, average_cells, branch_inputs, match_similarity, resolve_cell_size
+from mad.cache.manifest import Manifest
 
-ARCHS = ("madapter", "meanpool", "linear", "evl")
 TEMPORAL = ("conv", "conv3d", "attn", "none")
-
-
-@dataclass
-class BranchConfig:
-    """Everything that defines a branch; saved in every checkpoint (`model_args`).
-
-    The first six fields describe the cached tokens (a store's manifest gives them);
-    the rest are the branch's own settings, whose defaults `mad train` uses.
-    """
-
-    arch: str = "madapter"       # madapter, meanpool, linear or evl
-    num_levels: int = 3          # K cached levels
-    in_width: int = 768          # D of the cached tokens
-    num_tokens: int = 197        # N = 1 + H*W
-    num_frames: int = 8          # T
-    num_classes: int = 400
-    width: int = 384             # d, the branch's width
-    depth: int = 1               # blocks
-    heads: int = 6
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1         # in the blocks (attention output, MLP) and before the head
-    temporal: str = "conv"       # conv (over T per token), conv3d (over T and neighbouring patches), attn, none
-    kernel_size: int = 3
-    motion: bool = True          # add the frame-to-frame change of every token (`Motion`)
-    correlation: int = 1         # radius in patches of the match to the previous frame (`Correlation`); 0: off
-    correlation_groups: int = 4  # channel groups matched separately
-    cell_size: int | str = "auto"  # average the patch grid in n x n cells; auto: see `resolve_cell_size`
-    # evl: `width` is its attention's q/k/v width (0: D), `heads` 0: D / 64, `depth` its decoder layers, one
-    # per block read (0: every cached block); the backbone attention's heads and ln_1 eps give its q, k
-    qk_heads: int = 12
-    qk_eps: float = 1e-5
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "BranchConfig":
-        values = {_RENAMED.get(k, k): v for k, v in values.items()}
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown branch settings: {', '.join(sorted(unknown))}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-_RENAMED = {"grid_pool": "cell_size"}  # names in checkpoints written before mad 0.2
-
-
-class _Project(torch.autograd.Function):
-    """Linear(x) for an input that needs no gradient (normalised cells), keeping x itself for backward.
-
-    Autograd would keep a float32 copy of every level's cells (the input cast to the
-    weight's dtype) until the backward pass: with several levels of a ViT that is most
-    of the branch's memory. The float16 cells are held anyway; the backward pass casts
-    them again to get the weight gradient. Gradients never flow into them: they come
-    from a frozen model.
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return F.linear(x.to(weight.dtype), weight, bias)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad):  # grad: [..., d]
-        x, weight = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1])  # [M, d]
-        grad_weight = (grad.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)).to(weight.dtype)  # [d, D]
-        return None, grad_weight, grad.sum(dim=0).to(weight.dtype)
-
-
-class LevelProjection(nn.Module):
-    """P_k = Linear(D -> d) . LayerNorm(D): puts one level into the branch's width.
-
-    The LayerNorm has no affine parameters of its own: the Linear that follows absorbs
-    them (same functions, fewer parameters). `normalized` input (the cells of
-    `BranchInputs`, float16) skips the LayerNorm and keeps no float32 copy for backward.
-    """
-
-    def __init__(self, in_width: int, width: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.proj = nn.Linear(in_width, width)
-
-    def forward(self, x, normalized: bool = False):  # [..., D] -> [..., d]
-        if normalized and not x.requires_grad:
-            return _Project.apply(x, self.proj.weight, self.proj.bias)
-        x = x.to(self.proj.weight.dtype)
-        return self.proj(x if normalized else F.layer_norm(x, x.shape[-1:], eps=self.eps))
-
-
-class GatedFusion(nn.Module):
-    """h_1 = P_1(x_1); h_k = g_k * h_{k-1} + (1 - g_k) * P_k(x_k), shallow to deep.
-
-    g_k = sigmoid(gate_k) is learned per channel and starts at 0.5. Works on any
-    leading shape ([B, T, N, D] cells or [B, D] pooled vectors).
-    """
-
-    def __init__(self, num_levels: int, in_width: int, width: int):
-        super().__init__()
-        self.projections = nn.ModuleList(LevelProjection(in_width, width) for _ in range(num_levels))
-        self.gates = nn.Parameter(torch.zeros(num_levels - 1, width))
-
-    def forward(self, levels: list[torch.Tensor], normalized: bool = False) -> torch.Tensor:
-        h = self.projections[0](levels[0], normalized)
-        for k in range(1, len(levels)):
-            g = torch.sigmoid(self.gates[k - 1])
-            level = self.projections[k](levels[k], normalized)
-            h = level + g * (h - level)  # = g * h + (1 - g) * level; keeps one tensor, not two, for backward
-        return h
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over the middle axis of [B, L, d]."""
-
-    def __init__(self, width: int, heads: int, dropout: float = 0.0):
-        super().__init__()
-        assert width % heads == 0, f"width {width} is not divisible by heads {heads}"
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.dropout = dropout
-
-    def forward(self, x):
-        B, L, C = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, L, C/h]
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, L, C)
-        return self.proj(x)
-
-
-class _GeluLinear(torch.autograd.Function):
-    """Linear(GELU(a)), keeping only `a` for the backward pass and recomputing GELU(a) there.
-
-    Autograd would keep both the MLP's hidden activation and its GELU (each 4x the
-    branch width per token): the largest tensors of the branch. GELU is cheap to redo.
-    """
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, a, weight, bias):
-        ctx.save_for_backward(a, weight)
-        return F.linear(F.gelu(a), weight, bias)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad):  # grad: [..., d]
-        a, weight = ctx.saved_tensors
-        hidden = F.gelu(a).reshape(-1, a.shape[-1])  # [M, hidden]
-        grad2 = grad.reshape(-1, grad.shape[-1])  # [M, d]
-        grad_weight = (grad2.t() @ hidden.to(grad2.dtype)).to(weight.dtype)  # [d, hidden]
-        del hidden  # before the next [M, hidden] tensors: this backward runs at the step's memory peak
-        grad_bias = grad2.sum(dim=0).to(weight.dtype)
-        grad_a = torch.ops.aten.gelu_backward(grad @ weight.to(grad.dtype), a.to(grad.dtype))  # [..., hidden]
-        return grad_a.to(a.dtype), grad_weight, grad_bias
-
-
-class Mlp(nn.Module):
-    """Linear -> GELU -> Linear -> Dropout (GELU and the second Linear as one memory-lean step)."""
-
-    def __init__(self, width: int, hidden: int, dropout: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        return self.dropout(_GeluLinear.apply(self.fc1(x), self.fc2.weight, self.fc2.bias))
 
 
 class Motion(nn.Module):
@@ -376,19 +206,6 @@ class Block(nn.Module):
         return x
 
 
-class Head(nn.Module):
-    """LayerNorm -> Dropout -> Linear(num_classes)."""
-
-    def __init__(self, width: int, num_classes: int, dropout: float = 0.0):
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.dropout(self.norm(x)))
-
-
 class MAdapter(nn.Module):
     """The M-adapter branch: fuse K levels, mix tokens within and across frames, classify."""
 
@@ -425,51 +242,42 @@ class MAdapter(nn.Module):
         return self.head(pooled + cls)
 
 
-class MeanPool(nn.Module):
-    """Baseline: every level averaged over time and tokens, then projection and fusion. No temporal module."""
+class LayersFamily(Family):
+    """A family that reads the store's --layers: full levels, or a compact store's records (decoded on the
+    device to the same `BranchInputs`). Stored as "madapter": its inputs are what every store holds."""
 
-    def __init__(self, cfg: BranchConfig):
-        super().__init__()
-        self.fusion = GatedFusion(cfg.num_levels, cfg.in_width, cfg.width)
-        self.head = Head(cfg.width, cfg.num_classes, cfg.dropout)
+    stored_as = "madapter"
 
-    def forward(self, x: list[torch.Tensor] | BranchInputs) -> torch.Tensor:
-        x = x if isinstance(x, BranchInputs) else branch_inputs(x, cells=False)
-        pooled = [m.mean(dim=1) for m in x.token_mean]  # K x [B, D]
-        return self.head(self.fusion(pooled))
+    def reads(self, manifest: Manifest) -> list[str]:
+        return ["records"] if manifest.storage == "compact" else super().reads(manifest)
+
+    def inputs(self, arrays: dict[str, torch.Tensor], manifest: Manifest):
+        if manifest.storage != "compact":
+            return super().inputs(arrays, manifest)
+        c = manifest.compact
+        return compact.decode(arrays["records"], c["layout"], len(manifest.layers), manifest.side or 0,
+                              c["correlation_groups"])
+
+    def check(self, cfg: BranchConfig) -> BranchConfig:
+        if cfg.num_levels < 1:
+            raise ValueError("the model needs at least one cached level")
+        if cfg.temporal not in TEMPORAL:
+            raise ValueError(f"temporal {cfg.temporal!r}: use one of {', '.join(TEMPORAL)}")
+        if cfg.correlation < 0:
+            raise ValueError(f"correlation {cfg.correlation}: give a radius in patches, or 0 for none")
+        check_positive(cfg)
+        return cfg.replace(cell_size=resolve_cell_size(cfg.cell_size, cfg.num_tokens))
 
 
-class LinearProbe(nn.Module):
-    """Baseline: the deepest level's CLS token averaged over time, LayerNorm, Linear."""
+class MAdapterFamily(LayersFamily):
+    name = "madapter"
+    description = "M-adapter: fused --layers, motion and patch correlation, blocks over space and time"
+    model = MAdapter
 
-    def __init__(self, cfg: BranchConfig):
-        super().__init__()
-        self.head = Head(cfg.in_width, cfg.num_classes, cfg.dropout)
-
-    def forward(self, x: list[torch.Tensor] | BranchInputs) -> torch.Tensor:
-        cls = x.cls[-1] if isinstance(x, BranchInputs) else x[-1][:, :, 0].float()  # [B, T, D]
-        return self.head(cls.mean(dim=1))  # [B, D] -> [B, C]
-
-
-def check_branch(cfg: BranchConfig) -> BranchConfig:
-    """`cfg` with its cell size resolved, or a ValueError saying which setting cannot be served."""
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"arch {cfg.arch!r}: use one of {', '.join(ARCHS)}")
-    if cfg.num_levels < 1:
-        raise ValueError("the model needs at least one cached level")
-    if cfg.arch == "evl":
-        return check_evl(cfg)
-    if cfg.temporal not in TEMPORAL:
-        raise ValueError(f"temporal {cfg.temporal!r}: use one of {', '.join(TEMPORAL)}")
-    if cfg.correlation < 0:
-        raise ValueError(f"correlation {cfg.correlation}: give a radius in patches, or 0 for none")
-    for name in ("width", "heads", "depth"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
-    cell = resolve_cell_size(cfg.cell_size, cfg.num_tokens)
-    if cfg.arch == "madapter":
+    def check(self, cfg: BranchConfig) -> BranchConfig:
+        cfg = super().check(cfg)
         side = math.isqrt(cfg.num_tokens - 1)
-        if (cfg.correlation or cell > 1) and side * side != cfg.num_tokens - 1:
+        if (cfg.correlation or cfg.cell_size > 1) and side * side != cfg.num_tokens - 1:
             raise ValueError(f"correlation and cells need a square patch grid; {cfg.num_tokens - 1} patch tokens "
                              "is not one (turn them off with correlation 0 and cell size 1)")
         if cfg.width % cfg.heads:
@@ -477,43 +285,32 @@ def check_branch(cfg: BranchConfig) -> BranchConfig:
         if cfg.correlation and cfg.in_width % cfg.correlation_groups:
             raise ValueError(f"level width {cfg.in_width} is not divisible by {cfg.correlation_groups} "
                              "correlation groups")
-    return BranchConfig(**{**cfg.to_dict(), "cell_size": cell})
+        return cfg
+
+    def fit(self, cfg: BranchConfig, manifest: Manifest, location: str) -> BranchConfig:
+        """A compact store holds what the branch reads for one cell size and one correlation radius: its cells
+        and correlation come from the store; other settings are refused in one line (correlation 0 is
+        served: the stored matches are left unread)."""
+        if manifest.storage != "compact":
+            return cfg
+        fixed = manifest.compact
+        remedy = "extract a full store (mad extract --store full) or a compact one with that setting"
+        if str(cfg.cell_size) not in ("auto", str(fixed["cell_size"])):
+            cell = fixed["cell_size"]
+            raise ConfigError(f"{location}: a compact store with cells of {cell}x{cell} patches cannot serve "
+                              f"--cell-size {cfg.cell_size}; {remedy}")
+        if cfg.correlation not in (0, fixed["correlation"]):
+            raise ConfigError(f"{location}: a compact store with correlation radius {fixed['correlation']} "
+                              f"cannot serve --correlation {cfg.correlation}; {remedy}")
+        return cfg.replace(cell_size=fixed["cell_size"], correlation_groups=fixed["correlation_groups"])
+
+    def describe(self, cfg: BranchConfig, parameters: int) -> str:
+        text = super().describe(cfg, parameters)
+        if int(cfg.cell_size) > 1:
+            side = math.isqrt(cfg.num_tokens - 1)
+            cells = -(-side // int(cfg.cell_size))
+            text += f", patch grid {side}x{side} averaged to {cells}x{cells} cells"
+        return text
 
 
-def check_evl(cfg: BranchConfig) -> BranchConfig:
-    """An evl `cfg` with its 0 (from the cache) settings resolved, or a ValueError naming the setting."""
-    for name in ("width", "heads", "depth"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} must be at least 1, or 0 for EVL's default (got {getattr(cfg, name)})")
-    width = cfg.width or cfg.in_width
-    heads = cfg.heads or max(1, width // 64)
-    depth = cfg.depth or cfg.num_levels - 1
-    if depth < 1:
-        raise ValueError("evl needs at least two cached levels (a block's input and its output)")
-    side = math.isqrt(cfg.num_tokens - 1)
-    if side * side != cfg.num_tokens - 1:
-        raise ValueError(f"evl needs a square patch grid; {cfg.num_tokens - 1} patch tokens is not one")
-    if depth > cfg.num_levels - 1:
-        raise ValueError(f"depth {depth}: evl reads one cached block per decoder layer, and the cache holds "
-                         f"{cfg.num_levels - 1} (mad extract --evl-layers)")
-    if width % heads:
-        raise ValueError(f"width {width} is not divisible by heads {heads}")
-    if cfg.in_width % cfg.qk_heads:
-        raise ValueError(f"level width {cfg.in_width} is not divisible by the backbone's {cfg.qk_heads} heads")
-    return BranchConfig(**{**cfg.to_dict(), "width": width, "heads": heads, "depth": depth, "cell_size": 1})
-
-
-def build_model(cfg: BranchConfig) -> nn.Module:
-    """The branch `cfg.arch` for K = cfg.num_levels cached levels of [T, N, D] tokens.
-
-    Every arch but evl works on any patch grid; correlation, cells larger than 1, conv3d and evl need a square one.
-    """
-    from mad.adapt.evl import EVL  # evl.py reads BranchConfig from here
-
-    cfg = check_branch(cfg)
-    return {"madapter": MAdapter, "meanpool": MeanPool, "linear": LinearProbe, "evl": EVL}[cfg.arch](cfg)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+register(MAdapterFamily())

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from rich.table import Table
 
-from mad.adapt.train import (ARCH_DEFAULTS, TrainConfig, TrainError, branch_for, check_run_dir, summary_line, train_on,
-                             with_arch_defaults)
+from mad.adapt.branch import RENAMED
+from mad.adapt.config import TrainConfig, TrainError, resolve, with_preset
+from mad.adapt.families import family, pair_keys, reads
+from mad.adapt.train import check_run_dir, count_classes, summary_line, train_on
 from mad.cache.dataset import open_tokens
-from mad.cache.manifest import training_keys
 from mad.cache.store import Store
 from mad.errors import MadError
 from mad.progress import make_console
@@ -37,7 +38,7 @@ def parse_grid(grid: str) -> dict[str, list]:
     parsed = {}
     for item in grid.split():
         name, sep, values = item.partition("=")
-        name = name.replace("-", "_")
+        name = RENAMED.get(name.replace("-", "_"), name.replace("-", "_"))
         if not sep or not values:
             raise TrainError(f"--grid item {item!r}: write setting=value1,value2")
         if name not in fields or name in FIXED:
@@ -79,20 +80,27 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
     val_store = Store.open(val) if val else None
     archs = sorted({setting.get("arch", base.arch) for setting in combinations})  # read what they all need, once
     if val_store is not None:
-        train_store.manifest.check_pair(val_store.manifest, val, f"the training cache {cache}", training_keys(archs))
-    for cfg in configs:  # what the stores refuse (a compact store's cells, ...): before reading them
-        for store in (train_store, val_store):
-            if store is not None:
-                branch_for(cfg, store)
+        train_store.manifest.check_pair(val_store.manifest, val, f"the training cache {cache}", pair_keys(archs))
+    num_classes = count_classes(train_store, val_store)
+    runs = []  # every configuration resolved against the stores (and refused) before any data is read
+    for setting, cfg in zip(combinations, configs):
+        try:
+            if val_store is not None:
+                resolve(cfg, val_store.manifest, num_classes, val)
+            runs.append((setting, *resolve(cfg, train_store.manifest, num_classes, cache)))
+        except MadError as e:
+            point = " ".join(f"{k}={v}" for k, v in setting.items())
+            raise TrainError(f"--grid {point!r}: {e}") from None
     train_data = val_data = None
     results = []
     try:
-        train_data = open_tokens(train_store, base.in_ram, base.workers, progress=not quiet, archs=archs)
-        val_data = (open_tokens(val_store, base.in_ram, base.workers, progress=not quiet, archs=archs)
-                    if val_store else None)
-        for i, (setting, cfg) in enumerate(zip(combinations, configs), 1):
+        train_data = open_tokens(train_store, base.in_ram, base.workers, progress=not quiet,
+                                 arrays=reads(archs, train_store.manifest, cache))
+        val_data = (open_tokens(val_store, base.in_ram, base.workers, progress=not quiet,
+                                arrays=reads(archs, val_store.manifest, val)) if val_store else None)
+        for i, (setting, cfg, branch) in enumerate(runs, 1):
             console.print(f"[bold]{i}/{len(combinations)}[/] {Path(cfg.out).name}")
-            summary = train_on(cfg, train_data, val_data, quiet=True)
+            summary = train_on(cfg, branch, train_data, val_data, quiet=True)
             results.append({**setting, **summary})
             console.print("  " + _brief(summary))
     finally:
@@ -112,14 +120,14 @@ def run_name(i: int, setting: dict) -> str:
 
 
 def run_config(base: TrainConfig, setting: dict, cache: str, val: str | None, out: Path) -> TrainConfig:
-    """One grid point's config: `base` with `setting`, and the arch's own defaults (EVL's lr, dropout, ...)
-    for what neither the grid nor `base` set; a value it refuses names the grid point."""
+    """One grid point's config: `base` with `setting`, and the arch's preset (EVL's lr, dropout, ...) for what
+    neither the grid nor `base` set; a value it refuses names the grid point."""
     defaults = TrainConfig()
     arch = setting.get("arch", base.arch)
-    given = set(setting) | {k for k in ARCH_DEFAULTS.get(arch, {}) if getattr(base, k) != getattr(defaults, k)}
-    values = {**dataclasses.asdict(base), "cache": cache, "val": val, "out": str(out), "resume": False, **setting}
     try:
-        return with_arch_defaults(values, given)
+        given = set(setting) | {k for k in family(arch).preset if getattr(base, k) != getattr(defaults, k)}
+        values = {**dataclasses.asdict(base), "cache": cache, "val": val, "out": str(out), "resume": False, **setting}
+        return with_preset(TrainConfig(**values), given)
     except MadError as e:
         point = " ".join(f"{k}={v}" for k, v in setting.items())
         raise TrainError(f"--grid {point!r}: {e}") from None

@@ -1,6 +1,7 @@
 """Training the branch from the cache: no image model is ever built here.
 
-`train` opens the caches and calls `train_on`, which sets a run up and loops over
+`train` opens the caches, resolves the run's config once against their manifests
+(`mad.adapt.config.resolve`) and calls `train_on`, which sets a run up and loops over
 epochs: `train_one_epoch` (the step is `mad.adapt.step.train_step`: AdamW with
 weight decay on matrices only, linear warmup then cosine decay per step, label
 smoothing, gradient clipping, bf16 autocast on CUDA and on CPU with --precision
@@ -24,9 +25,9 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 
@@ -34,124 +35,16 @@ import mad
 from mad.adapt.checkpoint import load_model, restore_training_state, save_model, save_training_state
 from mad.adapt.distributed import Distributed
 from mad.adapt.evaluate import accuracy, confusion_matrix, predict_probs
-from mad.adapt.madapter import ARCHS, TEMPORAL, BranchConfig, build_model, check_branch, count_parameters
+from mad.adapt.branch import BranchConfig, count_parameters
+from mad.adapt.config import TrainConfig, TrainError, check_options, config_from_run, resolve
+from mad.adapt.families import family, pair_keys, reads
 from mad.adapt.plots import plot_confusion, plot_curves
-from mad.adapt.step import CLIP_GRAD, LABEL_SMOOTHING, make_optimizer, make_scheduler, train_step
-from mad.adapt.tracking import Trackers, check_log
-from mad.cache.dataset import CachedTokens, open_tokens
-from mad.cache.manifest import Manifest, training_keys
+from mad.adapt.step import make_optimizer, make_scheduler, train_step
+from mad.adapt.tracking import Trackers
+from mad.cache.dataset import CachedTokens, open_tokens, usable_videos
 from mad.cache.store import Store
-from mad.errors import MadError
-from mad.options import (FRACTION, NON_NEGATIVE, SEED, Range, at_least, check_choices, check_device,
-                         check_ranges)
-from mad.progress import make_console, plain
+from mad.progress import EpochLog
 from mad.runtime import branch_autocast, resolve_device
-
-_BRANCH = BranchConfig()
-# What an arch trains with where a setting is not given (`TrainConfig.for_arch`, `with_arch_defaults`): EVL's
-# official ViT-B/16 recipe (AdamW 4e-4, weight decay 0.05 as ours, dropout 0.5); its width, heads and depth 0
-# resolve from the cache: q/k/v width D, D / 64 heads, one decoder layer per cached EVL block (README "EVL").
-ARCH_DEFAULTS = {"evl": dict(lr=4e-4, dropout=0.5, width=0, heads=0, depth=0)}
-
-
-class TrainError(MadError):
-    """A training request that cannot be served (message names the file and says why)."""
-
-
-@dataclass
-class TrainConfig:
-    cache: str = "cache"  # training cache (store folder or URL)
-    val: str | None = None  # validation cache; without one the last epoch is kept
-    arch: str = _BRANCH.arch  # madapter, meanpool, linear or evl (use `for_arch` for its defaults)
-    width: int = _BRANCH.width
-    depth: int = _BRANCH.depth
-    heads: int = _BRANCH.heads
-    temporal: str = _BRANCH.temporal
-    motion: bool = _BRANCH.motion
-    correlation: int = _BRANCH.correlation
-    cell_size: str = str(_BRANCH.cell_size)  # auto, 1 (every patch), 2, ...
-    dropout: float = _BRANCH.dropout
-    epochs: int = 30
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 2.0
-    batch_size: int = 32
-    label_smoothing: float = LABEL_SMOOTHING
-    clip_grad: float = CLIP_GRAD  # max gradient norm; 0 turns clipping off
-    seed: int = 0
-    out: str | None = None  # run folder; default runs/<arch>, runs/<arch>-2, ...
-    device: str = "auto"
-    precision: str = "auto"  # bf16 autocast for the branch: auto = on CUDA only; bf16 = on any device; fp32 = never
-    workers: int = 2  # reader processes when the cache is streamed
-    in_ram: str = "auto"  # auto, yes or no
-    resume: bool = False  # continue the run in `out` from its last completed epoch
-    overwrite: bool = False  # replace the run in `out`
-    log: str = "none"  # trackers mirroring metrics.jsonl: none or tensorboard (comma-separated)
-    init: str | None = None  # evl: an official EVL checkpoint to start from (mad.adapt.evl_checkpoint)
-
-    # What each number and each named choice may be (width, depth, heads and arch: `check_branch`)
-    RANGES: ClassVar[dict] = {"epochs": at_least(1), "batch_size": at_least(1), "lr": Range(low=0, note="0: weights stay"),
-                              "weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "dropout": FRACTION,
-                              "label_smoothing": FRACTION, "clip_grad": Range(low=0, note="0: off"), "seed": SEED,
-                              "correlation": at_least(0, "0: off"), "workers": at_least(0, "0: read in this process")}
-    CHOICES: ClassVar[dict] = {"precision": ("auto", "bf16", "fp32"), "in_ram": ("auto", "yes", "no"),
-                               "temporal": TEMPORAL, "arch": ARCHS}
-
-    def __post_init__(self):
-        self.check()
-
-    def check(self) -> "TrainConfig":
-        """Refuse, in one line naming the option, a setting that cannot be served: before any data is read."""
-        check_ranges(self, self.RANGES)
-        check_choices(self, self.CHOICES)
-        # without a store: as many levels as --depth asks for (the store's own count is checked when it is opened)
-        unopened = dataclasses.replace(self.branch(), num_levels=max(_BRANCH.num_levels, self.depth + 1))
-        try:
-            check_branch(unopened)
-        except ValueError as e:  # its message starts with the setting's name: make it the option's
-            name, _, rest = str(e).partition(" ")
-            raise TrainError(f"--{name.replace('_', '-')} {rest}") from None
-        check_device(self.device)
-        if self.resume and self.overwrite:
-            raise TrainError("--resume and --overwrite contradict each other: pick one")
-        if self.resume and not self.out:
-            raise TrainError("--resume needs --out: the run folder to continue")
-        if self.init and self.arch != "evl":
-            raise TrainError(f"--init {self.init}: an official EVL checkpoint, for --arch evl only")
-        check_log(self.log)  # a tracker whose package is missing fails here, before any data is read
-        return self
-
-    def branch(self, manifest: Manifest | None = None, num_classes: int = _BRANCH.num_classes) -> BranchConfig:
-        """The branch these settings train on tokens described by `manifest` (BranchConfig's defaults without)."""
-        data = {} if manifest is None else dict(num_levels=len(manifest.levels_for(self.arch)),
-                                                in_width=manifest.width, num_tokens=manifest.tokens,
-                                                num_frames=manifest.frames)
-        if manifest is not None and self.arch == "evl" and manifest.evl:
-            data.update(qk_heads=manifest.evl["heads"], qk_eps=manifest.evl["ln_eps"])
-        return BranchConfig(arch=self.arch, num_classes=num_classes, width=self.width, depth=self.depth,
-                            heads=self.heads, dropout=self.dropout, temporal=self.temporal, motion=self.motion,
-                            correlation=self.correlation, cell_size=self.cell_size, **data)
-
-    @classmethod
-    def for_arch(cls, arch: str, **settings) -> "TrainConfig":
-        """A config for `arch` whose settings not in `settings` are the arch's defaults (`ARCH_DEFAULTS`)."""
-        return cls(arch=arch, **{**ARCH_DEFAULTS.get(arch, {}), **settings})
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        """A config saved in a run's config.json (older names read too; unknown keys left out)."""
-        values = {{"grid_pool": "cell_size"}.get(k, k): v for k, v in values.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-def with_arch_defaults(cfg: TrainConfig | dict, given=()) -> TrainConfig:
-    """`cfg` (a config or all its values) with its arch's defaults for every setting not in `given` (what a
-    command line or a grid set); checked once, on the final values."""
-    values = dict(cfg) if isinstance(cfg, dict) else asdict(cfg)
-    arch = values.get("arch", _BRANCH.arch)
-    return TrainConfig(**{**values, **{k: v for k, v in ARCH_DEFAULTS.get(arch, {}).items() if k not in given}})
-
 
 # Settings that may change when a run is resumed: they do not change its numbers.
 RESUMABLE_KEYS = ("device", "workers", "in_ram", "resume", "overwrite", "out", "log")
@@ -160,61 +53,59 @@ RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "last.pt", "su
 RUN_FOLDERS = ("tensorboard",)
 
 
-def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, quiet: bool = False) -> dict:
-    """Train on `cfg.cache`, validate on `cfg.val`; return the summary (best val metrics)."""
-    cfg.check()
+def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, quiet: bool = False,
+          given=None) -> dict:
+    """Train on `cfg.cache`, validate on `cfg.val`; return the summary (best val metrics). `given`: the
+    settings the user set (the arch's preset fills the others; None: all were given)."""
+    check_options(cfg)
     train_store = Store.open(cfg.cache)
     val_store = Store.open(cfg.val) if cfg.val else None
     if val_store is not None:
         train_store.manifest.check_pair(val_store.manifest, cfg.val, f"the training cache {cfg.cache}",
-                                        training_keys([cfg.arch]))
-    for store in (train_store, val_store):  # what the stores' manifests and the run folder refuse: before reading
-        if store is not None:
-            branch_for(cfg, store)
-    check_run_dir(cfg)
+                                        pair_keys([cfg.arch]))
+    cfg, branch = resolve(cfg, train_store.manifest, count_classes(train_store, val_store), cfg.cache, given)
+    check_run_dir(cfg)  # what the run folder refuses: before reading, writing nothing
     train_data = val_data = None
     try:
-        train_data = open_tokens(train_store, cfg.in_ram, cfg.workers, progress=not quiet, archs=(cfg.arch,))
-        val_data = (open_tokens(val_store, cfg.in_ram, cfg.workers, progress=not quiet, archs=(cfg.arch,))
-                    if val_store else None)
-        return train_on(cfg, train_data, val_data, on_epoch_end, quiet)
+        train_data = open_tokens(train_store, cfg.in_ram, cfg.workers, progress=not quiet,
+                                 arrays=reads([cfg.arch], train_store.manifest, cfg.cache))
+        val_data = (open_tokens(val_store, cfg.in_ram, cfg.workers, progress=not quiet,
+                                arrays=reads([cfg.arch], val_store.manifest, cfg.val)) if val_store else None)
+        return train_on(cfg, branch, train_data, val_data, on_epoch_end, quiet)
     finally:
         for data in (train_data, val_data):
             if data is not None:
                 data.close()
 
 
-def train_on(cfg: TrainConfig, train_data: CachedTokens, val_data: CachedTokens | None = None,
+def train_on(cfg: TrainConfig, branch: BranchConfig, train_data: CachedTokens, val_data: CachedTokens | None = None,
              on_epoch_end: Callable[[dict], None] | None = None, quiet: bool = False) -> dict:
-    """Train from already opened data (what `sweep` calls once per configuration): set up, then the epochs."""
-    cfg.check()
+    """Train the resolved `branch` (`mad.adapt.config.resolve`) from already opened data (what `sweep` calls
+    once per configuration): set up, then the epochs."""
     cfg = dataclasses.replace(cfg)  # prepare_run_dir fills in `out`; leave the caller's config as it was
+    entry = family(cfg.arch)
     device = resolve_device(cfg.device)
     dist = Distributed(device)
     device = dist.device(device)
     if dist.active and cfg.out is None:
         raise TrainError("under torchrun, name the run folder with --out (every rank must agree on it)")
-    if val_data is not None:
-        branch_for(cfg, val_data)  # data opened for other archs (a sweep's)
-    branch = branch_for(cfg, train_data, count_classes(train_data, val_data))
+    for data in (train_data, val_data):  # data opened for other archs (a sweep's) must hold this one's
+        if data is not None:
+            data.manifest.check_serves(entry.stored_as, cfg.arch, data.location)
     if dist.main:  # after every check: a refused run leaves no folder
         prepare_run_dir(cfg)
     dist.barrier()
     run = Path(cfg.out)
     torch.manual_seed(cfg.seed)
-    model = build_model(branch)
-    if branch.arch == "evl":  # the frozen backbone weights that recompute its q, k: the store carries them
-        model.load_frozen(train_data.frozen)
+    model = entry.build(branch, train_data.frozen)  # frozen weights a family needs: the store's
     if cfg.init and not (cfg.resume and (run / "last.pt").exists()):  # a resumed run starts from its last.pt
-        from mad.adapt.evl_checkpoint import load_official
-
-        load_official(model, cfg.init)
+        entry.start_from(model, cfg.init)
     model = model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = math.ceil(train_data.num_videos / cfg.batch_size)
     scheduler = make_scheduler(optimizer, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
     log = EpochLog(quiet or not dist.main, cfg.epochs, steps_per_epoch)
-    log.print(describe_branch(branch, model, cfg.cell_size))
+    log.print(entry.describe(branch, count_parameters(model)))
 
     start_epoch, history = 0, []
     if cfg.resume and (run / "last.pt").exists():
@@ -284,13 +175,14 @@ def train_one_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainC
     """
     dist = dist or Distributed(device)
     autocast = branch_autocast(cfg.precision, device)
+    entry = family(cfg.arch)
     model.train()
     started = time.perf_counter()
     loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
     for arrays, labels, _, _ in data.train_batches(cfg.batch_size, cfg.seed, epoch):
         global_batch = len(labels)
         arrays, labels = dist.share(arrays, labels)
-        inputs = data.to_model(arrays, device, cfg.arch)
+        inputs = entry.inputs(data.to_device(arrays, device), data.manifest)
         labels = labels.to(device)
         loss, logits = train_step(lambda: model(inputs), labels, optimizer, model.parameters(), autocast,
                                   cfg.label_smoothing, cfg.clip_grad, loss_weight=dist.world / global_batch)
@@ -305,99 +197,10 @@ def train_one_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainC
     return {"lr": lr, "train/loss": loss_sum / seen, "train/acc": correct / seen, "clips_per_second": seen / seconds}
 
 
-def validate(model, data: CachedTokens, batch_size: int, device, arch: str = "madapter") -> dict:
+def validate(model, data: CachedTokens, batch_size: int, device, arch: str) -> dict:
     """val/acc/top1, top5, mean1 on the first cached view of every video."""
     probs = predict_probs(model, data, batch_size, device, arch=arch)[:, 0]
     return {f"val/{k}": v for k, v in accuracy(probs, data.labels).items()}
-
-
-class EpochLog:
-    """Training progress fed by the epoch loop: a rich bar per epoch on a terminal, one plain line per
-    epoch elsewhere (Slurm, nohup, CI: `mad.progress`), nothing when quiet."""
-
-    def __init__(self, quiet: bool, epochs: int, steps_per_epoch: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.console = make_console(quiet)
-        self.epochs, self.steps = epochs, steps_per_epoch
-        self.plain = plain()
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=self.console,
-                                 disable=quiet or self.plain)
-        self.task = None
-
-    def print(self, text: str) -> None:
-        self.console.print(text)
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
-
-    def step(self, status: str) -> None:
-        if self.plain:
-            return
-        if self.task is None:
-            self.task = self.progress.add_task(f"epoch {len(self.progress.tasks) + 1}", total=self.steps, status="")
-        self.progress.update(self.task, advance=1, status=status)
-
-    def epoch_done(self, row: dict) -> None:
-        val = f"  val {row['val/acc/top1']:.3f}" if "val/acc/top1" in row else ""
-        status = (f"loss {row['train/loss']:.4f}  acc {row['train/acc']:.3f}{val}  "
-                  f"{row['clips_per_second']:.0f} clips/s")
-        if self.plain:
-            self.print(f"epoch {row['epoch']}/{self.epochs}  {status}  {row['epoch_seconds']:.1f} s")
-            return
-        if self.task is None:
-            self.task = self.progress.add_task("", total=self.steps, status="")
-        self.progress.update(self.task, description=f"epoch {row['epoch']}/{self.epochs}", status=status)
-        self.task = None
-
-
-def branch_for(cfg: TrainConfig, source, num_classes: int = _BRANCH.num_classes) -> BranchConfig:
-    """The branch `cfg` trains on `source` (a Store or its opened CachedTokens), or a TrainError naming it."""
-    source.manifest.check_serves(cfg.arch, source.location)
-    branch = fit_to_store(cfg.branch(source.manifest, num_classes), source, cfg)
-    try:
-        return check_branch(branch)
-    except ValueError as e:
-        raise TrainError(f"{source.location}: {e}") from None
-
-
-def fit_to_store(branch: BranchConfig, data, cfg: TrainConfig) -> BranchConfig:
-    """The branch as a compact store can serve it: its cells and correlation come from the store.
-
-    A compact store holds what the branch reads for one cell size and one correlation
-    radius; other settings are refused in one line (correlation 0 is served: the stored
-    matches are left unread).
-    """
-    m = data.manifest
-    if m.storage != "compact" or branch.arch != "madapter":
-        return branch
-    fixed = m.compact
-    remedy = "extract a full store (mad extract --store full) or a compact one with that setting"
-    if cfg.cell_size != "auto" and str(cfg.cell_size) != str(fixed["cell_size"]):
-        cell = fixed["cell_size"]
-        raise TrainError(f"{data.location}: a compact store with cells of {cell}x{cell} patches cannot serve "
-                         f"--cell-size {cfg.cell_size}; {remedy}")
-    if branch.correlation not in (0, fixed["correlation"]):
-        raise TrainError(f"{data.location}: a compact store with correlation radius {fixed['correlation']} cannot "
-                         f"serve --correlation {branch.correlation}; {remedy}")
-    return dataclasses.replace(branch, cell_size=fixed["cell_size"], correlation_groups=fixed["correlation_groups"])
-
-
-def describe_branch(branch: BranchConfig, model, cell_setting: str) -> str:
-    text = f"{branch.arch}: {count_parameters(model):,} trainable parameters"
-    side = math.isqrt(branch.num_tokens - 1)
-    if branch.arch == "madapter" and int(branch.cell_size) > 1:
-        cells = -(-side // int(branch.cell_size))
-        text += f", patch grid {side}x{side} averaged to {cells}x{cells} cells (--cell-size {cell_setting})"
-    if branch.arch == "evl":
-        text += (f", {branch.depth} decoder layers (q/k/v width {branch.width}, heads {branch.heads}) over the last "
-                 f"{branch.depth} cached blocks, their q/k recomputed from frozen backbone weights")
-    return text
 
 
 def finish(run: Path, cfg: TrainConfig, history: list[dict], best: dict, scored: CachedTokens, which: str,
@@ -422,13 +225,12 @@ def finish(run: Path, cfg: TrainConfig, history: list[dict], best: dict, scored:
 # --------------------------------------------------------------------------- pieces
 
 
-def count_classes(train_data: CachedTokens, val_data: CachedTokens | None) -> int:
-    largest = int(train_data.labels.max())
-    if val_data is not None:
-        largest = max(largest, int(val_data.labels.max()))
-    names = train_data.class_names
+def count_classes(train_store: Store, val_store: Store | None) -> int:
+    """The classes the head scores: the store's class names, or the largest label of a usable video + 1."""
+    largest = max(int(store.labels()[usable_videos(store)].max()) for store in (train_store, val_store) if store)
+    names = train_store.class_names
     if names and largest >= len(names):
-        raise TrainError(f"{train_data.location}: label {largest} but only {len(names)} class names")
+        raise TrainError(f"{train_store.location}: label {largest} but only {len(names)} class names")
     return len(names) if names else largest + 1
 
 
@@ -475,11 +277,3 @@ def read_history(run: Path, epoch: int) -> list[dict]:
     history = [row for row in rows if row["epoch"] <= epoch]
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
     return history
-
-
-def config_from_run(run) -> TrainConfig:
-    """The TrainConfig saved in a run's config.json (to resume it with the same settings)."""
-    path = Path(run) / "config.json"
-    if not path.exists():
-        raise TrainError(f"{path}: no run to resume here")
-    return TrainConfig.from_dict(json.loads(path.read_text())["train"])

@@ -70,9 +70,9 @@ def read_clips_per_second(location: str, batch_size: int = 8, passes: int = 3) -
 
 def step_seconds(location: str, batch_size: int, epochs: int, workers: int, device) -> dict:
     """Seconds per training step (after each epoch's first) from the store in RAM and streamed."""
-    from mad.adapt.madapter import build_model
+    from mad.adapt.config import TrainConfig, resolve
+    from mad.adapt.families import build_model
     from mad.adapt.step import make_optimizer
-    from mad.adapt.train import TrainConfig, fit_to_store
     from mad.bench.train import _cached_epoch
     from mad.cache.dataset import InMemoryTokens, StreamingTokens, usable_videos
     from mad.cache.store import Store
@@ -84,14 +84,13 @@ def step_seconds(location: str, batch_size: int, epochs: int, workers: int, devi
         data = (InMemoryTokens(store, videos, progress=False) if source == "ram"
                 else StreamingTokens(store, videos, workers=workers))
         try:
-            cfg = TrainConfig()
-            branch = fit_to_store(cfg.branch(store.manifest, max(2, len(store.class_names))), data, cfg)
+            cfg, branch = resolve(TrainConfig(), store.manifest, max(2, len(store.class_names)), location)
             torch.manual_seed(0)
             model = build_model(branch).to(device)
             optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
             steps = []
             for epoch in range(epochs + 1):  # the first epoch warms up (and starts the readers)
-                _, _, seconds = _cached_epoch(model, optimizer, data, batch_size, epoch, device, "auto")
+                _, seconds = _cached_epoch(model, optimizer, data, batch_size, epoch, device, "auto", cfg.arch)
                 if epoch:
                     steps += seconds[1:] or seconds  # one-step epochs: that step
         finally:
@@ -103,7 +102,7 @@ def step_seconds(location: str, batch_size: int, epochs: int, workers: int, devi
 
 def demo_accuracy(root: Path, seeds: list[int], epochs: int, progress: bool) -> dict:
     """Val top-1 of the demo task from a full and a compact store of the same videos, per seed."""
-    from mad.adapt.train import train
+    from mad.adapt.train import TrainConfig, train
     from mad.demo import DemoConfig, demo_extract_config, demo_train_config
     from mad.extract.run import extract
     from mad.synthetic import make_demo_videos
@@ -118,7 +117,8 @@ def demo_accuracy(root: Path, seeds: list[int], epochs: int, progress: bool) -> 
         for seed in seeds:
             if progress:
                 print(f"demo task: {mode} store, seed {seed}", file=sys.stderr, flush=True)
-            summary = train(demo_train_config(root / mode / "train", root / mode / "val", "madapter",
+            arch = TrainConfig().arch  # the default branch: the storage modes are what is compared
+            summary = train(demo_train_config(root / mode / "train", root / mode / "val", arch,
                                               root / "runs" / f"{mode}-{seed}", cfg, seed=seed), quiet=True)
             result[mode]["last"].append(summary["last/val/acc/top1"])
             result[mode]["best"].append(summary["val/acc/top1"])

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mad.adapt.config import TrainConfig, resolve
+from mad.adapt.families import build_model, family
 from mad.adapt.step import make_optimizer, train_step
-from mad.adapt.train import TrainConfig
 from mad.bench import video_subset
 from mad.errors import MadError
 from mad.options import at_least, check_choice, check_counts, check_number
@@ -70,18 +71,20 @@ def _step(branch, optimizer, inputs, labels, device, precision: str) -> None:
                branch_autocast(precision, device), TRAIN.label_smoothing, TRAIN.clip_grad)
 
 
-def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device, precision: str
+def _cached_epoch(branch, optimizer, data, batch_size: int, epoch: int, device, precision: str, arch: str
                   ) -> tuple[float, list[float]]:
     """(seconds, per-step seconds) of one training epoch over `data`.
 
     A step's time runs from the end of the previous step (or the epoch's start) to the
     end of this one, so it includes waiting for its batch.
     """
+    entry = family(arch)
     _sync(device)
     started = last = time.perf_counter()
     step_seconds = []
     for arrays, labels, _, _ in data.train_batches(batch_size, seed=0, epoch=epoch):
-        _step(branch, optimizer, data.to_model(arrays, device), labels, device, precision)
+        _step(branch, optimizer, entry.inputs(data.to_device(arrays, device), data.manifest), labels, device,
+              precision)
         _sync(device)
         now = time.perf_counter()
         step_seconds.append(now - last)
@@ -137,7 +140,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
                 store: str = "compact", repeats: int = 3, decode_workers: int = 2) -> dict:
     """Time cached epochs (RAM and streamed) against online training on `videos`, `repeats` times;
     print and return the figures."""
-    from mad.adapt.madapter import BranchConfig, build_model, check_branch, count_parameters
+    from mad.adapt.branch import count_parameters
     from mad.cache.dataset import InMemoryTokens, StreamingTokens, usable_videos
     from mad.cache.store import Store
     from mad.extract.backbone import load_backbone
@@ -172,14 +175,10 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
         m = cached.manifest
         frames = m.frames  # a given cache decides
         num_classes = max(len(cached.class_names), int(cached.labels().max()) + 1)
-        try:  # the branch `mad train --cell-size` would build
-            branch_cfg = check_branch(BranchConfig(
-                num_levels=len(m.layers), in_width=m.width, num_tokens=m.tokens, num_frames=m.frames,
-                num_classes=num_classes, width=width, heads=next(h for h in (6, 4, 2, 1) if width % h == 0),
-                cell_size=m.compact["cell_size"] if m.storage == "compact" else cell_size,
-                correlation=m.compact["correlation"] if m.storage == "compact" else BranchConfig.correlation))
-        except ValueError as e:
-            raise BenchTrainError(f"--cell-size: {e}") from None
+        settings = TrainConfig(cache=cache, width=width, heads=next(h for h in (6, 4, 2, 1) if width % h == 0),
+                               cell_size="auto" if m.storage == "compact" else cell_size,
+                               correlation=m.compact["correlation"] if m.storage == "compact" else TRAIN.correlation)
+        _, branch_cfg = resolve(settings, m, num_classes, cache)  # the branch `mad train` would build
 
         def new_branch():
             torch.manual_seed(0)
@@ -199,7 +198,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             run = {}
             # 1. epochs from RAM (the first one warms up and is not counted when there are more)
             branch, optimizer = new_branch()
-            ram = [_cached_epoch(branch, optimizer, in_ram, batch_size, e, device, branch_precision)
+            ram = [_cached_epoch(branch, optimizer, in_ram, batch_size, e, device, branch_precision, branch_cfg.arch)
                    for e in range(max(epochs, 1))]
             run["ram_epoch_seconds"] = statistics.median(s for s, _ in (ram[1:] or ram))
 
@@ -207,7 +206,8 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             streamed = StreamingTokens(cached, selected, workers=workers)
             try:
                 branch, optimizer = new_branch()
-                stream = [_cached_epoch(branch, optimizer, streamed, batch_size, e, device, branch_precision)
+                stream = [_cached_epoch(branch, optimizer, streamed, batch_size, e, device, branch_precision,
+                                        branch_cfg.arch)
                           for e in range(max(epochs, 1) + 1)]
             finally:
                 streamed.close()

@@ -11,10 +11,10 @@ numbers whichever is used:
 A batch is (arrays, labels, positions, views): `arrays` one tensor per data array
 read (full stores: float16 [B, T, N, D] per cached level, shallow to deep; compact
 stores: uint8 records [B, R]), `positions` the videos' indices within the source
-(0..num_videos-1), `views` the view of each item. A source reads only the arrays its
-archs need (`archs`; a store extracted with --branches madapter,evl serves both
-families). `to_model` turns `arrays` into what an arch takes, on the training device
-(compact records are decoded there: a quarter of the bytes cross to the GPU).
+(0..num_videos-1), `views` the view of each item. A source reads only the arrays it is
+asked for (`arrays`, by name: the command layer asks the branch families which they
+read); `to_device` moves a batch's arrays to the training device by name (a family
+decodes compact records there: a quarter of the bytes cross to the GPU).
 
 Streaming reads one (video, view) chunk per data array per item in DataLoader workers
 started with `spawn`: zarr v3 runs an event-loop thread, and a forked copy of a
@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mad.cache import compact
-from mad.cache.manifest import family_of
 from mad.cache.store import DONE, Store, StoreError
+from mad.progress import passing_bar
 from mad.runtime import available_memory, exit_with_parent
 
 Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]
@@ -50,21 +49,19 @@ def usable_videos(store: Store) -> np.ndarray:
     return videos
 
 
-def arrays_for(store: Store, archs=None) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The data arrays (name -> per-video shape, dtype) that `archs` read; every one when None.
-    A store that does not hold what an arch reads is refused in one line (`Manifest.check_serves`)."""
-    if archs is None:
+def arrays_for(store: Store, names=None) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The data arrays `names` (name -> per-video shape, dtype), in the store's order; every one when None."""
+    if names is None:
         return store.data_arrays
-    names = set()
-    for arch in archs:
-        store.manifest.check_serves(arch, store.location)
-        names.update(store.manifest.arrays_for(arch))
+    missing = sorted(set(names) - set(store.data_arrays))
+    if missing:
+        raise StoreError(f"{store.location}: holds no array {', '.join(missing)}")
     return {name: value for name, value in store.data_arrays.items() if name in names}
 
 
-def cache_bytes(store: Store, num_videos: int, archs=None) -> int:
-    """Bytes that `num_videos` videos of the data arrays `archs` read take in memory."""
-    per_video = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in arrays_for(store, archs).values())
+def cache_bytes(store: Store, num_videos: int, arrays=None) -> int:
+    """Bytes that `num_videos` videos of the data arrays `arrays` (all when None) take in memory."""
+    per_video = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in arrays_for(store, arrays).values())
     return per_video * num_videos
 
 
@@ -87,7 +84,7 @@ def eval_order(num_videos: int, num_views: int, all_views: bool) -> tuple[torch.
 class CachedTokens:
     """What both sources share: which videos, their labels, and the batch order."""
 
-    def __init__(self, store: Store, videos: np.ndarray, archs=None):
+    def __init__(self, store: Store, videos: np.ndarray, arrays=None):
         self.location = store.location
         self.manifest = store.manifest
         self.layers = store.layers
@@ -97,21 +94,15 @@ class CachedTokens:
         self.paths = [paths[v] for v in videos]
         self.class_names = store.class_names
         self.num_views = self.manifest.views
-        selected = arrays_for(store, archs)
+        selected = arrays_for(store, arrays)
         self.array_names = list(selected)
         self.array_shapes = {name: (shape[1:], dtype) for name, (shape, dtype) in selected.items()}
-        # frozen backbone weights a branch needs beside the tokens (EVL's q/k projection): small, read once
+        # frozen backbone weights a branch needs beside the tokens (e.g. a q/k projection): small, read once
         self.frozen = {name: torch.from_numpy(value) for name, value in store.frozen().items()}
 
-    def to_model(self, arrays: list[torch.Tensor], device, arch: str = "madapter"):
-        """A batch's arrays as `arch` takes them: full levels, or compact records decoded (BranchInputs)."""
-        m = self.manifest
-        by_name = dict(zip(self.array_names, arrays))
-        if family_of(arch) == "madapter" and m.storage == "compact":
-            return compact.decode(by_name["records"].to(device, non_blocking=True), m.compact["layout"],
-                                  len(m.layers), m.side or 0, m.compact["correlation_groups"])
-        # float16 as cached: the branch upcasts
-        return [by_name[name].to(device, non_blocking=True) for name in m.arrays_for(arch)]
+    def to_device(self, arrays: list[torch.Tensor], device) -> dict[str, torch.Tensor]:
+        """A batch's arrays on `device`, by name (as stored: the branch upcasts or decodes)."""
+        return {name: array.to(device, non_blocking=True) for name, array in zip(self.array_names, arrays)}
 
     @property
     def num_videos(self) -> int:
@@ -133,8 +124,8 @@ class CachedTokens:
 class InMemoryTokens(CachedTokens):
     """Every data array of the selected videos read once into one tensor [V, views, ...] (as stored)."""
 
-    def __init__(self, store: Store, videos: np.ndarray | None = None, progress: bool = True, archs=None):
-        super().__init__(store, usable_videos(store) if videos is None else videos, archs)
+    def __init__(self, store: Store, videos: np.ndarray | None = None, progress: bool = True, arrays=None):
+        super().__init__(store, usable_videos(store) if videos is None else videos, arrays)
         self.arrays = [torch.empty((self.num_videos, self.num_views, *shape), dtype=getattr(torch, dtype))
                        for shape, dtype in self.array_shapes.values()]
         # Read whole shards (one request per shard file) and keep the selected rows.
@@ -142,11 +133,7 @@ class InMemoryTokens(CachedTokens):
         blocks = [(start, min(start + step, store.num_videos)) for start in range(0, store.num_videos, step)]
         blocks = [(a, b) for a, b in blocks if np.any((self.videos >= a) & (self.videos < b))]
         rows = {v: i for i, v in enumerate(self.videos.tolist())}
-        from rich.progress import Progress
-
-        from mad.progress import plain
-
-        with Progress(transient=True, disable=not progress or plain()) as bar:  # a passing bar: none in logs
+        with passing_bar(progress) as bar:
             name = os.path.basename(self.location.rstrip("/"))
             task = bar.add_task(f"reading {name}", total=len(blocks) * len(self.arrays))
             for array, array_name in zip(self.arrays, self.array_names):
@@ -165,8 +152,8 @@ class InMemoryTokens(CachedTokens):
 class StreamingTokens(CachedTokens):
     """Reads each batch's chunks from the store in `workers` spawned DataLoader processes."""
 
-    def __init__(self, store: Store, videos: np.ndarray | None = None, workers: int = 2, archs=None):
-        super().__init__(store, usable_videos(store) if videos is None else videos, archs)
+    def __init__(self, store: Store, videos: np.ndarray | None = None, workers: int = 2, arrays=None):
+        super().__init__(store, usable_videos(store) if videos is None else videos, arrays)
         self.workers = workers
         self._reader = ChunkReader(self.location, self.array_shapes, self.videos)
         self._sampler = _ListSampler()
@@ -254,9 +241,9 @@ def _new_batch_tensor(shape, dtype) -> torch.Tensor:
 
 
 def open_tokens(store: Store | str, in_ram: str = "auto", workers: int = 2, reserve: float = 0.5,
-                progress: bool = True, videos: np.ndarray | None = None, archs=None) -> CachedTokens:
-    """The store's done, labelled videos (or the store indices `videos`) as batches of the arrays `archs`
-    read (all when None): in RAM ('yes'), streamed ('no'), or in RAM when they take less than `reserve` of
+                progress: bool = True, videos: np.ndarray | None = None, arrays=None) -> CachedTokens:
+    """The store's done, labelled videos (or the store indices `videos`) as batches of the data arrays
+    `arrays` (by name; all when None): in RAM ('yes'), streamed ('no'), or in RAM when they take less than `reserve` of
     the available memory ('auto')."""
     if isinstance(store, str):
         store = Store.open(store)
@@ -264,7 +251,7 @@ def open_tokens(store: Store | str, in_ram: str = "auto", workers: int = 2, rese
         raise StoreError(f"in_ram {in_ram!r}: use auto, yes or no")
     videos = usable_videos(store) if videos is None else videos
     if in_ram == "auto":
-        in_ram = "yes" if cache_bytes(store, len(videos), archs) < reserve * available_memory() else "no"
+        in_ram = "yes" if cache_bytes(store, len(videos), arrays) < reserve * available_memory() else "no"
     if in_ram == "yes":
-        return InMemoryTokens(store, videos, progress=progress, archs=archs)
-    return StreamingTokens(store, videos, workers=workers, archs=archs)
+        return InMemoryTokens(store, videos, progress=progress, arrays=arrays)
+    return StreamingTokens(store, videos, workers=workers, arrays=arrays)

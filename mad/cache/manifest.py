@@ -22,12 +22,9 @@ IDENTITY_KEYS = ("model", "pretrained", "pretrained_sha256", "layers", "frames",
 # What train and val (or train and eval) caches must agree on for one model to read both.
 TRAINING_KEYS = ("model", "pretrained", "pretrained_sha256", "layers", "frames", "image_size", "grid_downsample",
                  "tokens", "width", "storage", "compact")
-# EVL reads float16 levels in either storage mode, and not `layers`: those may differ between its caches.
-EVL_TRAINING_KEYS = tuple(k for k in TRAINING_KEYS if k not in ("layers", "storage", "compact"))
 STORAGE = ("full", "compact")
-# Branch families a store can serve, and the archs of each. `madapter` reads `layers` (records in a compact
-# store); `evl` reads every token of the model's last blocks and of the block before them (`evl_needs`).
-FAMILIES = {"madapter": ("madapter", "meanpool", "linear"), "evl": ("evl",)}
+# The --branches entry of a store made before --branches existed: it holds --layers only (data, as the names are).
+LAYERS_ONLY = {"madapter": {}}
 _RENAMED = {"pool": "grid_downsample"}  # format 1 names
 _DROPPED = ("dtype",)  # format 1 wrote "dtype": "float16" (every layer is float16)
 
@@ -60,7 +57,7 @@ class Manifest:
     versions: dict = field(default_factory=dict)
     storage: str = "full"           # full: every token, float16; compact: what the branch reads, 8-bit
     compact: dict | None = None     # compact stores: what the store fixed (`mad.cache.compact`)
-    branches: dict = field(default_factory=lambda: {"madapter": {}})  # family -> what it reads beyond `layers`
+    branches: dict = field(default_factory=lambda: dict(LAYERS_ONLY))  # --branches name -> what is stored for it
     format_version: int = FORMAT_VERSION
     created: str | None = None
 
@@ -80,34 +77,22 @@ class Manifest:
         return side if side * side == self.tokens - 1 else None
 
     @property
-    def evl(self) -> dict | None:
-        """What the store holds for EVL (`evl_needs`), or None."""
-        return self.branches.get("evl")
-
-    def levels_for(self, arch: str) -> list[int]:
-        """The cached levels `arch` reads, shallow to deep (0: the input of block 1)."""
-        return list(self.evl["levels"]) if family_of(arch) == "evl" else list(self.layers)
-
-    @property
     def stored_levels(self) -> list[int]:
-        """Every level stored as float16 tokens (`layers/<n>`): `layers` in a full store, and EVL's."""
+        """Every level stored as float16 tokens (`layers/<n>`): `layers` in a full store, and the levels a
+        branch family reads beyond them (its `branches` entry's "levels")."""
         levels = set(self.layers) if self.storage == "full" else set()
-        return sorted(levels | set(self.evl["levels"] if self.evl else ()))
+        for need in self.branches.values():
+            levels |= set(need.get("levels", ()))
+        return sorted(levels)
 
-    def arrays_for(self, arch: str) -> list[str]:
-        """The data arrays of the store that `arch` reads."""
-        if family_of(arch) == "madapter" and self.storage == "compact":
-            return ["records"]
-        return [f"layers/{n}" for n in self.levels_for(arch)]
-
-    def check_serves(self, arch: str, location: str) -> None:
-        """Refuse, in one line that says what to re-run, a store that does not hold what `arch` reads."""
-        family = family_of(arch)
-        if family not in self.branches:
+    def check_serves(self, stored_as: str, arch: str, location: str) -> None:
+        """Refuse, in one line that says what to re-run, a store that holds no inputs stored for `stored_as`
+        (the --branches name whose inputs --arch `arch` reads)."""
+        if stored_as not in self.branches:
             held = ",".join(self.branches)
             raise MadError(f"{location}: holds no inputs for --arch {arch} (extracted with --branches {held}); "
                            f"re-run mad extract --videos {self.videos_root or 'VIDEOS'} with --branches {held},"
-                           f"{family} and --overwrite (or another --out)")
+                           f"{stored_as} and --overwrite (or another --out)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,7 +139,7 @@ class Manifest:
                            + "; ".join(f"{name}: {theirs} here, {ours} there" for name, ours, theirs in differences))
         if self.class_names and other.class_names and self.class_names != other.class_names:
             raise MadError(f"{other_location}: class names differ from {reference}")
-        for family in set(self.branches) & set(other.branches):  # e.g. EVL read from other blocks
+        for family in set(self.branches) & set(other.branches):  # e.g. levels read from other blocks
             if self.branches[family] != other.branches[family]:
                 detail = ", ".join(f"{name} {theirs} here, {ours} there"
                                    for name, ours, theirs in _branch_differences({family: self.branches[family]},
@@ -199,27 +184,29 @@ def _branch_differences(ours: dict, theirs: dict) -> list[tuple[str, str, str]]:
     return found
 
 
-def training_keys(archs) -> tuple[str, ...]:
-    """The TRAINING_KEYS two caches must agree on for models of `archs` to read both."""
-    return EVL_TRAINING_KEYS if all(family_of(arch) == "evl" for arch in archs) else TRAINING_KEYS
+@dataclass(frozen=True)
+class StoreNeed:
+    """What extraction must store for a branch family beyond --layers, in terms that name none: every token of
+    the model's last `blocks` blocks and of the block before them (float16 levels), with `frozen` the name
+    prefix of those blocks' frozen weights (ln_1, the q/k rows of the attention's in-projection) when the
+    family recomputes their q/k. The command layer asks the registry for these (`mad.adapt.families`)."""
 
+    blocks: int = 0
+    option: str = ""            # the option that sets `blocks`, for a refusal
+    frozen: str | None = None
+    full_grid: bool = False     # reads every patch token: --grid-downsample must be 1
 
-def family_of(arch: str) -> str:
-    """The branch family (`FAMILIES`) whose inputs `arch` reads."""
-    for family, archs in FAMILIES.items():
-        if arch in archs:
-            return family
-    return "madapter"
-
-
-def evl_needs(depth: int, blocks: int = 4) -> dict:
-    """What EVL reads of a model of `depth` blocks: its last `blocks` blocks' outputs, and for the q/k of each
-    block's attention (a frozen function of the block's input) the output of the block before.
-
-    Levels are 1-based block outputs; level 0 is the input of block 1 (the embeddings after ln_pre).
-    ViT-B/16 (12 blocks), 4 blocks: blocks 9..12, levels 8..12.
-    """
-    if not 1 <= blocks <= depth:
-        raise MadError(f"--evl-layers {blocks}: the model has blocks 1..{depth}")
-    first = depth - blocks + 1
-    return {"blocks": list(range(first, depth + 1)), "levels": list(range(first - 1, depth + 1))}
+    def record(self, depth: int, heads: int, ln_eps: float) -> dict:
+        """The manifest's `branches` entry: what is stored for the family (levels are 1-based block outputs;
+        level 0 is the input of block 1). ViT-B/16 (12 blocks), 4 blocks: blocks 9..12, levels 8..12."""
+        if not self.blocks:
+            return {}
+        if not 1 <= self.blocks <= depth:
+            raise MadError(f"{self.option} {self.blocks}: the model has blocks 1..{depth}")
+        first = depth - self.blocks + 1
+        entry = {"blocks": list(range(first, depth + 1)), "levels": list(range(first - 1, depth + 1))}
+        if self.frozen:  # the q/k of its blocks are recomputed per head from their inputs: heads and eps of ln_1
+            entry.update(heads=heads, ln_eps=ln_eps,
+                         frozen=f"frozen/{self.frozen}*: ln_1 weight and bias [L, D], q/k rows of the in-projection "
+                                "weight [L, 2D, D] and bias [L, 2D]")
+        return entry

@@ -9,7 +9,6 @@ input of block 1: the embeddings after `ln_pre`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from mad._compat import import_open_clip
 from mad.errors import MadError
-from mad.runtime import DTYPES
+from mad.runtime import DTYPES, sha256_file
 
 
 class BackboneError(MadError):
@@ -48,14 +47,6 @@ def parse_layers(spec: str | list[int], depth: int) -> list[int]:
             raise BackboneError(f"--layers {n}: out of range, the model has blocks 1..{depth} (or -1..-{depth})")
         layers.append(block)
     return sorted(set(layers))
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def register_model_config(model: str, config: dict | None = None) -> str:
@@ -178,7 +169,7 @@ class Backbone(nn.Module):
             attn = resblock.attn
             if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None:
                 raise BackboneError(f"{self.info.model}: block {block}'s attention has no packed in-projection; "
-                                    "EVL's q/k cannot be recomputed from it")
+                                    "the q/k of its blocks cannot be recomputed from it")
             parts["ln_1_weight"].append(resblock.ln_1.weight)
             parts["ln_1_bias"].append(resblock.ln_1.bias)
             parts["qk_weight"].append(attn.in_proj_weight[: 2 * D])  # rows: q, then k, then v

@@ -22,7 +22,7 @@ import torch
 from mad.cache import compact
 from mad.cache.inputs import branch_inputs, resolve_cell_size
 from mad.cache.locks import StoreLocks
-from mad.cache.manifest import FAMILIES, IDENTITY_KEYS, STORAGE, Manifest, evl_needs
+from mad.cache.manifest import IDENTITY_KEYS, LAYERS_ONLY, STORAGE, Manifest, StoreNeed
 from mad.cache.store import FAILED, PENDING, IncompleteStoreError, Store, StoreError, VideoResult, is_url
 from mad.errors import MadError
 from mad.extract.annotations import FORMATS
@@ -31,7 +31,7 @@ from mad.extract.backbone import load_backbone, model_config_of
 from mad.extract.decode import DecodeError, decode_clip
 from mad.extract.videos import check_labels_kept, find_videos
 from mad.extract.writer import BlockWriter
-from mad.progress import PlainProgress, make_console, plain
+from mad.progress import VideoProgress, make_console
 from mad.runtime import exit_with_parent, resolve_device, versions
 
 
@@ -57,8 +57,6 @@ class ExtractConfig:
     cell_size: str = "auto"      # compact: the branch's cells (auto: no fewer than 7 per side)
     correlation: int = 1         # compact: radius of the stored patch matches (0: none)
     correlation_groups: int = 4  # compact: channel groups matched separately
-    branches: str = "madapter"   # branch families to serve: madapter (reads --layers), evl (adds what EVL reads)
-    evl_layers: int = 4          # evl: the model's last blocks its decoder reads (the official default: 4)
     batch_size: int = 4          # videos per forward pass
     workers: int = -1            # decoding processes; -1: automatic, 0: decode in this process
     device: str = "auto"
@@ -70,11 +68,11 @@ class ExtractConfig:
     limit: int | None = None     # process at most this many pending videos
     progress: bool = True
 
-    # What each number and each named choice may be (the model's depth bounds --layers and --evl-layers)
+    # What each number and each named choice may be (the model's depth bounds --layers)
     RANGES: ClassVar[dict] = {"frames": at_least(1), "clips": at_least(1), "batch_size": at_least(1),
                               "shard_size": at_least(1), "grid_downsample": at_least(1),
                               "correlation": at_least(0, "0: none"), "correlation_groups": at_least(1),
-                              "evl_layers": at_least(1), "workers": at_least(-1, "-1: automatic, 0: this process"),
+                              "workers": at_least(-1, "-1: automatic, 0: this process"),
                               "limit": at_least(0)}
     CHOICES: ClassVar[dict] = {"crops": (1, 3), "store": STORAGE, "precision": ("bf16", "fp16", "fp32"),
                                "labels_format": FORMATS,
@@ -90,13 +88,6 @@ class ExtractConfig:
         check_cell_size(self.cell_size)
         check_layers(self.layers)
         check_device(self.device)
-        unknown = sorted(set(_families(self)) - set(FAMILIES))
-        if unknown:
-            raise ExtractError(f"--branches {self.branches!r}: unknown branch family {', '.join(unknown)} "
-                               f"(use {', '.join(FAMILIES)})")
-        if "evl" in _families(self) and self.grid_downsample > 1:
-            raise ExtractError("--branches evl reads every patch token (its q/k are recomputed from them): "
-                               "extract it with --grid-downsample 1")
         _slice(self)
         return self
 
@@ -151,31 +142,21 @@ def decoded_videos(dataset: VideoDecodeDataset, workers: int):
 # ---- the run ------------------------------------------------------------------------
 
 
-def _families(cfg: ExtractConfig) -> list[str]:
-    """--branches as a list; madapter always (its --layers are always stored)."""
-    named = [name.strip() for name in cfg.branches.split(",") if name.strip()]
-    return ["madapter"] + [name for name in named if name != "madapter"]
+def _needs(needs: dict[str, StoreNeed] | None) -> dict[str, StoreNeed]:
+    return {name: StoreNeed() for name in LAYERS_ONLY} if needs is None else needs
 
 
-def _branch_needs(cfg: ExtractConfig, info) -> dict:
-    """The manifest's `branches`: what each family reads beyond --layers."""
-    needs = {family: {} for family in _families(cfg)}
-    if "evl" in needs:  # the q/k of its blocks are recomputed per head from their inputs: heads and eps of ln_1
-        needs["evl"] = {**_evl_levels(cfg, info.depth), "heads": info.heads, "ln_eps": info.ln_eps,
-                        "frozen": "frozen/evl_*: ln_1 weight and bias [L, D], q/k rows of the in-projection "
-                                  "weight [L, 2D, D] and bias [L, 2D]"}
-    return needs
-
-
-def _evl_levels(cfg: ExtractConfig, depth: int) -> dict:
+def _records(needs: dict[str, StoreNeed], depth: int, heads: int = 0, ln_eps: float = 0.0) -> dict:
+    """The manifest's `branches`: what is stored for each --branches name beyond --layers."""
     try:
-        return evl_needs(depth, cfg.evl_layers)
+        return {name: need.record(depth, heads, ln_eps) for name, need in needs.items()}
     except MadError as e:
         raise ExtractError(str(e)) from None
 
 
-def manifest_for(cfg: ExtractConfig, backbone, class_names: list[str] = (), labelled_by: str = "none") -> Manifest:
-    """The manifest of a store that `cfg` extracts with `backbone`."""
+def manifest_for(cfg: ExtractConfig, backbone, class_names: list[str] = (), labelled_by: str = "none",
+                 needs: dict[str, StoreNeed] | None = None) -> Manifest:
+    """The manifest of a store that `cfg` extracts with `backbone`, storing `needs` beyond --layers."""
     info = backbone.info
     return Manifest(
         model=cfg.model, model_config=model_config_of(cfg.model),
@@ -189,15 +170,14 @@ def manifest_for(cfg: ExtractConfig, backbone, class_names: list[str] = (), labe
         labelled_by=labelled_by, videos_root=str(Path(cfg.videos).resolve()),
         shard_size=cfg.shard_size, versions=versions(), storage=cfg.store,
         compact=_compact_settings(cfg, backbone) if cfg.store == "compact" else None,
-        branches=_branch_needs(cfg, info),
+        branches=_records(_needs(needs), info.depth, info.heads, info.ln_eps),
     )
 
 
-def _frozen(manifest: Manifest, backbone) -> dict[str, np.ndarray]:
-    """The frozen weights the store carries for its branch families (EVL's q/k recomputation)."""
-    if manifest.evl is None:
-        return {}
-    return {f"evl_{name}": value.numpy() for name, value in backbone.frozen_qk(manifest.evl["blocks"]).items()}
+def _frozen(manifest: Manifest, backbone, needs: dict[str, StoreNeed]) -> dict[str, np.ndarray]:
+    """The frozen weights the store carries for its branch families (a q/k recomputation's), by name."""
+    return {f"{need.frozen}{name}": value.numpy() for key, need in needs.items() if need.frozen
+            for name, value in backbone.frozen_qk(manifest.branches[key]["blocks"]).items()}
 
 
 def _compact_settings(cfg: ExtractConfig, backbone) -> dict:
@@ -270,16 +250,24 @@ def _open_or_create(cfg: ExtractConfig, manifest: Manifest, video_list, frozen: 
     return store
 
 
-def _load_backbone(cfg: ExtractConfig, device):
+def _load_backbone(cfg: ExtractConfig, device, needs: dict[str, StoreNeed]):
     """The model, tapping --layers and the levels the branch families read beyond them."""
-    extra = (lambda depth: _evl_levels(cfg, depth)["levels"]) if "evl" in _families(cfg) else ()
+    def extra(depth: int) -> list[int]:
+        return sorted({n for entry in _records(needs, depth).values() for n in entry.get("levels", ())})
+
     return load_backbone(cfg.model, cfg.pretrained, cfg.layers, device, cfg.precision, cfg.grid_downsample,
                          extra_levels=extra)
 
 
-def extract(cfg: ExtractConfig) -> dict:
-    """Extract (or resume extracting) every video under cfg.videos into cfg.out."""
+def extract(cfg: ExtractConfig, needs: dict[str, StoreNeed] | None = None) -> dict:
+    """Extract (or resume extracting) every video under cfg.videos into cfg.out. `needs`: what to store
+    beyond --layers per --branches name (the command layer asks the registry: `mad.adapt.families`);
+    None: --layers only, as stores were before --branches."""
     cfg.check()
+    needs = _needs(needs)
+    for name, need in needs.items():
+        if need.full_grid and cfg.grid_downsample > 1:
+            raise ExtractError(f"--branches {name} reads every patch token: extract it with --grid-downsample 1")
     index, count = _slice(cfg)
     if count > 1 and cfg.overwrite:
         raise ExtractError("--overwrite cannot be combined with a sharded run: start over with one process first")
@@ -291,12 +279,12 @@ def extract(cfg: ExtractConfig) -> dict:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU each
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    backbone = _load_backbone(cfg, device)
-    manifest = manifest_for(cfg, backbone, video_list.class_names, video_list.labelled_by)
+    backbone = _load_backbone(cfg, device, needs)
+    manifest = manifest_for(cfg, backbone, video_list.class_names, video_list.labelled_by, needs)
     locks = StoreLocks(cfg.out, index, count)
     try:
         with locks.creating():
-            store = _open_or_create(cfg, manifest, video_list, _frozen(manifest, backbone))
+            store = _open_or_create(cfg, manifest, video_list, _frozen(manifest, backbone, needs))
         return _extract_slice(cfg, store, backbone, device, index, count)
     finally:
         locks.release()
@@ -322,7 +310,7 @@ def _extract_slice(cfg: ExtractConfig, store: Store, backbone, device: torch.dev
                "errors": store.errors_location, "out": cfg.out}
     started = time.perf_counter()
     writer = BlockWriter(store, scheduled)
-    progress = _Progress(len(scheduled), cfg.progress, f"extract [{index}/{count}]" if count > 1 else "extract")
+    progress = VideoProgress(len(scheduled), cfg.progress, f"extract [{index}/{count}]" if count > 1 else "extract")
     try:
         batch: list[tuple[VideoResult, torch.Tensor]] = []
         for result, frames in decoded_videos(dataset, workers):
@@ -384,44 +372,6 @@ def store_arrays(tapped: dict[int, torch.Tensor], m: Manifest) -> dict[str, np.n
         level = tapped[n].to(torch.float16).cpu().numpy()
         data[f"layers/{n}"] = level.reshape(-1, m.frames, *level.shape[1:])  # [views, T, N, D]
     return data
-
-
-class _Progress:
-    """Videos done/total, videos/s, ETA, failures so far: a rich bar on a terminal, plain lines elsewhere."""
-
-    def __init__(self, total: int, enabled: bool, label: str = "extract"):
-        self.progress = self.lines = None
-        self.failed = self.done = 0
-        self.started = time.perf_counter()
-        if not enabled:
-            return
-        if plain():
-            self.lines = PlainProgress(label, total)
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} videos/s"),
-            TimeRemainingColumn(), TextColumn("[red]{task.fields[failed]} failed"),
-        )
-        self.task = self.progress.add_task("extract", total=total, rate="-", failed=0)
-        self.progress.start()
-
-    def advance(self, n: int = 1, failed: bool = False) -> None:
-        self.failed += failed
-        self.done += 0 if failed else n
-        if self.lines is not None:
-            self.lines.update(self.done + self.failed, self.done, self.failed)
-        if self.progress is None:
-            return
-        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
-        self.progress.update(self.task, advance=n, rate=f"{rate:.2f}", failed=self.failed)
-
-    def stop(self) -> None:
-        if self.lines is not None:
-            self.lines.stop()
-        if self.progress is not None:
-            self.progress.stop()
 
 
 def _print_summary(summary: dict) -> None:

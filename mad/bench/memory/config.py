@@ -56,10 +56,10 @@ class BenchConfig:
     num_tokens: int  # N = 1 + H*W
     image_size: int
     threads: int = 0  # torch CPU threads in each mode's process (0: torch's default)
-    cell_size: int = 1  # M-adapter cells of n x n patches ("auto" resolved by `check_branch`, as `mad train` does)
-    depth: int = 12  # the backbone's blocks: EVL reads the last `evl_layers` and the input of the first of them
-    heads: int = 12  # of the backbone's attention (EVL recomputes its q, k per head)
-    evl_layers: int = 4
+    cell_size: int = 1  # M-adapter cells of n x n patches ("auto" resolved as `mad train` does)
+    depth: int = 12  # the backbone's blocks: a family may read the last `last_blocks` and the one before them
+    heads: int = 12  # of the backbone's attention (a family may recompute its q, k per head)
+    last_blocks: int = 4
     # True: the blocks' own nn.MultiheadAttention in the modes that backpropagate through the
     # backbone, instead of `workloads.SelfAttention`; only to measure the artefact that avoids
     open_clip_attention: bool = False
@@ -73,7 +73,8 @@ def resolve_config(model: str, frames: int, batch: int, layers: str, device: str
                    classes: int, branch_width: int, threads: int = 0, cell_size: str | int = "auto") -> BenchConfig:
     """Check the options and read the backbone's shapes from its open_clip config (no model is built)."""
     from mad._compat import import_open_clip
-    from mad.adapt.madapter import BranchConfig, check_branch
+    from mad.adapt.config import TrainConfig, resolve
+    from mad.cache.manifest import Manifest
     from mad.extract.backbone import parse_layers, register_model_config
     from mad.runtime import resolve_device
 
@@ -96,14 +97,15 @@ def resolve_config(model: str, frames: int, batch: int, layers: str, device: str
     size = vision["image_size"] if isinstance(vision["image_size"], int) else vision["image_size"][0]
     patch = vision["patch_size"] if isinstance(vision["patch_size"], int) else vision["patch_size"][0]
     num_tokens = 1 + (size // patch) ** 2
-    try:  # the branch's settings, checked here rather than in three processes
-        branch = check_branch(BranchConfig(arch="madapter", num_levels=len(blocks), in_width=vision["width"],
-                                           num_tokens=num_tokens, num_frames=frames, num_classes=classes,
-                                           width=branch_width, cell_size=cell_size))
-    except ValueError as e:
+    side = size // patch
+    manifest = Manifest(model=model, layers=blocks, frames=frames, tokens=num_tokens, width=vision["width"],
+                        grid=[side, side], storage="full")
+    try:  # the branch's settings, checked here (as `mad train` resolves them) rather than in every mode's process
+        _, branch = resolve(TrainConfig(width=branch_width, cell_size=str(cell_size)), manifest, classes, model)
+    except MadError as e:
         raise BenchError(f"M-adapter branch: {e}") from None
     heads = vision["width"] // vision.get("head_width", 64)
     return BenchConfig(model=model, frames=frames, batch=batch, layers=blocks, device=device, precision=precision,
                        steps=steps, classes=classes, branch_width=branch_width, in_width=vision["width"],
                        num_tokens=num_tokens, image_size=size, threads=threads, cell_size=branch.cell_size,
-                       depth=vision["layers"], heads=heads, evl_layers=min(4, vision["layers"]))
+                       depth=vision["layers"], heads=heads, last_blocks=min(4, vision["layers"]))

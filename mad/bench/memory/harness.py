@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from mad.adapt.step import make_optimizer, train_step
 from mad.bench.memory.config import BASELINE_MODES, GIB, LR, MODES, TRAINS, WEIGHT_DECAY, BenchConfig, BenchError
 from mad.bench.memory.meter import MemoryMeter, return_free_memory
-from mad.bench.memory.workloads import BUILDERS, autocast_for, count
+from mad.bench.memory.workloads import autocast_for, builder, count
 from mad.runtime import DTYPES
 
 # =========================================================================== child side
@@ -71,7 +71,7 @@ def warm_up_runtime(cfg: BenchConfig) -> None:
 def run_mode(cfg: BenchConfig, mode: str, limit_gb: float | None = None) -> dict:
     """Build one mode, run 1 warm-up + `cfg.steps` timed training steps, report memory and time."""
     # import the code first: libraries (open_clip pulls in torchvision, ~150 MB) are not training memory
-    import mad.adapt.madapter  # noqa: F401
+    import mad.adapt.families  # noqa: F401
     if not mode.endswith("-cached"):
         from mad._compat import import_open_clip
 
@@ -86,7 +86,7 @@ def run_mode(cfg: BenchConfig, mode: str, limit_gb: float | None = None) -> dict
         meter.limit(limit, mode)
 
     try:
-        workload = BUILDERS[mode](cfg)
+        workload = builder(mode)(cfg)
     except torch.cuda.OutOfMemoryError:  # a budget probe whose model alone does not fit
         return {"mode": mode, "batch": cfg.batch, "fits": False, "oom": True}
     return_free_memory()  # building leaves the fp32 originals of cast weights behind as free heap

@@ -36,6 +36,7 @@ as `mad train --precision auto` on CPU).
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -241,28 +242,45 @@ def build_in_backbone_adapter(cfg: BenchConfig) -> Workload:
     )
 
 
-# ------------------------------------------------------------------ the M-adapter branch
+# ------------------------------------------------------------------ a branch family (the registry's)
 
 
-def build_branch(cfg: BenchConfig, arch: str = "madapter") -> nn.Module:
-    from mad.adapt.madapter import BranchConfig, build_model
+def branch_for(cfg: BenchConfig, arch: str):
+    """(its registry entry, the branch config `mad train --arch <arch>` resolves on this backbone, the levels it
+    reads, what a store holds for it): resolved against the manifest a store of this backbone would have."""
+    from mad.adapt.config import TrainConfig, resolve
+    from mad.adapt.families import family, store_needs, stored_names
+    from mad.cache.manifest import Manifest
 
-    return build_model(BranchConfig(arch=arch, num_levels=len(cfg.layers), in_width=cfg.in_width,
-                                    num_tokens=cfg.num_tokens, num_frames=cfg.frames, num_classes=cfg.classes,
-                                    width=cfg.branch_width, cell_size=cfg.cell_size)).to(cfg.device)
+    needs = store_needs(",".join(stored_names()), cfg.last_blocks)
+    side = math.isqrt(cfg.num_tokens - 1)
+    manifest = Manifest(model=cfg.model, layers=list(cfg.layers), frames=cfg.frames, tokens=cfg.num_tokens,
+                        width=cfg.in_width, grid=[side, side], depth=cfg.depth, storage="full",
+                        branches={name: need.record(cfg.depth, cfg.heads, 1e-5) for name, need in needs.items()})
+    settings = TrainConfig(arch=arch, width=cfg.branch_width, cell_size=str(cfg.cell_size))
+    _, branch = resolve(settings, manifest, cfg.classes, "mad bench memory", given=())  # each arch's preset
+    entry = family(arch)
+    return entry, branch, entry.levels(manifest), needs[entry.stored_as]
 
 
-def build_madapter_online(cfg: BenchConfig, arch: str = "madapter") -> Workload:
-    """The branch (or a static baseline, `arch` meanpool or linear) on the backbone's taps."""
-    backbone = load_random_backbone(cfg, cfg.precision)
-    branch = build_branch(cfg, arch)
+def build_branch_online(cfg: BenchConfig, arch: str) -> Workload:
+    """The branch on the backbone's taps (of the levels it reads), the backbone under no_grad."""
+    from mad.extract.backbone import load_backbone
+
+    entry, branch_cfg, levels, need = branch_for(cfg, arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "random weights": intended here
+        backbone = load_backbone(cfg.model, pretrained="none", layers=levels[-1:], device=cfg.device,
+                                 precision=cfg.precision, extra_levels=levels)
+    # the frozen weights a store carries for it (the q/k of its blocks), from this backbone
+    frozen = {f"{need.frozen}{k}": v for k, v in backbone.frozen_qk(levels[1:]).items()} if need.frozen else None
+    branch = entry.build(branch_cfg, frozen).to(cfg.device)
     frames = random_frames(cfg)
     B, T, N, D = cfg.batch, cfg.frames, cfg.num_tokens, cfg.in_width
 
     def forward():
-        taps = backbone(frames)  # no_grad inside: K x [B*T, N, D] in the backbone dtype
-        levels = [x.view(B, T, N, D) for x in taps]  # K x [B, T, N, D] in the backbone dtype; the branch upcasts
-        return branch(levels)
+        taps = backbone(frames)  # no_grad inside: a [B*T, N, D] tap per level, in the backbone dtype
+        return branch([x.view(B, T, N, D) for x in taps])  # the branch upcasts
 
     return Workload(
         modules=[backbone, branch],
@@ -274,16 +292,16 @@ def build_madapter_online(cfg: BenchConfig, arch: str = "madapter") -> Workload:
     )
 
 
-def build_madapter_cached(cfg: BenchConfig, arch: str = "madapter") -> Workload:
-    """The branch (or a static baseline) on batches as the cache reader returns them."""
-    branch = build_branch(cfg, arch)
+def build_branch_cached(cfg: BenchConfig, arch: str) -> Workload:
+    """The branch on batches as the cache reader returns them; no backbone (frozen weights a store carries
+    stay at their initial values: memory and time do not depend on them)."""
+    entry, branch_cfg, levels, _ = branch_for(cfg, arch)
+    branch = entry.build(branch_cfg).to(cfg.device)
     # what the cache reader returns for one batch: float16 [B, T, N, D] per level, in host RAM
-    cached = [torch.randn(cfg.batch, cfg.frames, cfg.num_tokens, cfg.in_width).to(torch.float16)
-              for _ in cfg.layers]
+    cached = [torch.randn(cfg.batch, cfg.frames, cfg.num_tokens, cfg.in_width).to(torch.float16) for _ in levels]
 
     def forward():
-        levels = [x.to(cfg.device, non_blocking=True) for x in cached]  # float16, as mad.adapt.train feeds them
-        return branch(levels)
+        return branch([x.to(cfg.device, non_blocking=True) for x in cached])  # float16, as mad.adapt.train feeds them
 
     if "open_clip" in sys.modules:  # the point of this mode: the backbone's code is not even loaded
         raise BenchError(f"{arch}-cached imported open_clip: the process must hold no backbone")
@@ -297,82 +315,15 @@ def build_madapter_cached(cfg: BenchConfig, arch: str = "madapter") -> Workload:
     )
 
 
-# ------------------------------------------------------------------ EVL's decoder (mad.adapt.evl)
-
-
-def evl_levels(cfg: BenchConfig) -> list[int]:
-    """What EVL reads: the last `evl_layers` blocks' outputs and the input of the first of them (0: block 1's)."""
-    return list(range(cfg.depth - cfg.evl_layers, cfg.depth + 1))
-
-
-def build_evl(cfg: BenchConfig) -> nn.Module:
-    from mad.adapt.madapter import BranchConfig, build_model
-
-    return build_model(BranchConfig(arch="evl", num_levels=cfg.evl_layers + 1, in_width=cfg.in_width,
-                                    num_tokens=cfg.num_tokens, num_frames=cfg.frames, num_classes=cfg.classes,
-                                    width=0, heads=0, depth=0, dropout=0.5, qk_heads=cfg.heads))
-
-
-def build_evl_online(cfg: BenchConfig) -> Workload:
-    from mad.extract.backbone import load_backbone
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "random weights": intended here
-        backbone = load_backbone(cfg.model, pretrained="none", layers=[cfg.depth], device=cfg.device,
-                                 precision=cfg.precision, extra_levels=evl_levels(cfg))
-    decoder = build_evl(cfg)
-    decoder.load_frozen({f"evl_{k}": v for k, v in backbone.frozen_qk(evl_levels(cfg)[1:]).items()})
-    decoder = decoder.to(cfg.device)
-    frames = random_frames(cfg)
-    B, T, N, D = cfg.batch, cfg.frames, cfg.num_tokens, cfg.in_width
-
-    def forward():
-        taps = backbone(frames)  # no_grad inside: L+1 x [B*T, N, D] in the backbone dtype
-        return decoder([x.view(B, T, N, D) for x in taps])
-
-    return Workload(
-        modules=[backbone, decoder],
-        trained=decoder,
-        forward=forward,
-        backbone_parameters=count([backbone]),
-        policy=f"backbone {cfg.precision} under no_grad; EVL decoder fp32 weights"
-               + (f", {cfg.precision} autocast" if autocast_for(cfg) else ""),
-    )
-
-
-def build_evl_cached(cfg: BenchConfig) -> Workload:
-    decoder = build_evl(cfg)
-    with torch.no_grad():  # stand-ins for the frozen q/k weights a store carries
-        decoder.qk.weight.normal_(0, cfg.in_width ** -0.5)
-    decoder = decoder.to(cfg.device)
-    # what the cache reader returns for one batch: float16 [B, T, N, D] per level, in host RAM
-    cached = [torch.randn(cfg.batch, cfg.frames, cfg.num_tokens, cfg.in_width).to(torch.float16)
-              for _ in evl_levels(cfg)]
-
-    def forward():
-        return decoder([x.to(cfg.device, non_blocking=True) for x in cached])
-
-    if "open_clip" in sys.modules:
-        raise BenchError("evl-cached imported open_clip: the process must hold no backbone")
-    return Workload(
-        modules=[decoder],
-        trained=decoder,
-        forward=forward,
-        backbone_parameters=0,
-        policy="float16 levels as cached; EVL decoder fp32 weights"
-               + (f", {cfg.precision} autocast" if autocast_for(cfg) else ""),
-    )
+def builder(mode: str) -> Callable[[BenchConfig], Workload]:
+    """The mode's builder: the two in-backbone modes, or <arch>-online / <arch>-cached for a branch family."""
+    if mode in BUILDERS:
+        return BUILDERS[mode]
+    arch, _, where = mode.rpartition("-")
+    return functools.partial(build_branch_online if where == "online" else build_branch_cached, arch=arch)
 
 
 BUILDERS = {
     "full-finetune": build_full_finetune,
     "in-backbone-adapter": build_in_backbone_adapter,
-    "madapter-online": build_madapter_online,
-    "madapter-cached": build_madapter_cached,
-    "evl-online": build_evl_online,
-    "evl-cached": build_evl_cached,
-    "meanpool-online": functools.partial(build_madapter_online, arch="meanpool"),
-    "meanpool-cached": functools.partial(build_madapter_cached, arch="meanpool"),
-    "linear-online": functools.partial(build_madapter_online, arch="linear"),
-    "linear-cached": functools.partial(build_madapter_cached, arch="linear"),
 }
