@@ -142,3 +142,28 @@ def bench_scaling(
 
     run(videos=str(videos), model=model, layers=layers, frames=frames, limit=limit, processes=processes,
         precision=precision, out=str(out) if out else None)
+
+
+@bench_app.command("sweep")
+def bench_sweep(
+    ks: str = typer.Option("1,2,4,8", help="Configuration counts K to measure (lr x weight decay points)."),
+    repeats: int = typer.Option(3, help="Measure both sides this many times (min / median / max)."),
+    epochs: int = typer.Option(2, help="Epochs of every run."),
+    cache: Optional[str] = typer.Option(None, help="A compact training store (default: build a small one now)."),
+    val: Optional[str] = typer.Option(None, help="Its val store (with --cache)."),
+    out: Path = typer.Option(Path("benchmarks/results"), help="Folder for bench_sweep_<cpu|gpu>.json and .md."),
+    smoke: bool = typer.Option(False, "--smoke", help="K 1,2, one repeat, one epoch, a tiny store: the harness "
+                               "end to end, not figures to quote."),
+    videos_per_class: int = typer.Option(8, help="Built store: training videos per class (6 classes)."),
+    width: int = typer.Option(128, help="Branch width of every run."),
+    heads: int = typer.Option(4, help="Branch heads of every run."),
+    batch_size: int = typer.Option(16),
+    workers: int = typer.Option(2, help="Reader processes of every run."),
+    device: str = typer.Option("cpu"),
+):
+    """K configurations in one `mad sweep` vs the same K `mad train` runs: bytes read, clips x configs / s, memory."""
+    from mad.bench.sweep import bench_sweep as run
+
+    run(ks=ks, repeats=repeats, epochs=epochs, cache=cache, val=val, out=str(out), smoke=smoke,
+        videos_per_class=videos_per_class, width=width, heads=heads, batch_size=batch_size, workers=workers,
+        device=device, command=" ".join(["mad", *sys.argv[1:]]))
