@@ -136,7 +136,10 @@ class Member:
                 save_model(self.model, run / "model.safetensors", self.branch,
                            {**self.info, "epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val/")}})
         if self.dist.main:  # checkpoints and metrics: rank 0 only
+            outer = random_state(self.device)
+            set_random_state(self.rng, self.device)  # last.pt holds this member's random state: exact resume
             save_training_state(run / "last.pt", epoch, self.model, self.optimizer, self.scheduler)
+            set_random_state(outer, self.device)
             with open(run / "metrics.jsonl", "a") as f:  # after last.pt: a line means the epoch is resumable
                 f.write(json.dumps(row) + "\n")
             self.trackers.log(row)  # after metrics.jsonl: a tracker never shows an epoch the run folder lacks
