@@ -108,3 +108,19 @@ def test_pruned_member_stops_and_says_when(caches, tmp_path):
     summaries, _ = lockstep(caches, configs, on_epoch_end=lambda i, row: i == 1 and row["epoch"] == 1)
     assert summaries[1]["pruned_at_epoch"] == 1 and len(metric_rows(tmp_path / "1")) == 1
     assert "pruned_at_epoch" not in summaries[0] and len(metric_rows(tmp_path / "0")) == 3
+
+
+def test_stack_size_follows_free_memory(caches, tmp_path, monkeypatch):
+    import mad.adapt.lockstep as lockstep_module
+    configs = [config(caches, tmp_path / str(i), lr=lr, epochs=1) for i, lr in enumerate((3e-3, 1e-3, 2e-3))]
+    train_store = Store.open(caches["train"])
+    members = [resolve(cfg, train_store.manifest, 2, cfg.cache) for cfg in configs]
+    data = open_tokens(train_store, "yes", 0)
+    try:
+        assert lockstep_module.memory_stack_size(members, data) >= 3  # a tiny branch: all fit
+        monkeypatch.setattr(lockstep_module, "available_memory", lambda: 0)
+        assert lockstep_module.memory_stack_size(members, data) == 1
+    finally:
+        data.close()
+    summaries, _ = lockstep(caches, configs)  # one at a time: still every member trained
+    assert [len(metric_rows(tmp_path / str(i))) for i in range(3)] == [1, 1, 1] and len(summaries) == 3

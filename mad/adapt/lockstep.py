@@ -35,7 +35,7 @@ from mad.adapt.step import make_optimizer, make_scheduler, train_step
 from mad.adapt.tracking import Trackers
 from mad.cache.dataset import CachedTokens
 from mad.progress import EpochLog, make_console
-from mad.runtime import branch_autocast, resolve_device
+from mad.runtime import available_memory, branch_autocast, resolve_device
 
 
 class Member:
@@ -196,7 +196,10 @@ def train_lockstep(members: list[tuple[TrainConfig, BranchConfig]], train_data: 
                           f"members {', '.join(str(i) for i in indices)}")
     summaries: list[dict | None] = [None] * len(members)
     for indices in groups.values():
-        size = max(max_stack or len(indices), 1)
+        size = max(max_stack or memory_stack_size([members[i] for i in indices], train_data), 1)
+        if size < len(indices) and not quiet:
+            make_console().print(f"members {', '.join(str(i) for i in indices)}: {size} at a time "
+                                 f"({'--max-stack' if max_stack else 'free memory'})")
         for first in range(0, len(indices), size):
             chunk = indices[first:first + size]
             done = _train_group([members[i] for i in chunk], train_data, val_data, quiet,
@@ -204,6 +207,20 @@ def train_lockstep(members: list[tuple[TrainConfig, BranchConfig]], train_data: 
             for i, summary in zip(chunk, done):
                 summaries[i] = summary
     return summaries
+
+
+def memory_stack_size(members, train_data: CachedTokens, share: float = 0.5) -> int:
+    """How many members fit at once in `share` of the free memory of their device (CUDA: mem_get_info; CPU:
+    available RAM). A member holds its parameters, gradients and two AdamW moments (4 x the parameter
+    bytes); the activations of one step are counted once, since members step one after another."""
+    device = resolve_device(members[0][0].device)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    held = []
+    for cfg, branch in members:
+        parameters = count_parameters(family(cfg.arch).build(branch, train_data.frozen))
+        held.append(16 * parameters)
+    activations = 64 * max(held)  # a rough bound for one batch's activations of one member
+    return max(int((free * share - activations) // max(held)), 1)
 
 
 def _train_group(members, train_data, val_data, quiet, on_epoch_end) -> list[dict]:
