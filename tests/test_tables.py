@@ -33,7 +33,8 @@ def test_sweep_leaderboard_off_a_terminal_keeps_arch_and_column_names(tmp_path, 
     make_cache(tmp_path / "cache", videos_per_class=2)
     summary = {"val/acc/top1": 0.5, "val/acc/top5": 1.0, "val/acc/mean1": 0.5, "train/acc": 0.75, "train/loss": 0.7,
                "parameters": 123456, "seconds": 1.5, "epochs": 3, "best_epoch": 2, "last/val/acc/top1": 0.5}
-    monkeypatch.setattr(sweep_module, "train_on", lambda cfg, *args, **kwargs: dict(summary, run=cfg.out))
+    monkeypatch.setattr(sweep_module, "train_lockstep",
+                        lambda members, *args, **kwargs: [dict(summary, run=cfg.out) for cfg, _ in members])
     sweep_module.sweep(str(tmp_path / "cache"), str(tmp_path / "cache"), "arch=madapter,meanpool lr=3e-4,1e-3",
                        str(tmp_path / "sweep"))
     out = capsys.readouterr().out

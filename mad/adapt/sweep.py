@@ -20,7 +20,8 @@ from rich.table import Table
 from mad.adapt.branch import RENAMED
 from mad.adapt.config import TrainConfig, TrainError, resolve, with_preset
 from mad.adapt.families import family, pair_keys, reads
-from mad.adapt.train import check_run_dir, count_classes, summary_line, train_on
+from mad.adapt.lockstep import train_lockstep
+from mad.adapt.train import check_run_dir, count_classes, summary_line
 from mad.cache.dataset import open_tokens
 from mad.cache.store import Store
 from mad.errors import MadError
@@ -98,11 +99,11 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
                                  arrays=reads(archs, train_store.manifest, cache))
         val_data = (open_tokens(val_store, base.in_ram, base.workers, progress=not quiet,
                                 arrays=reads(archs, val_store.manifest, val)) if val_store else None)
-        for i, (setting, cfg, branch) in enumerate(runs, 1):
-            console.print(f"[bold]{i}/{len(combinations)}[/] {Path(cfg.out).name}")
-            summary = train_on(cfg, branch, train_data, val_data, quiet=True)
+        console.print(f"{len(runs)} configurations in lockstep: each batch is read once per reading group")
+        summaries = train_lockstep([(cfg, branch) for _, cfg, branch in runs], train_data, val_data, quiet=quiet)
+        for i, ((setting, cfg, _), summary) in enumerate(zip(runs, summaries), 1):
+            console.print(f"[bold]{i}/{len(combinations)}[/] {Path(cfg.out).name}  " + _brief(summary))
             results.append({**setting, **summary})
-            console.print("  " + _brief(summary))
     finally:
         for data in (train_data, val_data):
             if data is not None:

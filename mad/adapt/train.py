@@ -20,31 +20,24 @@ so a resumed run continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-import mad
-from mad.adapt.checkpoint import load_model, restore_training_state, save_model, save_training_state
-from mad.adapt.distributed import Distributed
+from mad.adapt.checkpoint import load_model
 from mad.adapt.evaluate import accuracy, confusion_matrix, predict_probs
 from mad.adapt.branch import BranchConfig, count_parameters
 from mad.adapt.config import TrainConfig, TrainError, check_options, config_from_run, resolve
 from mad.adapt.families import family, pair_keys, reads
 from mad.adapt.plots import plot_confusion, plot_curves
-from mad.adapt.step import make_optimizer, make_scheduler, train_step
-from mad.adapt.tracking import Trackers
+from mad.adapt.step import train_step
 from mad.cache.dataset import CachedTokens, open_tokens, usable_videos
 from mad.cache.store import Store
-from mad.progress import EpochLog
-from mad.runtime import branch_autocast, resolve_device
+from mad.runtime import branch_autocast
 
 # Settings that may change when a run is resumed: they do not change its numbers.
 RESUMABLE_KEYS = ("device", "workers", "in_ram", "resume", "overwrite", "out", "log")
@@ -81,78 +74,11 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, 
 def train_on(cfg: TrainConfig, branch: BranchConfig, train_data: CachedTokens, val_data: CachedTokens | None = None,
              on_epoch_end: Callable[[dict], None] | None = None, quiet: bool = False) -> dict:
     """Train the resolved `branch` (`mad.adapt.config.resolve`) from already opened data (what `sweep` calls
-    once per configuration): set up, then the epochs."""
-    cfg = dataclasses.replace(cfg)  # prepare_run_dir fills in `out`; leave the caller's config as it was
-    entry = family(cfg.arch)
-    device = resolve_device(cfg.device)
-    dist = Distributed(device)
-    device = dist.device(device)
-    if dist.active and cfg.out is None:
-        raise TrainError("under torchrun, name the run folder with --out (every rank must agree on it)")
-    for data in (train_data, val_data):  # data opened for other archs (a sweep's) must hold this one's
-        if data is not None:
-            data.manifest.check_serves(entry.stored_as, cfg.arch, data.location)
-    if dist.main:  # after every check: a refused run leaves no folder
-        prepare_run_dir(cfg)
-    dist.barrier()
-    run = Path(cfg.out)
-    torch.manual_seed(cfg.seed)
-    model = entry.build(branch, train_data.frozen)  # frozen weights a family needs: the store's
-    if cfg.init and not (cfg.resume and (run / "last.pt").exists()):  # a resumed run starts from its last.pt
-        entry.start_from(model, cfg.init)
-    model = model.to(device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    steps_per_epoch = math.ceil(train_data.num_videos / cfg.batch_size)
-    scheduler = make_scheduler(optimizer, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
-    log = EpochLog(quiet or not dist.main, cfg.epochs, steps_per_epoch)
-    log.print(entry.describe(branch, count_parameters(model)))
-
-    start_epoch, history = 0, []
-    if cfg.resume and (run / "last.pt").exists():
-        start_epoch = restore_training_state(run / "last.pt", model, optimizer, scheduler, device)
-        history = read_history(run, start_epoch)
-        log.print(f"resuming {run} after epoch {start_epoch}/{cfg.epochs}")
-    elif dist.main:
-        config = {"train": asdict(cfg), "model": branch.to_dict(), "parameters": count_parameters(model),
-                  "mad_version": mad.__version__, "cache_manifest": train_data.manifest.to_dict(),
-                  "val_manifest": val_data.manifest.to_dict() if val_data else None}
-        (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (run / "metrics.jsonl").write_text("")
-    key = "val/acc/top1" if val_data is not None else "epoch"  # without val data the last epoch is the best
-    best = max(history, key=lambda row: row[key]) if history else None
-
-    info = {"class_names": train_data.class_names, "manifest": train_data.manifest.to_dict(), "arch": cfg.arch}
-    trained = dist.wrap(model)  # DDP under torchrun, else the model itself
-    trackers = Trackers(cfg.log if dist.main else None, run, history)
-    with log, trackers:
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            started = time.perf_counter()
-            row = {"epoch": epoch, **train_one_epoch(trained, optimizer, scheduler, train_data, cfg, epoch, device,
-                                                     dist, log.step)}
-            if val_data is not None:
-                row.update(validate(model, val_data, cfg.batch_size * 2, device, cfg.arch))
-            row["epoch_seconds"] = time.perf_counter() - started
-            log.epoch_done(row)
-            if best is None or row[key] > best[key]:
-                best = row
-                if dist.main:
-                    save_model(model, run / "model.safetensors", branch,
-                               {**info, "epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val/")}})
-            if dist.main:  # checkpoints and metrics: rank 0 only
-                save_training_state(run / "last.pt", epoch, model, optimizer, scheduler)
-                with open(run / "metrics.jsonl", "a") as f:  # after last.pt: a line means the epoch is resumable
-                    f.write(json.dumps(row) + "\n")
-                trackers.log(row)  # after metrics.jsonl: a tracker never shows an epoch the run folder lacks
-            history.append(row)
-            if on_epoch_end is not None:
-                on_epoch_end(row)
-
-    dist.barrier()  # rank 0's files are complete before anyone returns
-    if not dist.main:
-        return {"run": str(run), "rank": dist.rank}
-    summary = finish(run, cfg, history, best, val_data or train_data, "val" if val_data else "train", device)
-    log.print(f"[bold]{run}[/]: {summary_line(summary)}")
-    return summary
+    once per configuration): a one-member lockstep (`mad.adapt.lockstep`), so a run
+    alone and in a sweep write the same numbers."""
+    from mad.adapt.lockstep import train_lockstep  # lockstep imports this module's pieces
+    hook = (lambda i, row: on_epoch_end(row)) if on_epoch_end is not None else None
+    return train_lockstep([(cfg, branch)], train_data, val_data, on_epoch_end=hook, quiet=quiet)[0]
 
 
 def summary_line(summary: dict) -> str:
