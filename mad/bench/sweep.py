@@ -7,8 +7,9 @@ counts what its whole process tree read (/proc/self/io after reaping every child
 included) and samples the tree's resident memory.
 
     store bytes   rchar minus each process's start-up reads (Python, torch, mad: ~200 MB a process,
-                  the same every run). The start-up is calibrated once per command: a run of E epochs
-                  and one of 2E; (2E - E) is E epochs of data, E - that is the start-up.
+                  the same every run). The start-up is calibrated for `mad train` and for `mad sweep` at
+                  each K: a run of E epochs and one of 2E; (2E - E) is E epochs of data, E - that is the
+                  start-up.
     throughput    clips x configurations per second: K x E x training clips / the wall seconds of the
                   side's commands (start-up included: a user pays it)
     memory        peak resident set of the tree (sum over its processes), the largest of the side's runs
@@ -164,10 +165,11 @@ def bench_sweep(ks: str = "1,2,4,8", repeats: int = 3, epochs: int = 2, cache: s
         compileall.compile_dir(Path(mad.__file__).parent, quiet=1)  # no run reads sources a later one reads compiled
         sweep_workers = sweep_accepts("--workers")
         first = commands(1, cache, val, work / "calibrate", epochs, fixed, sweep_workers)
+        # a sweep's start-up grows with K (more modules and run folders), so it is calibrated at every K
         calibration = {"train": calibrate(first["sequential"][0], epochs, work, "cal-train"),
-                       "sweep": calibrate(first["lockstep"][0], epochs, work, "cal-sweep")}
-        startup = {"lockstep": calibration["sweep"]["startup_rchar"],
-                   "sequential": calibration["train"]["startup_rchar"]}
+                       "sweep": {str(k): calibrate(commands(k, cache, val, work / "calibrate", epochs, fixed,
+                                                            sweep_workers)["lockstep"][0], epochs, work, f"cal-k{k}")
+                                 for k in k_values}}
         runs = []
         for repeat in range(repeats):
             for j, k in enumerate(k_values):
@@ -176,7 +178,9 @@ def bench_sweep(ks: str = "1,2,4,8", repeats: int = 3, epochs: int = 2, cache: s
                 for position, mode in enumerate(order):
                     side = run_side(cmds[mode], work, f"r{repeat}-k{k}-{mode}")
                     side.update(repeat=repeat, k=k, mode=mode, ran=position + 1,
-                                store_bytes=side["rchar"] - side["processes"] * startup[mode],
+                                store_bytes=side["rchar"] - side["processes"] * (
+                                    calibration["train"]["startup_rchar"] if mode == "sequential"
+                                    else calibration["sweep"][str(k)]["startup_rchar"]),
                                 clips_configs_per_second=k * epochs * clips / side["seconds"])
                     runs.append(side)
     results = {}
@@ -284,8 +288,8 @@ def markdown(result: dict) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows(result)]
     c = result["calibration"]
     lines += ["", f"Store bytes: rchar minus each process's start-up reads (calibrated from E and 2E epochs: "
-                  f"`mad train` {_mb(c['train']['startup_rchar'])} MB, `mad sweep` {_mb(c['sweep']['startup_rchar'])}"
-                  f" MB; one configuration's epoch reads {_mb(c['train']['data_rchar_per_epoch'])} MB of train "
+                  f"`mad train` {_mb(c['train']['startup_rchar'])} MB, `mad sweep` "
+                  f"{', '.join(f'K={k} ' + _mb(v['startup_rchar']) for k, v in c['sweep'].items())} MB; one configuration's epoch reads {_mb(c['train']['data_rchar_per_epoch'])} MB of train "
                   f"and val store). Throughput includes start-up, as a user pays it.", ""]
     if result["acceptance"]:
         a = result["acceptance"]
