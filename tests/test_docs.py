@@ -63,3 +63,25 @@ def test_mkdocs_build_strict(tmp_path):
     run = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_benchmark_pages_and_readme_table_are_rendered_from_the_json():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render.py"), "--check"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, f"re-render with python benchmarks/render.py: {run.stdout}{run.stderr}"
+
+
+def test_a_changed_digit_on_a_rendered_page_is_caught(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render
+    pages = tmp_path / "benchmarks"
+    shutil.copytree(ROOT / "docs" / "benchmarks", pages)
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    monkeypatch.setattr(render, "PAGES_DIR", pages)
+    monkeypatch.setattr(render, "README", tmp_path / "README.md")
+    assert render.main(check=True) == 0
+    page = pages / "storage.md"
+    text = page.read_text()
+    digit = next(i for i, c in enumerate(text) if c.isdigit() and i > text.index("| figure |"))
+    page.write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:])
+    assert render.main(check=True) == 1

@@ -1,0 +1,164 @@
+"""Render docs/benchmarks/*.md and the README's headline table from benchmarks/results/*.json.
+
+    python benchmarks/render.py           # rewrite the pages and the README table
+    python benchmarks/render.py --check   # exit 1 when anything rendered is stale
+
+Every number on those pages comes from a JSON here; edit the JSON (or rerun its command), never the page.
+A JSON whose name matches no page below goes to docs/benchmarks/other.md.
+"""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PAGES_DIR = ROOT / "docs" / "benchmarks"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- headline figures: rendered by benchmarks/render.py -->", "<!-- end headline figures -->"
+
+# page stem -> (title, JSON name prefixes)
+PAGES = {
+    "extract": ("Extraction throughput", ("extract_",)),
+    "train": ("Training from the cache vs online", ("train_", "branch_step_")),
+    "memory": ("Training memory", ("memory_",)),
+    "storage": ("Storage: compact vs full store, and the plan", ("storage_", "plan_")),
+    "demo": ("The demo's task: time, families, ablation", ("demo_", "ablation_")),
+    "evl": ("EVL on the same cache", ("evl_",)),
+    "sweep": ("Sweeps", ("bench_sweep_",)),
+}
+
+
+def _get(data, path):
+    for key in path.split("."):
+        data = data[int(key)] if isinstance(data, list) else data[key]
+    return data
+
+
+def _mean_runs(runs, key="val_top1_last"):
+    return statistics.mean(r[key] for r in runs)
+
+
+# (figure, JSON, how to read it, page): the README's short table
+HEADLINES = [
+    ("`mad demo` wall time, idle 2-core CPU (s, min / median / max)", "demo_time.json",
+     lambda d: _spread(d["modes"]["none"]["wall_seconds"], 0), "demo"),
+    ("demo task val top-1, madapter / evl / meanpool / linear (3 seeds, mean)", "demo_archs.json",
+     lambda d: " / ".join(f"{_mean_runs(d['demo'][a]['runs']):.3f}" for a in ("madapter", "evl", "meanpool", "linear")),
+     "demo"),
+    ("full extract / CPU-time bound, ViT-B-16 (min / median / max)", "extract_cpu_ViT-B-16.json",
+     lambda d: _spread(d["full_after_first_batch_over_cpu_time_bound"], 2), "extract"),
+    ("online without decoding (ViT + branch on decoded frames) / cache streamed, per step, ViT-B-16", "train_cpu_ViT-B-16_compact.json",
+     lambda d: _spread(d["online_decoded_over_stream"], 1) + "x", "train"),
+    ("streamed / in-RAM epoch", "train_cpu_ViT-B-16_compact.json",
+     lambda d: _spread(d["stream_over_ram"], 2) + "x", "train"),
+    ("compact / full bytes per video-view, ViT-B-16", "storage_cpu_ViT-B-16.json",
+     lambda d: f"1/{1 / d['compact_over_full']['bytes']:.1f}", "storage"),
+    ("Kinetics-400 train + val store, compact / full (TB)", "plan_ViT-B-16_k400.json",
+     lambda d: f"{d['total']['compact']['bytes_on_disk'] / 1e12:.2f} / {d['total']['full']['bytes_on_disk'] / 1e12:.2f}",
+     "storage"),
+]
+
+
+def _fmt(x, digits=4):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return str(x)
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def _spread(x, digits=3):
+    if isinstance(x, dict) and {"min", "median", "max"} <= set(x):
+        return " / ".join(f"{x[k]:.{digits}f}" for k in ("min", "median", "max"))
+    return f"{x:.{digits}f}"
+
+
+def _is_numbers(v):
+    return isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def _rows(data, prefix=""):
+    """Every figure as (path, value): {min, median, max} and lists of numbers as min / median / max."""
+    if isinstance(data, dict) and {"min", "median", "max"} <= set(data):
+        yield prefix, " / ".join(_fmt(data[k]) for k in ("min", "median", "max")) + " (min / median / max)"
+        return
+    if _is_numbers(data) and len(data) > 1:
+        yield prefix, (f"{_fmt(min(data))} / {_fmt(statistics.median(data))} / {_fmt(max(data))} "
+                       f"(min / median / max of {len(data)})")
+        return
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _rows(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _rows(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, _fmt(data)
+
+
+def _section(path: Path) -> str:
+    data = json.loads(path.read_text())
+    out = [f"## `{path.name}`", ""]
+    out.append(f"Command: `{data.get('command', 'not recorded')}`" + (f" ({data['date']})" if "date" in data else ""))
+    machine = data.get("machine")
+    if isinstance(machine, dict):
+        out.append("")
+        out.append("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    out += ["", "| figure | value |", "|---|---|"]
+    for key, value in _rows({k: v for k, v in data.items() if k not in ("command", "date", "machine")}):
+        out.append(f"| `{key}` | {str(value).replace('|', '/')} |")
+    return "\n".join(out) + "\n"
+
+
+def render_pages() -> dict:
+    files = sorted(RESULTS.glob("*.json"))
+    placed = {stem: [] for stem in PAGES}
+    placed["other"] = []
+    for f in files:
+        stem = next((s for s, (_, prefixes) in PAGES.items() if f.name.startswith(prefixes)), "other")
+        placed[stem].append(f)
+    pages = {}
+    for stem, members in placed.items():
+        if not members:
+            continue
+        title = PAGES[stem][0] if stem in PAGES else "Other results"
+        head = (f"# {title}\n\nRendered by `python benchmarks/render.py` from "
+                + ", ".join(f"`benchmarks/results/{m.name}`" for m in members)
+                + "; do not edit by hand.\n\n")
+        pages[PAGES_DIR / f"{stem}.md"] = head + "\n".join(_section(m) for m in members)
+    return pages
+
+
+def render_headlines() -> str:
+    lines = [BEGIN, "", "| figure | value | details |", "|---|---|---|"]
+    for label, name, read, page in HEADLINES:
+        data = json.loads((RESULTS / name).read_text())
+        lines.append(f"| {label} | **{read(data)}** | [{page}](docs/benchmarks/{page}.md) |")
+    return "\n".join(lines + ["", END])
+
+
+def render_readme(text: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"error: README.md lacks the markers {BEGIN!r} ... {END!r}")
+    before, rest = text.split(BEGIN, 1)
+    return before + render_headlines() + rest.split(END, 1)[1]
+
+
+def main(check: bool) -> int:
+    wanted = render_pages()
+    wanted[README] = render_readme(README.read_text())
+    stale = [p for p, t in wanted.items() if not p.exists() or p.read_text() != t]
+    if check:
+        for p in stale:
+            print(f"stale: {p}")
+        return 1 if stale else 0
+    PAGES_DIR.mkdir(parents=True, exist_ok=True)
+    for p in stale:
+        p.write_text(wanted[p])
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main("--check" in sys.argv))
