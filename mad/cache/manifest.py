@@ -124,7 +124,7 @@ class Manifest:
         found = []
         for key in keys:
             ours, theirs = getattr(self, key), getattr(other, key)
-            if ours == theirs:
+            if ours == theirs or (key == "sampling" and self.train_views != other.train_views):  # --train-views says it
                 continue
             if key == "compact":
                 if self.storage == other.storage:  # else --store says it all
