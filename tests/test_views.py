@@ -202,3 +202,26 @@ def test_sigkill_mid_run_then_resume_gives_the_same_views(tmp_path):
     assert 4 <= (Store.open(out).status() == DONE).sum() < 18, "the kill must land mid-run"
     subprocess.run(command, check=True, capture_output=True)
     _assert_same(Store.open(tmp_path / "reference"), Store.open(out))
+
+
+def test_train_on_views_alone_equals_lockstep_and_eval_needs_deterministic_views(tmp_path):
+    from mad.adapt.train import TrainConfig, train
+    from mad.errors import MadError
+    from tests.test_lockstep import TINY, assert_same_rows, lockstep, metric_rows
+
+    videos = _videos(tmp_path, per_class=2)
+    extract(extract_config(videos, tmp_path / "train", train_views=K))
+    extract(extract_config(videos, tmp_path / "val"))  # deterministic: the centre view
+    caches = {"train": str(tmp_path / "train"), "val": str(tmp_path / "val")}
+    settings = {**TINY, "batch_size": 4}
+
+    def config(out, **overrides):
+        return TrainConfig(**{**settings, "cache": caches["train"], "val": caches["val"], "out": str(out), **overrides})
+
+    train(config(tmp_path / "alone"), quiet=True)
+    lockstep(caches, [config(tmp_path / "lock0"), config(tmp_path / "lock1", lr=1e-3)])
+    assert_same_rows(metric_rows(tmp_path / "alone"), metric_rows(tmp_path / "lock0"))
+    assert metric_rows(tmp_path / "lock0") != metric_rows(tmp_path / "lock1")
+    with pytest.raises(MadError, match="random --train-views views; evaluate on a store extracted without"):
+        train(config(tmp_path / "refused", val=caches["train"]), quiet=True)
+    assert not (tmp_path / "refused").exists()

@@ -141,7 +141,11 @@ class Manifest:
 
     def check_pair(self, other: "Manifest", other_location: str, reference: str, keys=TRAINING_KEYS) -> None:
         """Refuse, in one line, a second cache that one model cannot read beside this one (described by
-        `reference`, e.g. 'the training cache cache/train')."""
+        `reference`, e.g. 'the training cache cache/train'). The second cache is evaluated on: it must hold
+        deterministic views (--clips x --crops), not random train views."""
+        if other.train_views:
+            raise MadError(f"{other_location}: holds {other.train_views} random --train-views views; evaluate on a "
+                           "store extracted without --train-views (its --clips x --crops views are deterministic)")
         differences = self.differences(other, keys)
         if differences:
             raise MadError(f"{other_location}: does not match {reference} on "
