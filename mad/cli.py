@@ -310,6 +310,8 @@ def plan(
     clips: int = typer.Option(EXTRACT.clips),
     crops: int = typer.Option(EXTRACT.crops),
     views: Optional[int] = typer.Option(None, help="Views per video (clips x crops), e.g. 9 for 3 x 3."),
+    train_views: Optional[int] = typer.Option(None, "--train-views", help="The train split's augmented views per "
+                                              "video (mad extract --train-views); val keeps --views."),
     grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample"),
     cell_size: str = typer.Option(EXTRACT.cell_size, "--cell-size", help="Compact stores' cells."),
     correlation: int = typer.Option(EXTRACT.correlation, help="Compact stores' correlation radius."),
@@ -326,7 +328,8 @@ def plan(
     print_plan(run_plan(PlanConfig(
         videos=str(videos) if videos else None, num_videos=num_videos, val_videos=val_videos,
         val_views=val_views, model=model, layers=layers, frames=frames,
-        clips=clips, crops=crops, views=views, grid_downsample=grid_downsample, cell_size=cell_size,
+        clips=clips, crops=crops, views=views, train_views=train_views, grid_downsample=grid_downsample,
+        cell_size=cell_size,
         correlation=correlation, device=device, precision=precision, batch_size=batch_size, workers=workers,
         probe=probe)), as_json)
 

@@ -225,3 +225,26 @@ def test_train_on_views_alone_equals_lockstep_and_eval_needs_deterministic_views
     with pytest.raises(MadError, match="random --train-views views; evaluate on a store extracted without"):
         train(config(tmp_path / "refused", val=caches["train"]), quiet=True)
     assert not (tmp_path / "refused").exists()
+
+
+def test_plan_counts_train_views_and_info_shows_them(tmp_path):
+    from rich.console import Console
+
+    from mad.cache.info import show_info
+    from mad.plan import PlanConfig, plan
+
+    one, four = (plan(PlanConfig(num_videos=100, val_videos=10, train_views=k, probe=0)) for k in (None, 4))
+    for mode in ("full", "compact"):
+        train1, train4 = one["splits"]["train"]["modes"][mode], four["splits"]["train"]["modes"][mode]
+        assert train4["read_bytes_every_view"] == 4 * train1["read_bytes_every_view"]
+        assert train4["read_bytes_per_epoch"] == train1["read_bytes_per_epoch"]  # one view a video an epoch
+        assert four["splits"]["val"]["modes"][mode] == one["splits"]["val"]["modes"][mode]  # val: deterministic
+    assert four["splits"]["train"]["views"] == 4 and four["splits"]["train"]["clips_decoded"] == 4
+    with pytest.raises(Exception, match="--train-views 0"):
+        PlanConfig(num_videos=1, train_views=0)
+
+    extract(extract_config(_videos(tmp_path), tmp_path / "cache", train_views=2, flip="no", limit=1))
+    console = Console(record=True, width=300)
+    show_info(str(tmp_path / "cache"), console=console)
+    text = console.export_text()
+    assert "train views      2 per video" in text and "flips off" in text and "[6, 2, 8, 17, 64]" in text
