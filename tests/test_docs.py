@@ -85,3 +85,13 @@ def test_a_changed_digit_on_a_rendered_page_is_caught(tmp_path, monkeypatch):
     digit = next(i for i, c in enumerate(text) if c.isdigit() and i > text.index("| figure |"))
     page.write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:])
     assert render.main(check=True) == 1
+
+
+def test_a_result_goes_to_the_page_of_its_longest_prefix():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render
+
+    assert render.page_of("plan_sweep_k400.json") == "sweep"
+    assert render.page_of("plan_ViT-B-16_k400.json") == "storage"
+    assert render.page_of("bench_sweep_cpu.json") == "sweep"
+    assert render.page_of("nothing_known.json") == "other"
