@@ -94,8 +94,8 @@ class ExtractConfig:
         check_layers(self.layers)
         check_device(self.device)
         _slice(self)
+        view_settings(1, self.crop_scale, self.crop_ratio, self.flip, self.view_seed, 224)  # refused even unused
         if self.train_views is not None:
-            self.views(224)  # the ranges; the frame size follows from the model
             if self.clips != 1 or self.crops != 1:
                 raise ExtractError(f"--train-views {self.train_views} replaces the --clips x --crops views: "
                                    "leave those at 1 (extract the validation set without --train-views)")
