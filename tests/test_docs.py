@@ -85,3 +85,82 @@ def test_a_changed_digit_on_a_rendered_page_is_caught(tmp_path, monkeypatch):
     digit = next(i for i, c in enumerate(text) if c.isdigit() and i > text.index("| figure |"))
     page.write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:])
     assert render.main(check=True) == 1
+
+
+# ---- every code reference in the docs names something that exists ----------------------------------------------
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+REPO_PATH = re.compile(r"(?<![\w./-])((?:mad|benchmarks|tools|tests|\.ci)/[\w./-]*\w/?)")
+PATH_NAME = re.compile(r"(mad/[\w/]+\.py): (\w+)")   # `mad/cache/inputs.py: by_clips`
+DOTTED = re.compile(r"`((?:mad\.)?(?:adapt|cache|extract|bench|cli|demo|plan|predict|report|runtime|options|progress"
+                    r"|tables|errors|synthetic)(?:\.\w+)+)(?:\(\))?`")
+
+
+def _defines(path: Path, name: str) -> bool:
+    """name is defined (def, class, assignment, import) or at least written as a word in the module at path."""
+    src = path / "__init__.py" if path.is_dir() else path
+    return re.search(rf"\b{re.escape(name)}\b", src.read_text()) is not None
+
+
+def _resolve(dotted: str):
+    """`adapt.config.resolve` -> (module file, remaining names), or None when no module prefix exists."""
+    parts = dotted.removeprefix("mad.").split(".")
+    for cut in range(len(parts), 0, -1):
+        base = ROOT / "mad" / Path(*parts[:cut])
+        for candidate in (base.with_suffix(".py"), base):
+            if candidate.exists():
+                return candidate, parts[cut:]
+    return None
+
+
+def _doc_text(page: Path) -> str:
+    # generated pages quote option help and JSON keys, not code references
+    return "" if page.parent.name in ("reference", "benchmarks") else page.read_text()
+
+
+def test_every_repository_path_cited_in_the_docs_exists():
+    def exists(page, p):  # a path from the root or the page, or the prefix of a file name (`results/demo_*`)
+        return any((base / p).exists() or any(base.glob(p + "*")) for base in (ROOT, ROOT / "mad", page.parent))
+    missing = [f"{page.relative_to(ROOT)}: {p}" for page in PAGES for p in REPO_PATH.findall(_doc_text(page))
+               if not exists(page, p)]
+    assert not missing, missing
+
+
+def test_every_function_and_module_cited_in_the_docs_exists():
+    stale = []
+    for page in PAGES:
+        text = _doc_text(page)
+        for path, name in PATH_NAME.findall(text):
+            if not (ROOT / path).exists() or not _defines(ROOT / path, name):
+                stale.append(f"{page.relative_to(ROOT)}: {path}: {name}")
+        for dotted in DOTTED.findall(text):
+            if dotted.rsplit(".", 1)[1] in ("json", "jsonl", "csv", "txt", "md", "py", "pt", "html"):
+                continue  # a file name (`errors.jsonl`), not a module
+            found = _resolve(dotted)
+            if found is None or any(not _defines(found[0], n) for n in found[1][:1]):
+                stale.append(f"{page.relative_to(ROOT)}: {dotted}")
+    assert not stale, stale
+
+
+def test_the_code_map_names_what_each_file_holds():
+    """Each line of docs/code-map.md's tree names a file that exists, and the code names on it (snake_case with an
+    underscore, CamelCase) occur in that file: a renamed function or a moved class fails here."""
+    text = (ROOT / "docs" / "code-map.md").read_text()
+    tree = text.split("```", 2)[1]
+    package, stale = ROOT / "mad", []
+    for line in tree.splitlines():
+        head = re.match(r"(mad/[\w/]*)\s", line) or re.match(r"\s{2}(\w+\.py)\s", line)
+        if line.startswith("mad/") and head and head.group(1).endswith("/"):
+            package = ROOT / head.group(1)
+        if not head:
+            continue
+        target = ROOT / head.group(1) if line.startswith("mad/") else package / head.group(1)
+        if not target.exists():
+            stale.append(f"missing file {target.relative_to(ROOT)}")
+            continue
+        if target.is_dir():
+            continue
+        described = line[head.end():]
+        for name in re.findall(r"(?<![\w.-])([A-Za-z_]\w*)(?![\w-])", described):
+            if ("_" in name.strip("_") or re.fullmatch(r"[A-Z][a-z]+[A-Z]\w*", name)) and not _defines(target, name):
+                stale.append(f"{target.relative_to(ROOT)}: {name}")
+    assert not stale, stale
