@@ -5,8 +5,16 @@
 
 Every number on those pages comes from a JSON here; edit the JSON (or rerun its command), never the page.
 A JSON whose name matches no page below goes to docs/benchmarks/other.md.
+
+Figures quoted in prose (README.md and the hand-written pages under docs/) are rendered too, each between
+two HTML comments that no reader sees:
+
+    <!--fig demo_time.json {spread(d["modes"]["none"]["wall_seconds"], 0)}-->110 / 119 / 125<!--/fig-->
+
+the first names the JSON (as `d`) and an f-string body; what sits between them is its value, rewritten here.
 """
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -111,6 +119,37 @@ def _section(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+FIG = re.compile(r"<!--fig (\S+\.json) (.*?)-->(.*?)<!--/fig-->")
+
+
+def prose_pages() -> list[Path]:
+    """README.md and every hand-written docs page (the generated ones are rendered whole)."""
+    docs = PAGES_DIR.parent
+    return [README, *sorted(p for p in docs.rglob("*.md")
+                            if not p.is_relative_to(PAGES_DIR) and not p.is_relative_to(docs / "reference"))]
+
+
+def render_figures(text: str, where: str = "") -> str:
+    """`text` with the value of every <!--fig FILE EXPR--> marker re-rendered from its JSON."""
+    cache = {}
+
+    def one(match):
+        name, expr = match.group(1), match.group(2)
+        if name not in cache:
+            if not (RESULTS / name).exists():
+                raise SystemExit(f"error: {where}: <!--fig {name} ...-->: no benchmarks/results/{name}")
+            cache[name] = json.loads((RESULTS / name).read_text())
+        helpers = {"d": cache[name], "spread": _spread, "mean": statistics.mean, "median": statistics.median,
+                   "mean_runs": _mean_runs}
+        try:
+            value = eval("f" + repr(expr), helpers)  # noqa: S307 - the repository's own pages
+        except Exception as e:  # noqa: BLE001 - name the marker whatever went wrong
+            raise SystemExit(f"error: {where}: <!--fig {name} {expr}-->: {type(e).__name__}: {e}") from None
+        return f"<!--fig {name} {expr}-->{value}<!--/fig-->"
+
+    return FIG.sub(one, text)
+
+
 def render_pages() -> dict:
     files = sorted(RESULTS.glob("*.json"))
     placed = {stem: [] for stem in PAGES}
@@ -147,7 +186,9 @@ def render_readme(text: str) -> str:
 
 def main(check: bool) -> int:
     wanted = render_pages()
-    wanted[README] = render_readme(README.read_text())
+    for page in prose_pages():
+        wanted[page] = render_figures(page.read_text(), str(page))
+    wanted[README] = render_readme(wanted[README])
     stale = [p for p, t in wanted.items() if not p.exists() or p.read_text() != t]
     if check:
         for p in stale:

@@ -164,3 +164,33 @@ def test_the_code_map_names_what_each_file_holds():
             if ("_" in name.strip("_") or re.fullmatch(r"[A-Z][a-z]+[A-Z]\w*", name)) and not _defines(target, name):
                 stale.append(f"{target.relative_to(ROOT)}: {name}")
     assert not stale, stale
+
+
+def test_a_changed_figure_in_prose_is_caught(tmp_path, monkeypatch):
+    """A figure quoted in the README's or a docs page's prose between <!--fig ...--> markers is rendered from its
+    JSON: editing it by hand fails the check, and a marker naming a missing key fails the render."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs", docs)
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    monkeypatch.setattr(render, "PAGES_DIR", docs / "benchmarks")
+    monkeypatch.setattr(render, "README", tmp_path / "README.md")
+    assert render.main(check=True) == 0
+    for page in (tmp_path / "README.md", docs / "install.md"):
+        text = page.read_text()
+        marker = text.index("<!--fig demo_time.json")
+        digit = next(i for i in range(text.index("-->", marker), len(text)) if text[i].isdigit())
+        page.write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:])
+        assert render.main(check=True) == 1
+        page.write_text(text)
+    assert render.main(check=True) == 0
+    (docs / "install.md").write_text('<!--fig demo_time.json {d["no such key"]}-->1<!--/fig-->\n')
+    with pytest.raises(SystemExit, match="no such key"):
+        render.main(check=True)
+
+
+def test_prose_pages_quote_their_headline_figures_through_markers():
+    """The demo's time and accuracies in README.md and docs/install.md come from demo_time.json, not typed."""
+    for page in (ROOT / "README.md", ROOT / "docs" / "install.md"):
+        assert page.read_text().count("<!--fig demo_time.json") >= 5, page
