@@ -129,6 +129,19 @@ def prose_pages() -> list[Path]:
                             if not p.is_relative_to(PAGES_DIR) and not p.is_relative_to(docs / "reference"))]
 
 
+def _pick(mapping: dict, prefix: str):
+    """The value whose key starts with `prefix` (keys such as "no motion input (--no-motion)" hold "--")."""
+    found = [v for k, v in mapping.items() if k.startswith(prefix)]
+    if len(found) != 1:
+        raise KeyError(f"{len(found)} keys start with {prefix!r}")
+    return found[0]
+
+
+def _mean_min_max(x: dict, key: str = "val_top1_last", digits: int = 3) -> str:
+    """"0.983 (0.958-1.000)" from x[key_mean], x[key_min], x[key_max]."""
+    return f"{x[key + '_mean']:.{digits}f} ({x[key + '_min']:.{digits}f}-{x[key + '_max']:.{digits}f})"
+
+
 def render_figures(text: str, where: str = "") -> str:
     """`text` with the value of every <!--fig FILE EXPR--> marker re-rendered from its JSON."""
     cache = {}
@@ -140,7 +153,8 @@ def render_figures(text: str, where: str = "") -> str:
                 raise SystemExit(f"error: {where}: <!--fig {name} ...-->: no benchmarks/results/{name}")
             cache[name] = json.loads((RESULTS / name).read_text())
         helpers = {"d": cache[name], "spread": _spread, "mean": statistics.mean, "median": statistics.median,
-                   "mean_runs": _mean_runs}
+                   "mean_runs": _mean_runs,
+                   "pick": _pick, "mean_min_max": _mean_min_max}
         try:
             value = eval("f" + repr(expr), helpers)  # noqa: S307 - the repository's own pages
         except Exception as e:  # noqa: BLE001 - name the marker whatever went wrong
