@@ -33,8 +33,15 @@ PAGES = {
     "storage": ("Storage: compact vs full store, and the plan", ("storage_", "plan_")),
     "demo": ("The demo's task: time, families, ablation", ("demo_", "ablation_")),
     "evl": ("EVL on the same cache", ("evl_",)),
-    "sweep": ("Sweeps", ("bench_sweep_",)),
+    "sweep": ("Sweeps: measured (mad bench sweep) and predicted (mad plan --sweep)", ("bench_sweep_", "plan_sweep_")),
 }
+
+
+def page_of(name: str) -> str:
+    """The page whose longest prefix `name` starts with (plan_sweep_ goes to sweep, not storage's plan_)."""
+    matches = [(len(prefix), stem) for stem, (_, prefixes) in PAGES.items() for prefix in prefixes
+               if name.startswith(prefix)]
+    return max(matches)[1] if matches else "other"
 
 
 def _get(data, path):
@@ -169,8 +176,7 @@ def render_pages() -> dict:
     placed = {stem: [] for stem in PAGES}
     placed["other"] = []
     for f in files:
-        stem = next((s for s, (_, prefixes) in PAGES.items() if f.name.startswith(prefixes)), "other")
-        placed[stem].append(f)
+        placed[page_of(f.name)].append(f)
     pages = {}
     for stem, members in placed.items():
         if not members:

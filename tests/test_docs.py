@@ -194,3 +194,13 @@ def test_prose_pages_quote_their_headline_figures_through_markers():
     """The demo's time and accuracies in README.md and docs/install.md come from demo_time.json, not typed."""
     for page in (ROOT / "README.md", ROOT / "docs" / "install.md"):
         assert page.read_text().count("<!--fig demo_time.json") >= 5, page
+
+
+def test_a_result_goes_to_the_page_of_its_longest_prefix():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render
+
+    assert render.page_of("plan_sweep_k400.json") == "sweep"
+    assert render.page_of("plan_ViT-B-16_k400.json") == "storage"
+    assert render.page_of("bench_sweep_cpu.json") == "sweep"
+    assert render.page_of("nothing_known.json") == "other"
