@@ -88,7 +88,8 @@ def test_a_changed_digit_on_a_rendered_page_is_caught(tmp_path, monkeypatch):
 
 
 # ---- every code reference in the docs names something that exists ----------------------------------------------
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")),
+         *sorted((ROOT / "benchmarks" / "notes").glob("*.md"))]
 REPO_PATH = re.compile(r"(?<![\w./-])((?:mad|benchmarks|tools|tests|\.ci)/[\w./-]*\w/?)")
 PATH_NAME = re.compile(r"(mad/[\w/]+\.py): (\w+)")   # `mad/cache/inputs.py: by_clips`
 DOTTED = re.compile(r"`((?:mad\.)?(?:adapt|cache|extract|bench|cli|demo|plan|predict|report|runtime|options|progress"
@@ -204,3 +205,43 @@ def test_a_result_goes_to_the_page_of_its_longest_prefix():
     assert render.page_of("plan_ViT-B-16_k400.json") == "storage"
     assert render.page_of("bench_sweep_cpu.json") == "sweep"
     assert render.page_of("nothing_known.json") == "other"
+
+
+def _changed_digit_after(text: str, start: int) -> str:
+    digit = next(i for i in range(start, len(text)) if text[i].isdigit())
+    return text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:]
+
+
+def test_a_changed_figure_in_a_script_table_or_a_benchmark_note_is_caught(tmp_path, monkeypatch):
+    """benchmarks/results/*.md that scripts write beside their JSON, and the readings in benchmarks/notes/, are
+    checked against the JSON too: one digit changed in either fails the check."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render
+    for name in ("docs", "benchmarks"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    monkeypatch.setattr(render, "PAGES_DIR", tmp_path / "docs" / "benchmarks")
+    monkeypatch.setattr(render, "README", tmp_path / "README.md")
+    monkeypatch.setattr(render, "RESULTS", tmp_path / "benchmarks" / "results")
+    monkeypatch.setattr(render, "NOTES", tmp_path / "benchmarks" / "notes")
+    assert render.main(check=True) == 0
+    table = tmp_path / "benchmarks" / "results" / "demo_time.md"
+    note = tmp_path / "benchmarks" / "notes" / "memory.md"
+    for page, start in ((table, lambda t: t.index("| none |")), (note, lambda t: t.index("-->", t.index("<!--fig")))):
+        text = page.read_text()
+        page.write_text(_changed_digit_after(text, start(text)))
+        assert render.main(check=True) == 1, page
+        page.write_text(text)
+    assert render.main(check=True) == 0
+    assert "<!--fig" in (tmp_path / "docs" / "benchmarks" / "memory.md").read_text()  # the reading is on the page
+
+
+def test_benchmark_results_hold_no_hand_written_tables():
+    """Every .md under benchmarks/results is written by a script from its JSON (render.script_tables), apart from
+    two captured outputs kept as they were printed (no JSON behind them)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render
+    checked = {p.name for p in render.script_tables()}
+    kept_as_printed = {"quantisers.md", "evl_demo.md"}
+    loose = {p.name for p in (ROOT / "benchmarks" / "results").glob("*.md")} - checked - kept_as_printed
+    assert not loose, f"hand-written result pages (render them from JSON or move to benchmarks/notes/): {loose}"
