@@ -18,11 +18,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
 import warnings
 from pathlib import Path
+
+# As `mad` sets it before torch loads OpenMP: on a shared CPU, spinning threads wait for each other's time slices.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def extract_all(args, work: Path) -> dict:
