@@ -33,7 +33,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from mad.adapt.config import TrainError
-from mad.adapt.space import grid_points, is_grid, parse_space
+from mad.adapt.space import grid_points, is_grid, parse_space, suggest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # a study's "created" lines are not the sweep's log
 
@@ -166,8 +166,8 @@ class Study:
         self._stop.set()
 
     # ---- taking trials
-    def take(self, at_once: int) -> list[optuna.Trial]:
-        """Up to `at_once` trials for this process: taken up again (WAITING) first, then new ones."""
+    def take(self, at_once: int) -> list[tuple[optuna.Trial, dict]]:
+        """Up to `at_once` (trial, setting) for this process: taken up again (WAITING) first, then new ones."""
         taken = []
         while len(taken) < at_once:
             trials = self.study.get_trials(deepcopy=False)
@@ -183,7 +183,7 @@ class Study:
             self.storage.set_trial_system_attr(trial._trial_id, OWNER, owner())
             self.storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
             self.owned[trial._trial_id] = trial
-            taken.append(trial)
+            taken.append((trial, suggest(trial, self.space)))  # now: drawn by the sampler seeded for this trial
         return taken
 
     def tell(self, trial: optuna.Trial, summary: dict, value: float, pruned: bool = False) -> None:

@@ -29,7 +29,7 @@ from mad.adapt.config import TrainConfig, TrainError, resolve, with_preset
 from mad.adapt.families import family, pair_keys, reads
 from mad.adapt.lockstep import train_lockstep
 from mad.adapt.search import SearchConfig, Study
-from mad.adapt.space import corners, grid_points, parse_space, run_name, suggest
+from mad.adapt.space import corners, grid_points, parse_space, run_name
 from mad.adapt.train import check_run_dir, count_classes, summary_line
 from mad.cache.dataset import open_tokens
 from mad.cache.store import Store
@@ -125,7 +125,7 @@ class Sweep:
 
     def train(self, trials) -> None:
         members, runs = [], []
-        named = [(trial, suggest(trial, self.study.space)) for trial in trials]
+        named = list(trials)
         if self.grid:  # members in the grid's order (trial n is GridSampler's point n, in its own order)
             named.sort(key=lambda pair: self.grid.index(pair[1]))
         for trial, setting in named:
