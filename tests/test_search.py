@@ -284,3 +284,85 @@ def test_bad_sweep_input_is_one_line_exit_2_nothing_written(caches, tmp_path, ar
     assert result.exit_code == 2 and len(lines) == 1, (result.exit_code, result.output)
     assert lines[0].startswith("error: ") and flag in lines[0], lines
     assert os.listdir(work) == []
+
+
+# ---- for real: SIGKILL mid-epoch and resume; two processes on one study -------------------------------
+
+
+def sweep_command(caches, out, *search) -> list[str]:
+    return [sys.executable, "-m", "mad", "sweep", *search, "--cache", caches["train"], "--val", caches["val"],
+            "--out", str(out), "--epochs", "3", "--batch-size", "8", "--in-ram", "yes", "--device", "cpu"]
+
+
+def run_to_end(command, log: Path) -> str:
+    with open(log, "w") as f:
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    assert done.returncode == 0, log.read_text()[-3000:]
+    return log.read_text()
+
+
+def epochs_of(sweep: Path) -> dict[str, list[int]]:
+    return {run.name: [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for run in sorted(sweep.iterdir()) if run.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def small_caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    make_cache(root / "train", videos_per_class=6, seed=0)
+    make_cache(root / "val", videos_per_class=3, seed=1)
+    return {name: str(root / name) for name in ("train", "val")}
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("search", [
+    ["--grid", "lr=3e-3,1e-3", "--pruner", "halving"],
+    ["--space", "lr=loguniform:1e-3:1e-2; dropout=uniform:0:0.3", "--trials", "2", "--sampler", "random"],
+], ids=["grid", "random"])
+def test_a_sweep_killed_mid_epoch_and_rerun_ends_as_if_never_killed(small_caches, tmp_path, search):
+    run_to_end(sweep_command(small_caches, tmp_path / "whole", *search), tmp_path / "whole.log")
+    killed = tmp_path / "killed"
+    command = sweep_command(small_caches, killed, *search)
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while not any(run.is_dir() and (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()
+                      for run in (killed.iterdir() if killed.exists() else [])):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)  # in epoch 2 of some runs, maybe between two runs' epoch ends
+        process.wait()
+    assert not (killed / "leaderboard.csv").exists()
+    before = epochs_of(killed)
+    assert any(len(epochs) < 3 for epochs in before.values()), before  # it was killed before the end
+    output = run_to_end(command, tmp_path / "resumed.log")
+    assert "taken up again" in output
+    assert board(killed) == board(tmp_path / "whole")
+    assert epochs_of(killed) == epochs_of(tmp_path / "whole")  # each epoch once: none trained twice
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_two_sweep_processes_share_one_study_and_train_each_trial_once(small_caches, tmp_path):
+    grid = ["--grid", "lr=4e-3,3e-3,2e-3,1e-3", "--at-once", "1", "--storage", str(tmp_path / "shared.journal"),
+            "--study-name", "shared"]
+    command = sweep_command(small_caches, tmp_path / "sweep", *grid)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    files = [open(log, "w") for log in logs]
+    workers = [subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT) for f in files]
+    for worker, f in zip(workers, files):
+        assert worker.wait(timeout=600) == 0, [log.read_text()[-2000:] for log in logs]
+        f.close()
+    outputs = [log.read_text() for log in logs]
+    trained = [line.split()[2] for out in outputs for line in out.splitlines() if line.startswith("trial ")
+               and " in lockstep" not in line and "taken up again" not in line]
+    names = [run_name(i, {"lr": lr}) for i, lr in enumerate((4e-3, 3e-3, 2e-3, 1e-3), 1)]
+    assert sorted(trained) == names  # every trial trained, none twice
+    assert all(any(line.startswith("trial ") for line in out.splitlines()) for out in outputs)  # both took some
+    assert all(epochs == [1, 2, 3] for epochs in epochs_of(tmp_path / "sweep").values())
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "shared.journal")))
+    trials = optuna.load_study(study_name="shared", storage=storage).get_trials()
+    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
+    boards = [out[out.index("sweep leaderboard"):] for out in outputs]
+    assert boards[0] == boards[1] and len(board(tmp_path / "sweep")) == 4  # one leaderboard, whoever wrote it
