@@ -26,6 +26,7 @@ from mad.cli import app
 from mad.extract.run import ExtractConfig
 from mad.options import Range, at_least
 from mad.plan import PlanConfig
+from mad.plan_sweep import SweepPlanConfig
 from tests.helpers import TINY_MODEL, extract_config
 from tests.helpers.cache import make_cache
 
@@ -134,7 +135,8 @@ COMMANDS = {
                  "--shard": st.sampled_from(["x", "1/1", "2/1", "-1/2", "1/0", "1/2/3", "a/b", ""])},
                 {"--videos", "--out", "--model", "--pretrained", "--labels"}),
     "plan": (lambda i: ["--num-videos", "10", "--model", TINY_MODEL, "--layers", "1,2", "--probe", "0"],
-             {**numbers_and_choices(PlanConfig), "--layers": LAYERS_OF_TINY, "--cell-size": CELL_SIZE,
+             {**numbers_and_choices(PlanConfig), **numbers_and_choices(SweepPlanConfig), "--layers": LAYERS_OF_TINY,
+              "--cell-size": CELL_SIZE,
               "--device": DEVICE}, {"--videos", "--model"}),
 }
 # config fields that are no option of the command line
