@@ -131,6 +131,16 @@ def extract(
     limit: Optional[int] = typer.Option(None, help="Process at most this many pending videos (then stop)."),
     progress: bool = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="Progress and summary: a bar "
                                   "on a terminal, plain lines (every 10%) in a log file or pipe."),
+    train_views: Optional[int] = typer.Option(None, "--train-views", help="K augmented views per video (random "
+                                              "frames within the TSN segments, random resized crop, flip) in place "
+                                              "of --clips x --crops: `mad train` draws one per epoch."),
+    crop_scale: str = typer.Option(EXTRACT.crop_scale, "--crop-scale", help="--train-views: crop area range, "
+                                   "fractions of the frame in (0, 1]."),
+    crop_ratio: str = typer.Option(EXTRACT.crop_ratio, "--crop-ratio", help="--train-views: crop width/height range."),
+    flip: str = typer.Option(EXTRACT.flip, "--flip", help="--train-views: random horizontal flips, yes or no (no "
+                             "when labels name a direction, e.g. Something-Something)."),
+    view_seed: int = typer.Option(EXTRACT.view_seed, "--view-seed", help="--train-views: seeds each video's views "
+                                  "(with its path)."),
 ):
     """Run the frozen model over every video and cache per-layer tokens (resumable)."""
     from mad.adapt.families import store_needs
@@ -144,6 +154,7 @@ def extract(
         store=store, cell_size=cell_size, correlation=correlation,
         batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
         shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit, progress=progress,
+        train_views=train_views, crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip, view_seed=view_seed,
     ), needs)
     if summary["done_now"] == 0 and summary["failed_now"] > 0 and summary["done_total"] == 0:
         typer.echo(f"error: no video could be extracted; reasons in {summary['errors']}", err=True)
@@ -318,6 +329,8 @@ def plan(
     clips: int = typer.Option(EXTRACT.clips),
     crops: int = typer.Option(EXTRACT.crops),
     views: Optional[int] = typer.Option(None, help="Views per video (clips x crops), e.g. 9 for 3 x 3."),
+    train_views: Optional[int] = typer.Option(None, "--train-views", help="The train split's augmented views per "
+                                              "video (mad extract --train-views); val keeps --views."),
     grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample"),
     cell_size: str = typer.Option(EXTRACT.cell_size, "--cell-size", help="Compact stores' cells."),
     correlation: int = typer.Option(EXTRACT.correlation, help="Compact stores' correlation radius."),
@@ -352,7 +365,8 @@ def plan(
     cfg = PlanConfig(
         videos=str(videos) if videos else None, num_videos=num_videos, val_videos=val_videos,
         val_views=val_views, model=model, layers=layers, frames=frames,
-        clips=clips, crops=crops, views=views, grid_downsample=grid_downsample, cell_size=cell_size,
+        clips=clips, crops=crops, views=views, train_views=train_views, grid_downsample=grid_downsample,
+        cell_size=cell_size,
         correlation=correlation, device=device, precision=precision, batch_size=batch_size, workers=workers,
         probe=probe)
     swept = SweepPlanConfig(sweep=sweep, epochs=epochs, arch=arch, store=store, classes=classes,

@@ -132,6 +132,8 @@ COMMANDS = {
                 {**numbers_and_choices(ExtractConfig), "--layers": LAYERS_OF_TINY, "--cell-size": CELL_SIZE,
                  "--device": DEVICE, "--branches": st.sampled_from(["foo", "madapter,bar", "evl2", "mad adapter"]),
                  "--evl-layers": out_of(at_least(1)),
+                 "--crop-scale": st.sampled_from(["0,1", "0.5,1.5", "1,0.5", "x", "", "0.5", "-1,1", "nan,1", "1/0,1"]),
+                 "--crop-ratio": st.sampled_from(["0,1", "2,1", "x", "", "-1,2", "1", "1,2,3"]),
                  "--shard": st.sampled_from(["x", "1/1", "2/1", "-1/2", "1/0", "1/2/3", "a/b", ""])},
                 {"--videos", "--out", "--model", "--pretrained", "--labels"}),
     "plan": (lambda i: ["--num-videos", "10", "--model", TINY_MODEL, "--layers", "1,2", "--probe", "0"],
