@@ -119,14 +119,13 @@ class Member:
         self.log.step(f"loss {self.loss_sum / self.seen:.4f}  "
                       f"{self.seen / (time.perf_counter() - self.started):.0f} clips/s")
 
-    def end_epoch(self, epoch: int, val_data: CachedTokens | None) -> dict:
-        from mad.adapt.train import validate
-        seconds = time.perf_counter() - self.started
+    def end_epoch(self, epoch: int, val: dict | None, seconds: float) -> dict:
+        """The epoch's row, with `val` (its validation figures, None without a val split) after `seconds` of
+        training."""
         loss_sum, correct, seen = self.dist.sum(self.loss_sum, self.correct, self.seen)
         row = {"epoch": epoch, "lr": self.lr, "train/loss": loss_sum / seen, "train/acc": correct / seen,
                "clips_per_second": seen / seconds}
-        if val_data is not None:
-            row.update(validate(self.model, val_data, self.cfg.batch_size * 2, self.device, self.cfg.arch))
+        row.update(val or {})
         row["epoch_seconds"] = time.perf_counter() - self.started
         self.log.epoch_done(row)
         run = self.run
@@ -224,7 +223,9 @@ def memory_stack_size(members, train_data: CachedTokens, share: float = 0.5) -> 
 
 
 def _train_group(members, train_data, val_data, quiet, on_epoch_end) -> list[dict]:
-    """Members sharing batch_size and seed: one read of each batch, every active member steps on it."""
+    """Members sharing batch_size and seed: one read of each batch, every active member steps on it; one read
+    of the val split validates them all."""
+    from mad.adapt.train import validate_together  # train imports this module
     bars = quiet or len(members) > 1  # one live progress display at a time: a line per epoch for several
     console = make_console(quiet)
     runs = [Member(cfg, branch, train_data, val_data, bars) for cfg, branch in members]
@@ -245,8 +246,13 @@ def _train_group(members, train_data, val_data, quiet, on_epoch_end) -> list[dic
                 arrays, labels = train_data.to_device(arrays, device), labels.to(device)
                 for run in active:
                     run.step(arrays, labels, global_batch, train_data)
-            for run in active:
-                row = run.end_epoch(epoch, val_data)
+            seconds = time.perf_counter() - active[0].started
+            vals = [None] * len(active)
+            if val_data is not None:  # one read of the val split for every active member
+                vals = validate_together([run.model for run in active], val_data, cfg.batch_size * 2, device,
+                                         [run.cfg.arch for run in active])
+            for run, val in zip(active, vals):
+                row = run.end_epoch(epoch, val, seconds)
                 if len(runs) > 1:
                     val = f"  val top-1 {row['val/acc/top1']:.3f}" if "val/acc/top1" in row else ""
                     console.print(f"{run.run} epoch {epoch}/{run.cfg.epochs}  loss {row['train/loss']:.4f}{val}")

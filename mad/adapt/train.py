@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from mad.adapt.checkpoint import load_model
-from mad.adapt.evaluate import accuracy, confusion_matrix, predict_probs
+from mad.adapt.evaluate import accuracy, confusion_matrix, predict_probs, predict_probs_together
 from mad.adapt.branch import BranchConfig, count_parameters
 from mad.adapt.config import TrainConfig, TrainError, check_options, config_from_run, resolve
 from mad.adapt.families import family, pair_keys, reads
@@ -125,8 +125,13 @@ def train_one_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainC
 
 def validate(model, data: CachedTokens, batch_size: int, device, arch: str) -> dict:
     """val/acc/top1, top5, mean1 on the first cached view of every video."""
-    probs = predict_probs(model, data, batch_size, device, arch=arch)[:, 0]
-    return {f"val/{k}": v for k, v in accuracy(probs, data.labels).items()}
+    return validate_together([model], data, batch_size, device, [arch])[0]
+
+
+def validate_together(models: list, data: CachedTokens, batch_size: int, device, archs: list[str]) -> list[dict]:
+    """`validate` of every model on one read of `data` (a lockstep sweep's members)."""
+    probs = predict_probs_together(models, data, batch_size, device, archs=archs)
+    return [{f"val/{k}": v for k, v in accuracy(p[:, 0], data.labels).items()} for p in probs]
 
 
 def finish(run: Path, cfg: TrainConfig, history: list[dict], best: dict, scored: CachedTokens, which: str,
