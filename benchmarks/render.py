@@ -158,19 +158,27 @@ def _mean_min_max(x: dict, key: str = "val_top1_last", digits: int = 3) -> str:
     return f"{x[key + '_mean']:.{digits}f} ({x[key + '_min']:.{digits}f}-{x[key + '_max']:.{digits}f})"
 
 
+def _sci(x: float, digits: int = 1) -> str:
+    """2.5e-4, as a person writes it (Python's format gives 2.5e-04)."""
+    mantissa, exponent = f"{x:.{digits}e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def render_figures(text: str, where: str = "") -> str:
     """`text` with the value of every <!--fig FILE EXPR--> marker re-rendered from its JSON."""
     cache = {}
 
     def one(match):
         name, expr = match.group(1), match.group(2)
+        if "|" in expr:  # a table would split the marker into cells
+            raise SystemExit(f"error: {where}: <!--fig {name} {expr}-->: no | in a marker; one marker per table cell")
         if name not in cache:
             if not (RESULTS / name).exists():
                 raise SystemExit(f"error: {where}: <!--fig {name} ...-->: no benchmarks/results/{name}")
             cache[name] = json.loads((RESULTS / name).read_text())
         helpers = {"d": cache[name], "spread": _spread, "mean": statistics.mean, "median": statistics.median,
                    "mean_runs": _mean_runs,
-                   "pick": _pick, "mean_min_max": _mean_min_max, "find": _find}
+                   "pick": _pick, "mean_min_max": _mean_min_max, "find": _find, "sci": _sci}
         try:
             value = eval(f"f\"\"\"{expr}\"\"\"", helpers)  # noqa: S307 - the repository's own pages
         except Exception as e:  # noqa: BLE001 - name the marker whatever went wrong

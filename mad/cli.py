@@ -131,6 +131,16 @@ def extract(
     limit: Optional[int] = typer.Option(None, help="Process at most this many pending videos (then stop)."),
     progress: bool = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="Progress and summary: a bar "
                                   "on a terminal, plain lines (every 10%) in a log file or pipe."),
+    train_views: Optional[int] = typer.Option(None, "--train-views", help="K augmented views per video (random "
+                                              "frames within the TSN segments, random resized crop, flip) in place "
+                                              "of --clips x --crops: `mad train` draws one per epoch."),
+    crop_scale: str = typer.Option(EXTRACT.crop_scale, "--crop-scale", help="--train-views: crop area range, "
+                                   "fractions of the frame in (0, 1]."),
+    crop_ratio: str = typer.Option(EXTRACT.crop_ratio, "--crop-ratio", help="--train-views: crop width/height range."),
+    flip: str = typer.Option(EXTRACT.flip, "--flip", help="--train-views: random horizontal flips, yes or no (no "
+                             "when labels name a direction, e.g. Something-Something)."),
+    view_seed: int = typer.Option(EXTRACT.view_seed, "--view-seed", help="--train-views: seeds each video's views "
+                                  "(with its path)."),
 ):
     """Run the frozen model over every video and cache per-layer tokens (resumable)."""
     from mad.adapt.families import store_needs
@@ -144,6 +154,7 @@ def extract(
         store=store, cell_size=cell_size, correlation=correlation,
         batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
         shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit, progress=progress,
+        train_views=train_views, crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip, view_seed=view_seed,
     ), needs)
     if summary["done_now"] == 0 and summary["failed_now"] > 0 and summary["done_total"] == 0:
         typer.echo(f"error: no video could be extracted; reasons in {summary['errors']}", err=True)
@@ -248,7 +259,22 @@ def import_evl(
 
 @app.command()
 def sweep(
-    grid: str = typer.Option(..., "--grid", help="e.g. 'lr=1e-3,3e-4 width=256,384 arch=madapter,linear'."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Every combination, e.g. 'lr=1e-3,3e-4; width=256,384; "
+                                       "arch=madapter,linear' (Optuna's GridSampler)."),
+    space: Optional[str] = typer.Option(None, "--space", help="With --trials: ranges and lists to draw from, e.g. "
+                                        "'lr=loguniform:1e-4:1e-2; dropout=uniform:0:0.3; arch=madapter,evl'."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="How many configurations to draw from --space."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="--space: random or tpe (default), seeded "
+                                          "by --seed."),
+    pruner: str = typer.Option("none", "--pruner", help="none, halving or hyperband: stop weak configurations "
+                               "early on their val top-1 each epoch."),
+    at_once: Optional[int] = typer.Option(None, "--at-once", help="Configurations trained together, from one "
+                                          "read of each batch (default: all; tpe: 4)."),
+    study_name: Optional[str] = typer.Option(None, "--study-name", help="The Optuna study (default: the --out "
+                                             "folder's name)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where the study lives: a journal file (on a "
+                                          "shared disk for several processes) or an Optuna RDB URL (default: "
+                                          "<out>/study.journal)."),
     cache: str = typer.Option("cache", "--cache", help="Training cache."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation cache (ranks the runs)."),
     out: str = typer.Option("runs/sweep", "--out", help="Folder for the runs and leaderboard.csv."),
@@ -260,11 +286,14 @@ def sweep(
     log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
                             "(<run>/tensorboard; pip install tensorboard)."),
 ):
-    """Train every combination of a grid from one read of the cache; print and save a leaderboard."""
+    """Train a grid, or N drawn configurations, from one read of the cache; prune, resume; print a leaderboard."""
+    from mad.adapt.search import SearchConfig
     from mad.adapt.sweep import sweep as run_sweep
 
     base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram, log=log)
-    run_sweep(cache, val, grid, out, base)
+    run_sweep(cache, val, grid, out, base, search=SearchConfig(
+        grid=grid, space=space, trials=trials, sampler=sampler, pruner=pruner, at_once=at_once,
+        study_name=study_name, storage=storage))
 
 
 @app.command()
@@ -300,6 +329,8 @@ def plan(
     clips: int = typer.Option(EXTRACT.clips),
     crops: int = typer.Option(EXTRACT.crops),
     views: Optional[int] = typer.Option(None, help="Views per video (clips x crops), e.g. 9 for 3 x 3."),
+    train_views: Optional[int] = typer.Option(None, "--train-views", help="The train split's augmented views per "
+                                              "video (mad extract --train-views); val keeps --views."),
     grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample"),
     cell_size: str = typer.Option(EXTRACT.cell_size, "--cell-size", help="Compact stores' cells."),
     correlation: int = typer.Option(EXTRACT.correlation, help="Compact stores' correlation radius."),
@@ -334,7 +365,8 @@ def plan(
     cfg = PlanConfig(
         videos=str(videos) if videos else None, num_videos=num_videos, val_videos=val_videos,
         val_views=val_views, model=model, layers=layers, frames=frames,
-        clips=clips, crops=crops, views=views, grid_downsample=grid_downsample, cell_size=cell_size,
+        clips=clips, crops=crops, views=views, train_views=train_views, grid_downsample=grid_downsample,
+        cell_size=cell_size,
         correlation=correlation, device=device, precision=precision, batch_size=batch_size, workers=workers,
         probe=probe)
     swept = SweepPlanConfig(sweep=sweep, epochs=epochs, arch=arch, store=store, classes=classes,
