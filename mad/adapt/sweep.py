@@ -154,6 +154,7 @@ class Sweep:
             if run.pruned is None:
                 self.study.tell(run.trial, summary, summary[self.key])
             self.console.print(f"trial {run.trial.number} {run.path.name}  " + _brief(summary))
+        self.console.print(f"{self.study.limit - self.study.pending()}/{self.study.limit} configurations done")
 
     def catch_up(self, run: "Run") -> bool:
         """Report the epochs a killed process finished but did not report; whether the pruner stops it there
@@ -172,6 +173,7 @@ class Sweep:
         if why is None:
             return False
         run.pruned = row["epoch"]
+        self.console.print(f"trial {run.trial.number} {run.path.name}: pruned at epoch {row['epoch']} ({why})")
         self.study.tell(run.trial, pruned_summary(run.path, history, self.val_data is not None, why), 0.0,
                         pruned=True)
         return True
