@@ -73,6 +73,10 @@ HEADLINES = [
     ("Kinetics-400 train + val store, compact / full (TB)", "plan_ViT-B-16_k400.json",
      lambda d: f"{d['total']['compact']['bytes_on_disk'] / 1e12:.2f} / {d['total']['full']['bytes_on_disk'] / 1e12:.2f}",
      "storage"),
+    ("*predicted* by `mad plan --sweep` at its assumed H100 and disk rates, not measured: Kinetics-400, 100 configurations "
+     "x 30 epochs, extraction included, "
+     "lockstep / one by one (h)", "plan_sweep_k400.json",
+     lambda d: f"{d['total_seconds']['lockstep'] / 3600:.1f} / {d['total_seconds']['one_by_one'] / 3600:.1f}", "sweep"),
 ]
 
 
