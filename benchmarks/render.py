@@ -65,6 +65,10 @@ HEADLINES = [
      "demo"),
     ("full extract / CPU-time bound, ViT-B-16 (min / median / max)", "extract_cpu_ViT-B-16.json",
      lambda d: _spread(d["full_after_first_batch_over_cpu_time_bound"], 2), "extract"),
+    ("training peak memory, M-adapter from the cache / an in-backbone adapter, ViT-B-16 / ViT-L-14 (CPU RSS)",
+     "memory_cpu_ViT-B-16.json",
+     lambda d: " / ".join(f"{_cached_ratio(json.loads((RESULTS / n).read_text())):.3f}x"
+                          for n in ("memory_cpu_ViT-B-16.json", "memory_cpu_ViT-L-14.json")), "memory"),
     ("online without decoding (ViT + branch on decoded frames) / cache streamed, per step, ViT-B-16", "train_cpu_ViT-B-16_compact.json",
      lambda d: _spread(d["online_decoded_over_stream"], 1) + "x", "train"),
     ("streamed / in-RAM epoch", "train_cpu_ViT-B-16_compact.json",
@@ -74,7 +78,15 @@ HEADLINES = [
     ("Kinetics-400 train + val store, compact / full (TB)", "plan_ViT-B-16_k400.json",
      lambda d: f"{d['total']['compact']['bytes_on_disk'] / 1e12:.2f} / {d['total']['full']['bytes_on_disk'] / 1e12:.2f}",
      "storage"),
+    ("*predicted* by `mad plan --sweep` at its assumed H100 and disk rates, not measured: Kinetics-400, 100 configurations "
+     "x 30 epochs, extraction included, "
+     "lockstep / one by one (h)", "plan_sweep_k400.json",
+     lambda d: f"{d['total_seconds']['lockstep'] / 3600:.1f} / {d['total_seconds']['one_by_one'] / 3600:.1f}", "sweep"),
 ]
+
+
+def _cached_ratio(d):
+    return next(m["peak_vs_reference"] for m in d["modes"] if m["mode"] == "madapter-cached")
 
 
 def _fmt(x, digits=4):
@@ -159,19 +171,27 @@ def _mean_min_max(x: dict, key: str = "val_top1_last", digits: int = 3) -> str:
     return f"{x[key + '_mean']:.{digits}f} ({x[key + '_min']:.{digits}f}-{x[key + '_max']:.{digits}f})"
 
 
+def _sci(x: float, digits: int = 1) -> str:
+    """2.5e-4, as a person writes it (Python's format gives 2.5e-04)."""
+    mantissa, exponent = f"{x:.{digits}e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def render_figures(text: str, where: str = "") -> str:
     """`text` with the value of every <!--fig FILE EXPR--> marker re-rendered from its JSON."""
     cache = {}
 
     def one(match):
         name, expr = match.group(1), match.group(2)
+        if "|" in expr:  # a table would split the marker into cells
+            raise SystemExit(f"error: {where}: <!--fig {name} {expr}-->: no | in a marker; one marker per table cell")
         if name not in cache:
             if not (RESULTS / name).exists():
                 raise SystemExit(f"error: {where}: <!--fig {name} ...-->: no benchmarks/results/{name}")
             cache[name] = json.loads((RESULTS / name).read_text())
         helpers = {"d": cache[name], "spread": _spread, "mean": statistics.mean, "median": statistics.median,
                    "mean_runs": _mean_runs,
-                   "pick": _pick, "mean_min_max": _mean_min_max, "find": _find}
+                   "pick": _pick, "mean_min_max": _mean_min_max, "find": _find, "sci": _sci}
         try:
             value = eval(f"f\"\"\"{expr}\"\"\"", helpers)  # noqa: S307 - the repository's own pages
         except Exception as e:  # noqa: BLE001 - name the marker whatever went wrong

@@ -109,6 +109,12 @@ def bad_grid() -> st.SearchStrategy[str]:
     return out_of_range | malformed
 
 
+def bad_space() -> st.SearchStrategy[str]:
+    """A --space that cannot be searched: an empty or reversed range, a bound out of the setting's range."""
+    return st.sampled_from(["lr=uniform:0.3:0.1", "lr=loguniform:0:1", "dropout=uniform:0:2", "foo=uniform:0:1",
+                            "width=uniform:1.5:9", "lr=uniform:a:b", "lr=", "arch=uniform:0:1", ";"])
+
+
 TRAIN = {**numbers_and_choices(TrainConfig), "--width": BRANCH_SIZE, "--depth": BRANCH_SIZE,
          "--heads": BRANCH_SIZE, "--cell-size": CELL_SIZE, "--device": DEVICE, "--log": LOG}
 COMMANDS = {
@@ -117,7 +123,11 @@ COMMANDS = {
     "train": (lambda i: ["--cache", i["cache"]], TRAIN, {"--cache", "--val", "--out", "--init"}),
     "sweep": (lambda i: ["--grid", "lr=1e-3", "--cache", i["cache"]],
               {**{k: TRAIN[k] for k in ("--epochs", "--batch-size", "--device", "--seed", "--in-ram", "--log")},
-               "--grid": bad_grid()}, {"--cache", "--val", "--out"}),
+               "--grid": bad_grid(), "--space": bad_space(), "--trials": st.sampled_from(["0", "-3", "abc", "1.5"]),
+               "--sampler": st.sampled_from(["cmaes", "grid", "", "TPE"]),
+               "--pruner": st.sampled_from(["median", "", "halving,hyperband"]),
+               "--at-once": st.sampled_from(["0", "-1", "x"]), "--study-name": st.sampled_from(["", " "])},
+              {"--cache", "--val", "--out", "--storage"}),
     "extract": (lambda i: ["--videos", i["videos"], "--model", TINY_MODEL, "--pretrained", "none", "--layers", "1,2"],
                 {**numbers_and_choices(ExtractConfig), "--layers": LAYERS_OF_TINY, "--cell-size": CELL_SIZE,
                  "--device": DEVICE, "--branches": st.sampled_from(["foo", "madapter,bar", "evl2", "mad adapter"]),
