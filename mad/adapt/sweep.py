@@ -26,6 +26,7 @@ from mad.cache.dataset import open_tokens
 from mad.cache.store import Store
 from mad.errors import MadError
 from mad.progress import make_console
+from mad.runtime import resolve_device
 from mad.tables import print_table
 
 # Settings a grid may not vary: they name the data, the run and its logs, not the training.
@@ -95,10 +96,11 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
     train_data = val_data = None
     results = []
     try:
+        pin = resolve_device(base.device).type == "cuda"  # streamed batches cross to the GPU asynchronously
         train_data = open_tokens(train_store, base.in_ram, base.workers, progress=not quiet,
-                                 arrays=reads(archs, train_store.manifest, cache))
+                                 arrays=reads(archs, train_store.manifest, cache), pin_memory=pin)
         val_data = (open_tokens(val_store, base.in_ram, base.workers, progress=not quiet,
-                                arrays=reads(archs, val_store.manifest, val)) if val_store else None)
+                                arrays=reads(archs, val_store.manifest, val), pin_memory=pin) if val_store else None)
         console.print(f"{len(runs)} configurations in lockstep: each batch is read once per reading group")
         summaries = train_lockstep([(cfg, branch) for _, cfg, branch in runs], train_data, val_data, quiet=quiet)
         for i, ((setting, cfg, _), summary) in enumerate(zip(runs, summaries), 1):
