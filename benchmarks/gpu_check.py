@@ -126,7 +126,7 @@ def environment(check: Check, timeout: float) -> dict:
 
     found = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
              "cuda_available": torch.cuda.is_available(), "cpu_cores": os.cpu_count()}
-    for package in ("open_clip_torch", "zarr", "numcodecs", "av", "numpy", "typer"):
+    for package in ("open_clip_torch", "zarr", "numcodecs", "av", "optuna", "numpy", "typer"):
         try:
             from importlib.metadata import version
 

@@ -4,8 +4,9 @@
 #
 # The machine (Linux x86_64, CPython 3.12) already holds torch 2.11, torchvision, timm, huggingface-hub, regex,
 # tqdm, numpy, packaging, typing-extensions, pyyaml, typer, rich, safetensors, matplotlib, jinja2, pytest and
-# tensorboard; missing are open_clip and zarr, their dependencies ftfy (wcwidth), donfig and google-crc32c, and
-# numcodecs and av. Versions: those mad is tested with; one version of each (two stop the install).
+# tensorboard; missing are open_clip and zarr, their dependencies ftfy (wcwidth), donfig and google-crc32c,
+# numcodecs, av, and optuna with alembic (Mako), SQLAlchemy and colorlog. Versions: those mad is tested with; one
+# version of each (two stop the install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,6 +14,7 @@ WHEELS=(
     open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
     zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0
     av==18.1.0
+    optuna==5.1.0 alembic==1.20.1 Mako==1.4.3 SQLAlchemy==2.1.9 colorlog==6.12.0
 )
 rm -rf .whl && mkdir -p .whl
 "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
