@@ -30,7 +30,7 @@ from mad.adapt.families import family, pair_keys, reads
 from mad.adapt.lockstep import train_lockstep
 from mad.adapt.search import SearchConfig, Study
 from mad.adapt.space import corners, grid_points, parse_space, run_name
-from mad.adapt.train import check_run_dir, count_classes, summary_line
+from mad.adapt.train import RESUMABLE_KEYS, check_run_dir, count_classes, summary_line
 from mad.cache.dataset import open_tokens
 from mad.cache.store import Store
 from mad.errors import MadError
@@ -71,7 +71,8 @@ def sweep(cache: str, val: str | None, grid: str | None, out: str, base: TrainCo
         for store, location in ((val_store, val), (train_store, cache)):
             if store is not None:
                 _resolve(cfg, store.manifest, num_classes, location, setting, flag)
-    study = Study(search, space, base.seed, base.epochs, out)  # the first thing written
+    shared = {k: v for k, v in dataclasses.asdict(base).items() if k not in (*RESUMABLE_KEYS, *space)}
+    study = Study(search, space, {**shared, "cache": cache, "val": val}, out)  # the first thing written
     at_once = search.at_once or (TPE_AT_ONCE if kind == "tpe" else study.limit)
     train_data = val_data = None
     try:

@@ -127,16 +127,22 @@ def train_one_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainC
 
 def validate(model, data: CachedTokens, batch_size: int, device, arch: str) -> dict:
     """val/acc/top1, top5, mean1 on the first cached view of every video."""
-    probs = predict_probs(model, data, batch_size, device, arch=arch)[:, 0]
-    return {f"val/{k}": v for k, v in accuracy(probs, data.labels).items()}
+    return val_figures(predict_probs(model, data, batch_size, device, arch=arch)[:, 0], data.labels)
+
+
+def val_figures(probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """`validate`'s figures from the probabilities [V, C] of the first view of every video."""
+    return {f"val/{k}": v for k, v in accuracy(probs, labels).items()}
 
 
 def finish(run: Path, cfg: TrainConfig, history: list[dict], best: dict, scored: CachedTokens, which: str,
-           device) -> dict:
-    """Plots and summary.json from the finished history and the saved best model."""
+           device, best_probs: torch.Tensor | None = None) -> dict:
+    """Plots and summary.json from the finished history and the saved best model (`best_probs`: its
+    probabilities on `scored` [V, C], kept when it was validated; else it is loaded and scored again)."""
     plot_curves(history, run / "curves.png")
     model, _ = load_model(run / "model.safetensors", device)
-    probs = predict_probs(model, scored, cfg.batch_size * 2, device, arch=cfg.arch)[:, 0]
+    probs = best_probs if best_probs is not None else predict_probs(model, scored, cfg.batch_size * 2, device,
+                                                                    arch=cfg.arch)[:, 0]
     matrix = confusion_matrix(probs.argmax(dim=1), scored.labels, probs.shape[1])
     plot_confusion(matrix, scored.class_names, run / "confusion.png",
                    f"{which}, epoch {best['epoch']}: top-1 {accuracy(probs, scored.labels)['acc/top1']:.3f}")

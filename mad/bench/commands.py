@@ -161,6 +161,7 @@ def bench_sweep(
     smoke: bool = typer.Option(False, "--smoke", help="K 1,2, one repeat, one epoch, a tiny store: the harness "
                                "end to end, not figures to quote."),
     videos_per_class: int = typer.Option(8, help="Built store: training videos per class (6 classes)."),
+    val_per_class: int = typer.Option(2, help="Built store: val videos per class."),
     width: int = typer.Option(128, help="Branch width of every run."),
     heads: int = typer.Option(4, help="Branch heads of every run."),
     batch_size: int = typer.Option(16),
@@ -171,5 +172,5 @@ def bench_sweep(
     from mad.bench.sweep import bench_sweep as run
 
     run(ks=ks, repeats=repeats, epochs=epochs, cache=cache, val=val, out=str(out), smoke=smoke,
-        videos_per_class=videos_per_class, width=width, heads=heads, batch_size=batch_size, workers=workers,
+        videos_per_class=videos_per_class, val_per_class=val_per_class, width=width, heads=heads, batch_size=batch_size, workers=workers,
         device=device, command=" ".join(["mad", *sys.argv[1:]]))

@@ -140,6 +140,7 @@ def bench_sweep(ks: str = "1,2,4,8", repeats: int = 3, epochs: int = 2, cache: s
                 videos_per_class: int = 8, val_per_class: int = 2, width: int = 128, heads: int = 4,
                 batch_size: int = 16, workers: int = 2, device: str = "cpu", command: str = "") -> dict:
     """Measure both sides for every K, `repeats` times; print the table, write JSON and markdown into `out`."""
+    from mad.adapt.config import TrainConfig
     from mad.cache.dataset import usable_videos
     from mad.cache.store import Store
 
@@ -151,6 +152,10 @@ def bench_sweep(ks: str = "1,2,4,8", repeats: int = 3, epochs: int = 2, cache: s
     if (cache is None) != (val is None):
         raise BenchSweepError("--cache and --val go together (a compact store's train and val splits), or neither")
     fixed = {"width": width, "heads": heads, "batch_size": batch_size, "workers": workers, "device": device}
+    sweep_workers = sweep_accepts("--workers")
+    if not sweep_workers and workers != TrainConfig().workers:  # both sides must read with as many readers
+        raise BenchSweepError(f"--workers {workers}: this mad sweep takes no --workers (it reads with "
+                              f"{TrainConfig().workers}); leave --workers at {TrainConfig().workers}")
     with tempfile.TemporaryDirectory(prefix="mad-bench-sweep-") as tmp:
         work = Path(tmp)
         if cache is None:
@@ -163,7 +168,6 @@ def bench_sweep(ks: str = "1,2,4,8", repeats: int = 3, epochs: int = 2, cache: s
                                   f"compact one (mad extract --store compact)")
         clips = len(usable_videos(store))  # one view of each per epoch
         compileall.compile_dir(Path(mad.__file__).parent, quiet=1)  # no run reads sources a later one reads compiled
-        sweep_workers = sweep_accepts("--workers")
         first = commands(1, cache, val, work / "calibrate", epochs, fixed, sweep_workers)
         # a sweep's start-up grows with K (more modules and run folders), so it is calibrated at every K
         calibration = {"train": calibrate(first["sequential"][0], epochs, work, "cal-train"),
