@@ -245,3 +245,14 @@ def test_benchmark_results_hold_no_hand_written_tables():
     kept_as_printed = {"quantisers.md", "evl_demo.md"}
     loose = {p.name for p in (ROOT / "benchmarks" / "results").glob("*.md")} - checked - kept_as_printed
     assert not loose, f"hand-written result pages (render them from JSON or move to benchmarks/notes/): {loose}"
+
+
+def test_the_code_map_names_every_module():
+    """A module added under mad/ appears in docs/code-map.md's tree by its file name (modules of a package two levels
+    down, such as mad/bench/memory/, by their stem on the package's line)."""
+    tree = (ROOT / "docs" / "code-map.md").read_text().split("```", 2)[1]
+    words = set(re.findall(r"[\w.]+", tree))
+    missing = [str(f.relative_to(ROOT)) for f in sorted((ROOT / "mad").rglob("*.py"))
+               if f.name not in ("__init__.py", "__main__.py") and f.name not in words
+               and not (len(f.relative_to(ROOT / "mad").parts) > 2 and f.stem in words)]
+    assert not missing, f"add to docs/code-map.md: {missing}"
