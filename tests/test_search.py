@@ -252,6 +252,10 @@ def test_a_study_started_by_another_sweep_is_refused(caches, tmp_path, monkeypat
     with pytest.raises(MadError, match="holds another sweep .*pruner 'none' -> 'halving'"):
         fake_sweep(caches, tmp_path / "sweep", monkeypatch, FakeLockstep(),
                    SearchConfig(grid="lr=1e-3,2e-3", pruner="halving"))
+    drawn = SearchConfig(space="lr=uniform:1e-3:2e-3", trials=2, sampler="random")
+    fake_sweep(caches, tmp_path / "drawn", monkeypatch, FakeLockstep(), drawn)
+    with pytest.raises(MadError, match="holds another sweep .*batch_size 16 -> 8"):
+        fake_sweep(caches, tmp_path / "drawn", monkeypatch, FakeLockstep(), drawn, batch_size=8)
 
 
 # ---- bad input on the command line: one line naming the option, exit 2, nothing written --------------

@@ -83,11 +83,11 @@ class SearchConfig:
             raise TrainError("--space needs --trials N: how many configurations to draw")
         return grid if grid is not None else space
 
-    def signature(self, space: dict, seed: int, epochs: int) -> dict:
-        """What the study must have been started with to be continued by this command."""
+    def signature(self, space: dict, training: dict) -> dict:
+        """What the study must have been started with to be continued by this command (`training`: the
+        settings every configuration shares, seed and epochs among them)."""
         return {"space": {name: d.__class__.__name__ + repr(vars(d)) for name, d in space.items()},
-                "trials": self.trials, "sampler": self.kind(space), "pruner": self.pruner, "seed": seed,
-                "epochs": epochs}
+                "trials": self.trials, "sampler": self.kind(space), "pruner": self.pruner, **training}
 
     def kind(self, space: dict) -> str:
         return "grid" if self.grid is not None and is_grid(space) else self.sampler or "tpe"
@@ -142,14 +142,15 @@ class _AskAndTellGrid(optuna.samplers.GridSampler):
 class Study:
     """One sweep's study: take trials, keep them alive, put back those whose owner is gone."""
 
-    def __init__(self, cfg: SearchConfig, space: dict, seed: int, epochs: int, out: Path):
+    def __init__(self, cfg: SearchConfig, space: dict, training: dict, out: Path):
+        seed, epochs = training["seed"], training["epochs"]
         self.cfg, self.space, self.seed, self.kind = cfg, space, seed, cfg.kind(space)
         self.name = cfg.study_name or out.resolve().name
         self.storage = open_storage(cfg.storage, out)
         self.study = optuna.create_study(storage=self.storage, study_name=self.name, direction="maximize",
                                          sampler=make_sampler(self.kind, space, seed),
                                          pruner=make_pruner(cfg.pruner, epochs), load_if_exists=True)
-        signature, saved = cfg.signature(space, seed, epochs), self.study.user_attrs.get(SEARCH)
+        signature, saved = cfg.signature(space, training), self.study.user_attrs.get(SEARCH)
         if saved is None:
             self.study.set_user_attr(SEARCH, signature)
         elif saved != signature:
