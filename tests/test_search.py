@@ -184,6 +184,16 @@ def test_without_a_pruner_every_point_trains_every_epoch_and_a_rerun_trains_noth
     assert again.calls == [] and board(tmp_path / "sweep") == rows
 
 
+def test_an_rdb_storage_holds_the_study_and_optuna_opens_it(caches, tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    search = SearchConfig(grid="lr=1e-3,2e-3", storage=url, study_name="lrs")
+    fake_sweep(caches, tmp_path / "sweep", monkeypatch, FakeLockstep(), search)
+    assert not (tmp_path / "sweep" / "study.journal").exists()
+    study = optuna.load_study(study_name="lrs", storage=url)
+    assert sorted(t.user_attrs["run"] for t in study.trials) == ["01-lr=0.001", "02-lr=0.002"]
+    assert study.best_trial.params == {"lr": 2e-3} and study.direction.name == "MAXIMIZE"
+
+
 def dead_owner() -> dict:
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
