@@ -393,3 +393,19 @@ def test_two_sweep_processes_share_one_study_and_train_each_trial_once(small_cac
     assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
     boards = [out[out.index("sweep leaderboard"):] for out in outputs]
     assert boards[0] == boards[1] and len(board(tmp_path / "sweep")) == 4  # one leaderboard, whoever wrote it
+
+
+def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
+    """A sweep killed while a member writes last.pt or model.safetensors keeps the previous file."""
+    from mad.adapt.checkpoint import replacing
+
+    path = tmp_path / "last.pt"
+    path.write_text("epoch 1")
+    with pytest.raises(KeyboardInterrupt):
+        with replacing(path) as partial:
+            partial.write_text("epoch 2, half writ")
+            raise KeyboardInterrupt
+    assert path.read_text() == "epoch 1" and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    with replacing(path) as partial:
+        partial.write_text("epoch 2")
+    assert path.read_text() == "epoch 2" and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
