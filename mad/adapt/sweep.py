@@ -35,6 +35,7 @@ from mad.cache.dataset import open_tokens
 from mad.cache.store import Store
 from mad.errors import MadError
 from mad.progress import make_console
+from mad.runtime import resolve_device
 from mad.tables import print_table
 
 POLL = 5.0  # seconds between looks at the study while other processes train its last trials
@@ -75,10 +76,11 @@ def sweep(cache: str, val: str | None, grid: str | None, out: str, base: TrainCo
     at_once = search.at_once or (TPE_AT_ONCE if kind == "tpe" else study.limit)
     train_data = val_data = None
     try:
+        pin = resolve_device(base.device).type == "cuda"  # streamed batches cross to the GPU asynchronously
         train_data = open_tokens(train_store, base.in_ram, base.workers, progress=not quiet,
-                                 arrays=reads(archs, train_store.manifest, cache))
+                                 arrays=reads(archs, train_store.manifest, cache), pin_memory=pin)
         val_data = (open_tokens(val_store, base.in_ram, base.workers, progress=not quiet,
-                                arrays=reads(archs, val_store.manifest, val)) if val_store else None)
+                                arrays=reads(archs, val_store.manifest, val), pin_memory=pin) if val_store else None)
         console.print(f"study {study.name!r} ({kind}, {study.limit} configurations, pruner {search.pruner}) in "
                       f"{search.storage or out / 'study.journal'}")
         Sweep(study, base, cache, val, out, train_data, val_data, num_classes, console, quiet).run(at_once)

@@ -37,7 +37,7 @@ from mad.adapt.plots import plot_confusion, plot_curves
 from mad.adapt.step import train_step
 from mad.cache.dataset import CachedTokens, open_tokens, usable_videos
 from mad.cache.store import Store
-from mad.runtime import branch_autocast
+from mad.runtime import branch_autocast, resolve_device
 
 # Settings that may change when a run is resumed: they do not change its numbers.
 RESUMABLE_KEYS = ("device", "workers", "in_ram", "resume", "overwrite", "out", "log")
@@ -61,10 +61,12 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, 
     check_run_dir(cfg)  # what the run folder refuses: before reading, writing nothing
     train_data = val_data = None
     try:
+        pin = resolve_device(cfg.device).type == "cuda"  # streamed batches cross to the GPU asynchronously
         train_data = open_tokens(train_store, cfg.in_ram, cfg.workers, progress=not quiet,
-                                 arrays=reads([cfg.arch], train_store.manifest, cfg.cache))
+                                 arrays=reads([cfg.arch], train_store.manifest, cfg.cache), pin_memory=pin)
         val_data = (open_tokens(val_store, cfg.in_ram, cfg.workers, progress=not quiet,
-                                arrays=reads([cfg.arch], val_store.manifest, cfg.val)) if val_store else None)
+                                arrays=reads([cfg.arch], val_store.manifest, cfg.val), pin_memory=pin)
+                    if val_store else None)
         return train_on(cfg, branch, train_data, val_data, on_epoch_end, quiet)
     finally:
         for data in (train_data, val_data):

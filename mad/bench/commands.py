@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from mad.adapt.config import TrainConfig
+from mad.bench.memory.config import MODES
 
 bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (print figures and ratios).")
 TRAIN = TrainConfig()
@@ -57,14 +58,19 @@ def bench_memory(
     threads: int = typer.Option(0, help="torch CPU threads per mode process (0: torch's default)."),
     cell_size: str = typer.Option(TRAIN.cell_size, "--cell-size", "--grid-pool",
                                   help="M-adapter cells, as `mad train --cell-size`: auto, 1, 2, ..."),
+    modes: str = typer.Option(",".join(MODES), help="Modes to run, comma-separated (default: all)."),
 ):
     """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter and EVL online and
     cached."""
-    from mad.bench.memory import run_benchmark
+    from mad.bench.memory import BenchError, run_benchmark
 
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in MODES]
+    if unknown or not chosen:
+        raise BenchError(f"--modes {modes!r}: choose from {', '.join(MODES)}")
     run_benchmark(model=model, frames=frames, batch=batch, layers=layers, device=device, precision=precision,
                   steps=steps, budget_gb=budget_gb, out=out, classes=classes, branch_width=branch_width,
-                  threads=threads, command=" ".join(["mad", *sys.argv[1:]]), cell_size=cell_size)
+                  threads=threads, command=" ".join(["mad", *sys.argv[1:]]), cell_size=cell_size, modes=chosen)
 
 
 @bench_app.command("train")
