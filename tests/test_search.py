@@ -409,3 +409,16 @@ def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
     with replacing(path) as partial:
         partial.write_text("epoch 2")
     assert path.read_text() == "epoch 2" and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_under_torchrun_each_rank_takes_its_own_trials(small_caches, tmp_path):
+    """`torchrun --nproc-per-node 2 -m mad sweep ...`: two sweep processes on the sweep folder's study, no DDP."""
+    command = sweep_command(small_caches, tmp_path / "sweep", "--grid", "lr=4e-3,3e-3,2e-3,1e-3", "--at-once", "1")
+    command[1:3] = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mad"]
+    output = run_to_end(command, tmp_path / "torchrun.log")
+    trained = [line.split()[2] for line in output.splitlines() if line.startswith("trial ") and "(kept" in line]
+    assert sorted(trained) == [run_name(i, {"lr": lr}) for i, lr in enumerate((4e-3, 3e-3, 2e-3, 1e-3), 1)]
+    assert output.count("sweep leaderboard") == 2 and len(board(tmp_path / "sweep")) == 4
+    assert all(epochs == [1, 2, 3] for epochs in epochs_of(tmp_path / "sweep").values())
