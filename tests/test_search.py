@@ -422,3 +422,20 @@ def test_under_torchrun_each_rank_takes_its_own_trials(small_caches, tmp_path):
     assert sorted(trained) == [run_name(i, {"lr": lr}) for i, lr in enumerate((4e-3, 3e-3, 2e-3, 1e-3), 1)]
     assert output.count("sweep leaderboard") == 2 and len(board(tmp_path / "sweep")) == 4
     assert all(epochs == [1, 2, 3] for epochs in epochs_of(tmp_path / "sweep").values())
+
+
+def test_whether_a_running_trials_owner_is_alive():
+    from datetime import datetime, timedelta
+
+    from mad.adapt.search import GRACE, HEARTBEAT, UNNAMED, owner
+
+    def trial(started_ago: float, **attrs):
+        return optuna.trial.FrozenTrial(
+            number=0, state=optuna.trial.TrialState.RUNNING, value=None, values=None,
+            datetime_start=datetime.now() - timedelta(seconds=started_ago), datetime_complete=None, params={},
+            distributions={}, user_attrs={}, system_attrs=attrs, intermediate_values={}, trial_id=0)
+    assert alive(trial(0, **{OWNER: owner()})) and not alive(trial(0, **{OWNER: dead_owner()}))
+    assert alive(trial(1)) and not alive(trial(UNNAMED + 1))  # killed between ask and naming its owner
+    elsewhere = {**owner(), "host": "another-node"}
+    assert alive(trial(0, **{OWNER: elsewhere, HEARTBEAT: time.time() - GRACE + 10}))
+    assert not alive(trial(0, **{OWNER: elsewhere, HEARTBEAT: time.time() - GRACE - 10}))
