@@ -356,8 +356,8 @@ def sweep(check: Check, timeout: float) -> dict:
     out = check.out / "sweep"
     args = ["bench", "sweep", "--device", check.device, "--out", out]
     # smoke: K=1 alone (6 processes; --smoke's K=1,2 starts 11, each a fresh interpreter: 10 minutes on a busy CPU)
-    args += (["--ks", "1", "--repeats", "1", "--epochs", "1", "--videos-per-class", "2", "--workers", "1"]
-             if check.smoke else ["--ks", "4", "--repeats", "1", "--epochs", "1", "--workers", "4"])
+    args += ["--ks", "1" if check.smoke else "4", "--repeats", "1", "--epochs", "1"]
+    args += ["--videos-per-class", "2"] if check.smoke else []
     check.mad(args, timeout, "sweep")
     figures = json.loads(next(out.glob("bench_sweep_*.json")).read_text())
     rows = {}
