@@ -204,7 +204,7 @@ def test_train_eval_predict_and_sweep_evl_next_to_the_others(stores, tmp_path):
                              "--device", "cpu"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     config = json.loads((run / "config.json").read_text())
-    assert config["train"]["lr"] == 4e-4 and config["train"]["dropout"] == 0.5
+    assert config["train"]["lr"] == 4e-4 and config["model"]["dropout"] == 0.5
     model_args = config["model"]
     assert (model_args["depth"], model_args["width"], model_args["heads"]) == (4, 64, 1)  # 4 blocks, D, D / 64
     assert config["parameters"] == official_vitb16_parameters(frames=8, side=4, width=64, qkv=64, classes=6)

@@ -28,10 +28,11 @@ class ConfigError(MadError):
 RENAMED = {"grid_pool": "cell_size"}
 
 
-def known_settings(cls, values: dict, what: str) -> dict:
-    """`values` under today's names; an unknown key is refused in one line (the one policy for every config)."""
+def known_settings(cls, values: dict, what: str, also=()) -> dict:
+    """`values` under today's names; a key that is no field of `cls` (nor in `also`) is refused in one line (the
+    one policy for every config)."""
     values = {RENAMED.get(k, k): v for k, v in values.items()}
-    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    unknown = sorted(set(values) - {f.name for f in fields(cls)} - set(also))
     if unknown:
         raise ConfigError(f"{what}: unknown settings {', '.join(unknown)} (written by a newer mad?)")
     return values

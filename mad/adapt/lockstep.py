@@ -19,7 +19,6 @@ import json
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +43,7 @@ class Member:
     def __init__(self, cfg: TrainConfig, branch: BranchConfig, train_data: CachedTokens,
                  val_data: CachedTokens | None, quiet: bool):
         from mad.adapt.train import prepare_run_dir, read_history
-        cfg = dataclasses.replace(cfg)  # prepare_run_dir fills in `out`; leave the caller's config as it was
+        cfg = dataclasses.replace(cfg, model=branch)  # a copy (prepare_run_dir fills in `out`), saved whole
         self.cfg, self.branch, self.entry = cfg, branch, family(cfg.arch)
         device = resolve_device(cfg.device)
         self.dist = Distributed(device)
@@ -77,7 +76,7 @@ class Member:
             self.history = read_history(run, self.start_epoch)
             self.log.print(f"resuming {run} after epoch {self.start_epoch}/{cfg.epochs}")
         elif self.dist.main:
-            config = {"train": asdict(cfg), "model": branch.to_dict(), "parameters": count_parameters(model),
+            config = {**cfg.saved(), "parameters": count_parameters(model),
                       "mad_version": mad.__version__, "cache_manifest": train_data.manifest.to_dict(),
                       "val_manifest": val_data.manifest.to_dict() if val_data else None}
             (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -34,7 +34,7 @@ FIXED = ("cache", "val", "out", "resume", "overwrite", "log")
 
 def parse_grid(grid: str) -> dict[str, list]:
     """'lr=1e-3,3e-4 arch=madapter,linear' -> {'lr': [0.001, 0.0003], 'arch': ['madapter', 'linear']}."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields = TrainConfig.setting_names()
     defaults = TrainConfig()
     parsed = {}
     for item in grid.split():
