@@ -7,6 +7,7 @@ Option defaults come from the config dataclasses (ExtractConfig, TrainConfig), s
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import sys
 import warnings
@@ -87,9 +88,7 @@ def error_line(error: BaseException) -> str:
     return message
 
 
-@app.command()
-def extract(
-    videos: Path = typer.Option(..., "--videos", help="Folder of videos (searched recursively)."),
+def _extract_options(
     out: str = typer.Option(EXTRACT.out, "--out", help="Cache store to create or resume (a folder or fsspec URL)."),
     layers: str = typer.Option(EXTRACT.layers, help="1-based block numbers, negatives from the end, or 'all'."),
     model: str = typer.Option(EXTRACT.model, help="open_clip model name or a model-config .json path."),
@@ -131,19 +130,37 @@ def extract(
     progress: bool = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="Progress and summary: a bar "
                                   "on a terminal, plain lines (every 10%) in a log file or pipe."),
 ):
-    """Run the frozen model over every video and cache per-layer tokens (resumable)."""
+    """`mad extract`'s options but --videos, declared once: `mad plan` takes every one, so replacing `extract` by
+    `plan` in a command line plans that extraction."""
+
+
+def with_extract_options(command):
+    """`command` taking every `mad extract` option (after its own), handed to it in `**options`."""
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
+    command.__signature__ = inspect.Signature(own + list(inspect.signature(_extract_options,
+                                                                           eval_str=True).parameters.values()))
+    return command
+
+
+def extraction(videos: Path | None, options: dict):
+    """(the ExtractConfig of `mad extract`'s options, what its --branches store beyond --layers)."""
     from mad.adapt.families import store_needs
+
+    options = dict(options)
+    needs = store_needs(options.pop("branches"), options.pop("evl_layers"), options["grid_downsample"])
+    labels = options.pop("labels")
+    return ExtractConfig(videos=str(videos) if videos else "", labels=str(labels) if labels else None,
+                         **options), needs
+
+
+@app.command()
+@with_extract_options
+def extract(videos: Path = typer.Option(..., "--videos", help="Folder of videos (searched recursively)."),
+            **options):
+    """Run the frozen model over every video and cache per-layer tokens (resumable)."""
     from mad.extract.run import extract as run_extract
 
-    needs = store_needs(branches, evl_layers, grid_downsample)  # what the named branch families read
-    summary = run_extract(ExtractConfig(
-        videos=str(videos), out=out, layers=layers, model=model, pretrained=pretrained, frames=frames,
-        clips=clips, crops=crops, labels=str(labels) if labels else None,
-        labels_format=labels_format, labels_split=labels_split, grid_downsample=grid_downsample,
-        store=store, cell_size=cell_size, correlation=correlation,
-        batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
-        shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit, progress=progress,
-    ), needs)
+    summary = run_extract(*extraction(videos, options))
     if summary["done_now"] == 0 and summary["failed_now"] > 0 and summary["done_total"] == 0:
         typer.echo(f"error: no video could be extracted; reasons in {summary['errors']}", err=True)
         raise typer.Exit(1)
@@ -288,36 +305,24 @@ def predict(
 
 
 @app.command()
+@with_extract_options
 def plan(
     videos: Optional[Path] = typer.Option(None, "--videos", help="Folder of videos to count and probe."),
     num_videos: Optional[int] = typer.Option(None, "--num-videos", help="Or a number of videos."),
     val_videos: Optional[int] = typer.Option(None, "--val-videos", help="Videos of a val split, planned too."),
     val_views: Optional[int] = typer.Option(None, "--val-views", help="Views per val video (default: as train)."),
-    model: str = typer.Option(EXTRACT.model, help="open_clip model name or a model-config .json path."),
-    layers: str = typer.Option(EXTRACT.layers),
-    frames: int = typer.Option(EXTRACT.frames),
-    clips: int = typer.Option(EXTRACT.clips),
-    crops: int = typer.Option(EXTRACT.crops),
     views: Optional[int] = typer.Option(None, help="Views per video (clips x crops), e.g. 9 for 3 x 3."),
-    grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample"),
-    cell_size: str = typer.Option(EXTRACT.cell_size, "--cell-size", help="Compact stores' cells."),
-    correlation: int = typer.Option(EXTRACT.correlation, help="Compact stores' correlation radius."),
-    device: str = typer.Option(EXTRACT.device),
-    precision: str = typer.Option(EXTRACT.precision),
-    batch_size: int = typer.Option(EXTRACT.batch_size),
-    workers: int = typer.Option(EXTRACT.workers, help="Decoding processes of the extraction (-1: its default)."),
     probe: int = typer.Option(4, help="Videos to decode and model batches to time (0: no probe, bytes only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    **options,
 ):
-    """Before any work: bytes on disk per storage mode, estimated extraction time here, reads; train + val."""
+    """Before any work: bytes on disk per storage mode, estimated extraction time here, reads; train + val.
+    Takes every `mad extract` option: replace `extract` by `plan` in a command line to plan that extraction."""
     from mad.plan import PlanConfig, plan as run_plan, print_plan
 
-    print_plan(run_plan(PlanConfig(
-        videos=str(videos) if videos else None, num_videos=num_videos, val_videos=val_videos,
-        val_views=val_views, model=model, layers=layers, frames=frames,
-        clips=clips, crops=crops, views=views, grid_downsample=grid_downsample, cell_size=cell_size,
-        correlation=correlation, device=device, precision=precision, batch_size=batch_size, workers=workers,
-        probe=probe)), as_json)
+    cfg, needs = extraction(videos, options)
+    print_plan(run_plan(PlanConfig(extract=cfg, num_videos=num_videos, val_videos=val_videos, val_views=val_views,
+                                   views=views, probe=probe), needs), as_json)
 
 
 @app.command()

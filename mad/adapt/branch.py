@@ -85,6 +85,9 @@ class Family:
 
     name: str = ""                 # the --arch value
     description: str = ""          # one line, for --help and the README
+    label: str = ""                # its name in tables and charts (e.g. "M-adapter"; "": `name`)
+    trains: str = "branch"         # what its training step trains, as `mad bench memory` reports it
+    benchmarked: bool = False      # in `mad bench memory`'s default modes (<name>-online, <name>-cached)
     model: type[nn.Module]         # built from a resolved BranchConfig
     preset: dict = {}              # settings it trains with where the user gave none (TrainConfig/BranchConfig names)
     stored_as: str = "madapter"    # the --branches entry whose stored inputs it reads (the manifest's `branches` key)

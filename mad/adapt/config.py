@@ -11,20 +11,19 @@ registry (`mad.adapt.families.build_model`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
 from mad.adapt.branch import BranchConfig, ConfigError, known_settings
-from mad.adapt.families import Registered, family, names
+from mad.adapt.families import Registered, check_served, family, names
 from mad.adapt.madapter import TEMPORAL
 from mad.adapt.step import CLIP_GRAD, LABEL_SMOOTHING
 from mad.adapt.tracking import check_log
 from mad.cache.manifest import Manifest
 from mad.options import (FRACTION, NON_NEGATIVE, SEED, Range, at_least, check_choices, check_device,
-                         check_ranges)
+                         check_ranges, nest)
 
 _BRANCH = BranchConfig()
 # The branch's settings a run sets, by the names the command line (--width) and a sweep's grid (width=) use.
@@ -109,26 +108,8 @@ class TrainConfig:
         return [f.name for f in fields(cls) if f.name != "model"] + list(BRANCH_SETTINGS)
 
 
-def _take_branch_settings(init):
-    """TrainConfig(width=256, lr=...): the branch's settings by their option names go into `model` (a dict given
-    as `model`, e.g. from `asdict`, is read as a BranchConfig); `dataclasses.replace(cfg, width=...)` too."""
-
-    @functools.wraps(init)
-    def __init__(self, **settings):
-        given = {k: settings.pop(k) for k in BRANCH_SETTINGS if k in settings}
-        model = settings.get("model", _BRANCH)
-        if isinstance(model, dict):
-            model = BranchConfig.from_dict(model, "model")
-        settings["model"] = model.replace(**given) if given else model
-        init(self, **settings)
-
-    return __init__
-
-
-TrainConfig.__init__ = _take_branch_settings(TrainConfig.__init__)
-for _name in BRANCH_SETTINGS:  # cfg.width reads cfg.model.width (change it with dataclasses.replace(cfg, width=))
-    setattr(TrainConfig, _name, property(lambda self, name=_name: getattr(self.model, name),
-                                         doc=f"model.{_name}"))
+nest(TrainConfig, "model", BRANCH_SETTINGS, default=lambda: _BRANCH,
+     read=lambda values: BranchConfig.from_dict(values, "model"))
 
 
 def with_preset(cfg: TrainConfig, given=None) -> TrainConfig:
@@ -163,7 +144,7 @@ def resolve(cfg: TrainConfig, manifest: Manifest, num_classes: int, location: st
     cfg = with_preset(cfg, given)
     check_options(cfg)
     entry = family(cfg.arch)
-    manifest.check_serves(entry.stored_as, cfg.arch, location)
+    check_served(cfg.arch, manifest, location)
     branch = cfg.model.replace(num_classes=num_classes, **entry.from_store(manifest))
     branch = entry.fit(branch, manifest, location)
     try:

@@ -273,6 +273,7 @@ class EVLFamily(Family):
 
     name = "evl"
     description = "EVL's decoder (Lin et al., ECCV 2022) over the last blocks, q/k recomputed from frozen weights"
+    label, trains, benchmarked = "EVL", "EVL decoder", True
     model = EVL
     # EVL's official ViT-B/16 recipe (AdamW 4e-4, weight decay 0.05 as ours, dropout 0.5); width, heads and
     # depth 0: from the store (q/k/v width D, D / 64 heads, one decoder layer per cached EVL block)

@@ -2,6 +2,7 @@
 asks of families goes through these functions, so no other module names one.
 
     family("evl")                 the registered entry, or a MadError listing the registered names
+    check_served(arch, manifest)  a store holding no inputs for `arch` refused, in one line
     store_needs("madapter,evl", n)  what extraction must store for a --branches list (`StoreNeed` per name)
     build_model(cfg, frozen)      the model of a resolved BranchConfig
 """
@@ -75,13 +76,20 @@ def pair_keys(archs) -> tuple[str, ...]:
     return tuple(k for k in TRAINING_KEYS if any(k in ks for ks in keys))
 
 
+def check_served(arch: str, manifest: Manifest, location: str) -> None:
+    """Refuse, in one line saying what to re-extract, a store holding no inputs for `arch` (one reading --layers
+    alone is served by every store, made before --branches or since)."""
+    entry = family(arch)
+    layers_only = family(entry.stored_as).store_need() == StoreNeed()
+    manifest.check_serves(entry.stored_as, arch, location, layers_only)
+
+
 def reads(archs, manifest: Manifest, location: str) -> list[str]:
     """The data arrays models of `archs` read of a store; a store that holds no inputs for one is refused."""
     arrays = []
     for arch in archs:
-        entry = family(arch)
-        manifest.check_serves(entry.stored_as, arch, location)
-        arrays += [name for name in entry.reads(manifest) if name not in arrays]
+        check_served(arch, manifest, location)
+        arrays += [name for name in family(arch).reads(manifest) if name not in arrays]
     return arrays
 
 

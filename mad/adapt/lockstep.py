@@ -29,7 +29,7 @@ from mad.adapt.branch import BranchConfig, count_parameters
 from mad.adapt.checkpoint import restore_training_state, save_model, save_training_state
 from mad.adapt.config import TrainConfig, TrainError
 from mad.adapt.distributed import Distributed
-from mad.adapt.families import family
+from mad.adapt.families import check_served, family
 from mad.adapt.step import make_optimizer, make_scheduler, train_step
 from mad.adapt.tracking import Trackers
 from mad.cache.dataset import CachedTokens
@@ -52,7 +52,7 @@ class Member:
             raise TrainError("under torchrun, name the run folder with --out (every rank must agree on it)")
         for data in (train_data, val_data):  # data opened for other archs (a sweep's) must hold this one's
             if data is not None:
-                data.manifest.check_serves(self.entry.stored_as, cfg.arch, data.location)
+                check_served(cfg.arch, data.manifest, data.location)
         if self.dist.main:  # after every check: a refused run leaves no folder
             prepare_run_dir(cfg)
         self.dist.barrier()

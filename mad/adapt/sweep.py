@@ -19,7 +19,7 @@ from rich.table import Table
 
 from mad.adapt.branch import RENAMED
 from mad.adapt.config import TrainConfig, TrainError, resolve, with_preset
-from mad.adapt.families import family, pair_keys, reads
+from mad.adapt.families import family, names, pair_keys, reads
 from mad.adapt.lockstep import train_lockstep
 from mad.adapt.train import check_run_dir, count_classes, summary_line
 from mad.cache.dataset import open_tokens
@@ -51,7 +51,7 @@ def parse_grid(grid: str) -> dict[str, list]:
         except ValueError:
             raise TrainError(f"--grid item {item!r}: {name} takes {kind.__name__} values") from None
     if not parsed:
-        raise TrainError(f"--grid {grid!r}: no setting; write e.g. 'lr=1e-3,3e-4 arch=madapter,linear'")
+        raise TrainError(f"--grid {grid!r}: no setting; write e.g. 'lr=1e-3,3e-4 arch={','.join(names()[:2])}'")
     return parsed
 
 
