@@ -14,7 +14,7 @@ from mad.bench.memory.config import GIB, IN_BACKBONE_MODES, REFERENCE_MODE
 IN_BACKBONE_LABELS = dict(zip(IN_BACKBONE_MODES, ("full\nfine-tune", "in-backbone\nadapter")))
 
 
-def label(mode: str) -> str:
+def mode_label(mode: str) -> str:
     """A mode's chart label: a branch family's by its registry label (`Family.label`)."""
     if mode in IN_BACKBONE_LABELS:
         return IN_BACKBONE_LABELS[mode]
@@ -80,7 +80,7 @@ def plot_chart(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["modes"]
-    names = [label(row["mode"]) for row in rows]
+    names = [mode_label(row["mode"]) for row in rows]
     colours = ["#b0413e", "#d08c3a", "#4a7fb0", "#2e8b57", "#7a5ba6", "#3f9e9a"][: len(rows)]
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     peaks = [row["peak_bytes"] / GIB for row in rows]
