@@ -30,6 +30,8 @@ from mad.bench.commands import bench_app  # noqa: E402
 from mad.errors import MadError  # noqa: E402
 from mad.demo import DemoConfig  # noqa: E402
 from mad.extract.run import ExtractConfig  # noqa: E402
+from mad.plan_sweep import SweepPlanConfig  # noqa: E402
+from mad.sweep_cli import sweep_command  # noqa: E402
 
 
 
@@ -77,7 +79,7 @@ app = typer.Typer(cls=_CatchMadErrors, add_completion=False, no_args_is_help=Tru
 app.add_typer(bench_app, name="bench")
 # Warnings meant for users (random weights, ...) as one plain line, not a source excerpt.
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
-EXTRACT, TRAIN, DEMO = ExtractConfig(videos=""), TrainConfig(), DemoConfig()
+EXTRACT, TRAIN, DEMO, SWEEP_PLAN = ExtractConfig(videos=""), TrainConfig(), DemoConfig(), SweepPlanConfig()
 
 
 def error_line(error: BaseException) -> str:
@@ -129,6 +131,16 @@ def _extract_options(
     limit: Optional[int] = typer.Option(None, help="Process at most this many pending videos (then stop)."),
     progress: bool = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="Progress and summary: a bar "
                                   "on a terminal, plain lines (every 10%) in a log file or pipe."),
+    train_views: Optional[int] = typer.Option(None, "--train-views", help="K augmented views per video (random "
+                                              "frames within the TSN segments, random resized crop, flip) in place "
+                                              "of --clips x --crops: `mad train` draws one per epoch."),
+    crop_scale: str = typer.Option(EXTRACT.crop_scale, "--crop-scale", help="--train-views: crop area range, "
+                                   "fractions of the frame in (0, 1]."),
+    crop_ratio: str = typer.Option(EXTRACT.crop_ratio, "--crop-ratio", help="--train-views: crop width/height range."),
+    flip: str = typer.Option(EXTRACT.flip, "--flip", help="--train-views: random horizontal flips, yes or no (no "
+                             "when labels name a direction, e.g. Something-Something)."),
+    view_seed: int = typer.Option(EXTRACT.view_seed, "--view-seed", help="--train-views: seeds each video's views "
+                                  "(with its path)."),
 ):
     """`mad extract`'s options but --videos, declared once: `mad plan` takes every one, so replacing `extract` by
     `plan` in a command line plans that extraction."""
@@ -262,25 +274,7 @@ def import_evl(
     typer.echo(f"wrote {import_official(checkpoint, cache, out)}")
 
 
-@app.command()
-def sweep(
-    grid: str = typer.Option(..., "--grid", help="e.g. 'lr=1e-3,3e-4 width=256,384 arch=madapter,linear'."),
-    cache: str = typer.Option("cache", "--cache", help="Training cache."),
-    val: Optional[str] = typer.Option(None, "--val", help="Validation cache (ranks the runs)."),
-    out: str = typer.Option("runs/sweep", "--out", help="Folder for the runs and leaderboard.csv."),
-    epochs: int = typer.Option(TRAIN.epochs),
-    batch_size: int = typer.Option(TRAIN.batch_size),
-    device: str = typer.Option(TRAIN.device),
-    seed: int = typer.Option(TRAIN.seed),
-    in_ram: str = typer.Option(TRAIN.in_ram, "--in-ram", help="auto, yes or no."),
-    log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
-                            "(<run>/tensorboard; pip install tensorboard)."),
-):
-    """Train every combination of a grid from one read of the cache; print and save a leaderboard."""
-    from mad.adapt.sweep import sweep as run_sweep
-
-    base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram, log=log)
-    run_sweep(cache, val, grid, out, base)
+app.command("sweep")(sweep_command)  # its options: mad/sweep_cli.py
 
 
 @app.command()
@@ -314,15 +308,28 @@ def plan(
     views: Optional[int] = typer.Option(None, help="Views per video (clips x crops), e.g. 9 for 3 x 3."),
     probe: int = typer.Option(4, help="Videos to decode and model batches to time (0: no probe, bytes only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    sweep: Optional[int] = typer.Option(None, help="Instead: predict a sweep of K configurations (docs/plan-sweep.md)."),
+    epochs: int = typer.Option(SWEEP_PLAN.epochs, help="--sweep: epochs of each configuration."),
+    arch: str = typer.Option(SWEEP_PLAN.arch, help="--sweep: the branch family whose FLOPs are counted."),
+    classes: int = typer.Option(SWEEP_PLAN.classes, help="--sweep: classes of the branch's head."),
+    device_tflops: float = typer.Option(SWEEP_PLAN.device_tflops, help="--sweep: peak TFLOP/s (H100 SXM, bf16)."),
+    utilisation: float = typer.Option(SWEEP_PLAN.utilisation, help="--sweep: share of the peak reached (assumed)."),
+    disk_gbps: float = typer.Option(SWEEP_PLAN.disk_gbps, help="--sweep: store GB/s (one PCIe 4.0 NVMe drive)."),
+    cpu_cores: int = typer.Option(SWEEP_PLAN.cpu_cores, help="--sweep: cores decoding videos in extraction."),
+    decode_seconds: float = typer.Option(SWEEP_PLAN.decode_seconds, help="--sweep: CPU-seconds to decode a clip."),
     **options,
 ):
-    """Before any work: bytes on disk per storage mode, estimated extraction time here, reads; train + val.
-    Takes every `mad extract` option: replace `extract` by `plan` in a command line to plan that extraction."""
-    from mad.plan import PlanConfig, plan as run_plan, print_plan
+    """Before any work: bytes per storage mode, extraction time here, reads; --sweep K: a sweep's predicted time
+    (reading --store). Takes every `mad extract` option: replace `extract` by `plan` in a command line."""
+    from mad.plan import PlanConfig
+    from mad.plan_sweep import plan_command
 
     cfg, needs = extraction(videos, options)
-    print_plan(run_plan(PlanConfig(extract=cfg, num_videos=num_videos, val_videos=val_videos, val_views=val_views,
-                                   views=views, probe=probe), needs), as_json)
+    plan_command(PlanConfig(extract=cfg, num_videos=num_videos, val_videos=val_videos, val_views=val_views,
+                            views=views, probe=probe),
+                 SweepPlanConfig(sweep=sweep, epochs=epochs, arch=arch, store=cfg.store, classes=classes,
+                                 device_tflops=device_tflops, utilisation=utilisation, disk_gbps=disk_gbps,
+                                 cpu_cores=cpu_cores, decode_seconds=decode_seconds), as_json, needs)
 
 
 @app.command()

@@ -206,9 +206,11 @@ def seconds_per_video(probe: dict, mode: str, clips: int, views: int) -> float:
 
 
 def _splits(cfg: PlanConfig, num_videos: int) -> dict:
-    """split -> (videos, views, clips decoded per video)."""
+    """split -> (videos, views, clips decoded per video). Train views decode T frames each (their own jitter)."""
     views = cfg.views or cfg.clips * cfg.crops
     splits = {"train": (num_videos, views, clips_of(views) if cfg.views else cfg.clips)}
+    if cfg.train_views:  # the val split keeps the deterministic views
+        splits["train"] = (num_videos, cfg.train_views, cfg.train_views)
     if cfg.val_videos is not None:
         val_views = cfg.val_views or views
         splits["val"] = (cfg.val_videos, val_views, clips_of(val_views) if cfg.val_views else splits["train"][2])

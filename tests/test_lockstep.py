@@ -94,6 +94,20 @@ def test_batch_size_and_seed_split_reading_groups_and_each_batch_is_read_once(ca
     assert reads.count(8) == 2 * -(-videos // 8)
 
 
+def test_one_read_of_the_val_split_validates_every_member(caches, tmp_path, monkeypatch):
+    from mad.cache.dataset import CachedTokens
+    passes = []
+    original = CachedTokens.eval_batches
+
+    def counted(self, *args, **kwargs):
+        passes.append(self.num_videos)
+        yield from original(self, *args, **kwargs)
+    monkeypatch.setattr(CachedTokens, "eval_batches", counted)
+    lockstep(caches, [config(caches, tmp_path / str(i), lr=lr) for i, lr in enumerate((3e-3, 1e-3, 2e-3))])
+    # 2 epochs: one val pass each for the 3 members; the summaries reuse the best epoch's probabilities
+    assert len(passes) == 2, passes
+
+
 def test_clipping_is_per_member(caches, tmp_path):
     """A member clipped hard and one not clipped: each matches its run alone (one norm over both would not)."""
     configs = [config(caches, tmp_path / "l0", clip_grad=0.01), config(caches, tmp_path / "l1", clip_grad=0.0)]

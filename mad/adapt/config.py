@@ -102,6 +102,10 @@ class TrainConfig:
         train = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
         return {"train": train, "model": self.model.to_dict()}
 
+    def flat(self) -> dict:
+        """Every setting by the name an option gives it, the branch's flat (what a sweep's study records)."""
+        return {name: getattr(self, name) for name in self.setting_names()}
+
     @classmethod
     def setting_names(cls) -> list[str]:
         """Every setting by the name an option or a grid gives it (the branch's flat, `model` not)."""

@@ -29,6 +29,7 @@ from mad.adapt.branch import BranchConfig, count_parameters
 from mad.adapt.checkpoint import restore_training_state, save_model, save_training_state
 from mad.adapt.config import TrainConfig, TrainError
 from mad.adapt.distributed import Distributed
+from mad.adapt.evaluate import predict_probs_together
 from mad.adapt.families import check_served, family
 from mad.adapt.step import make_optimizer, make_scheduler, train_step
 from mad.adapt.tracking import Trackers
@@ -90,6 +91,7 @@ class Member:
         self.autocast = branch_autocast(cfg.precision, self.device)
         self.rng = random_state(self.device)  # what a run alone would draw from next: its dropout masks
         self.pruned_at = None
+        self.best_probs = None  # the best epoch's val probabilities, when validated in this process
 
     def active(self, epoch: int) -> bool:
         return self.pruned_at is None and self.start_epoch < epoch <= self.cfg.epochs
@@ -118,19 +120,21 @@ class Member:
         self.log.step(f"loss {self.loss_sum / self.seen:.4f}  "
                       f"{self.seen / (time.perf_counter() - self.started):.0f} clips/s")
 
-    def end_epoch(self, epoch: int, val_data: CachedTokens | None) -> dict:
-        from mad.adapt.train import validate
-        seconds = time.perf_counter() - self.started
+    def end_epoch(self, epoch: int, val_probs: torch.Tensor | None, val_data: CachedTokens | None,
+                  seconds: float) -> dict:
+        """The epoch's row after `seconds` of training, validated by `val_probs` (this member's probabilities
+        on `val_data`, [V, C]; None without a val split)."""
+        from mad.adapt.train import val_figures
         loss_sum, correct, seen = self.dist.sum(self.loss_sum, self.correct, self.seen)
         row = {"epoch": epoch, "lr": self.lr, "train/loss": loss_sum / seen, "train/acc": correct / seen,
                "clips_per_second": seen / seconds}
-        if val_data is not None:
-            row.update(validate(self.model, val_data, self.cfg.batch_size * 2, self.device, self.cfg.arch))
+        if val_probs is not None:
+            row.update(val_figures(val_probs, val_data.labels))
         row["epoch_seconds"] = time.perf_counter() - self.started
         self.log.epoch_done(row)
         run = self.run
         if self.best is None or row[self.key] > self.best[self.key]:
-            self.best = row
+            self.best, self.best_probs = row, val_probs  # the summary scores the best model: kept, not re-read
             if self.dist.main:
                 save_model(self.model, run / "model.safetensors", self.branch,
                            {**self.info, "epoch": epoch, **{k: v for k, v in row.items() if k.startswith("val/")}})
@@ -151,7 +155,7 @@ class Member:
         if not self.dist.main:
             return {"run": str(self.run), "rank": self.dist.rank}
         summary = finish(self.run, self.cfg, self.history, self.best, val_data or train_data,
-                         "val" if val_data else "train", self.device)
+                         "val" if val_data else "train", self.device, self.best_probs)
         if self.pruned_at is not None:
             summary["pruned_at_epoch"] = self.pruned_at
             (self.run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -223,7 +227,8 @@ def memory_stack_size(members, train_data: CachedTokens, share: float = 0.5) -> 
 
 
 def _train_group(members, train_data, val_data, quiet, on_epoch_end) -> list[dict]:
-    """Members sharing batch_size and seed: one read of each batch, every active member steps on it."""
+    """Members sharing batch_size and seed: one read of each batch, every active member steps on it; one read
+    of the val split validates them all."""
     bars = quiet or len(members) > 1  # one live progress display at a time: a line per epoch for several
     console = make_console(quiet)
     runs = [Member(cfg, branch, train_data, val_data, bars) for cfg, branch in members]
@@ -244,8 +249,14 @@ def _train_group(members, train_data, val_data, quiet, on_epoch_end) -> list[dic
                 arrays, labels = train_data.to_device(arrays, device), labels.to(device)
                 for run in active:
                     run.step(arrays, labels, global_batch, train_data)
-            for run in active:
-                row = run.end_epoch(epoch, val_data)
+            seconds = time.perf_counter() - active[0].started
+            probs = [None] * len(active)
+            if val_data is not None:  # one read of the val split for every active member
+                probs = [p[:, 0] for p in predict_probs_together([run.model for run in active], val_data,
+                                                                 cfg.batch_size * 2, device,
+                                                                 archs=[run.cfg.arch for run in active])]
+            for run, val_probs in zip(active, probs):
+                row = run.end_epoch(epoch, val_probs, val_data, seconds)
                 if len(runs) > 1:
                     val = f"  val top-1 {row['val/acc/top1']:.3f}" if "val/acc/top1" in row else ""
                     console.print(f"{run.run} epoch {epoch}/{run.cfg.epochs}  loss {row['train/loss']:.4f}{val}")

@@ -33,6 +33,7 @@ from mad.adapt.families import pair_keys, reads
 from mad.adapt.plots import plot_confusion, plot_curves
 from mad.cache.dataset import CachedTokens, open_tokens, usable_videos
 from mad.cache.store import Store
+from mad.runtime import resolve_device
 
 # Settings that may change when a run is resumed: they do not change its numbers.
 RESUMABLE_KEYS = ("device", "workers", "in_ram", "resume", "overwrite", "out", "log")
@@ -55,10 +56,12 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, 
     check_run_dir(cfg)  # what the run folder refuses: before reading, writing nothing
     train_data = val_data = None
     try:
+        pin = resolve_device(cfg.device).type == "cuda"  # streamed batches cross to the GPU asynchronously
         train_data = open_tokens(train_store, cfg.in_ram, cfg.workers, progress=not quiet,
-                                 arrays=reads([cfg.arch], train_store.manifest, cfg.cache))
+                                 arrays=reads([cfg.arch], train_store.manifest, cfg.cache), pin_memory=pin)
         val_data = (open_tokens(val_store, cfg.in_ram, cfg.workers, progress=not quiet,
-                                arrays=reads([cfg.arch], val_store.manifest, cfg.val)) if val_store else None)
+                                arrays=reads([cfg.arch], val_store.manifest, cfg.val), pin_memory=pin)
+                    if val_store else None)
         return train_on(cfg, branch, train_data, val_data, on_epoch_end, quiet)
     finally:
         for data in (train_data, val_data):
@@ -90,16 +93,22 @@ def summary_line(summary: dict) -> str:
 
 def validate(model, data: CachedTokens, batch_size: int, device, arch: str) -> dict:
     """val/acc/top1, top5, mean1 on the first cached view of every video."""
-    probs = predict_probs(model, data, batch_size, device, arch=arch)[:, 0]
-    return {f"val/{k}": v for k, v in accuracy(probs, data.labels).items()}
+    return val_figures(predict_probs(model, data, batch_size, device, arch=arch)[:, 0], data.labels)
+
+
+def val_figures(probs: torch.Tensor, labels: torch.Tensor) -> dict:
+    """`validate`'s figures from the probabilities [V, C] of the first view of every video."""
+    return {f"val/{k}": v for k, v in accuracy(probs, labels).items()}
 
 
 def finish(run: Path, cfg: TrainConfig, history: list[dict], best: dict, scored: CachedTokens, which: str,
-           device) -> dict:
-    """Plots and summary.json from the finished history and the saved best model."""
+           device, best_probs: torch.Tensor | None = None) -> dict:
+    """Plots and summary.json from the finished history and the saved best model (`best_probs`: its
+    probabilities on `scored` [V, C], kept when it was validated; else it is loaded and scored again)."""
     plot_curves(history, run / "curves.png")
     model, _ = load_model(run / "model.safetensors", device)
-    probs = predict_probs(model, scored, cfg.batch_size * 2, device, arch=cfg.arch)[:, 0]
+    probs = best_probs if best_probs is not None else predict_probs(model, scored, cfg.batch_size * 2, device,
+                                                                    arch=cfg.arch)[:, 0]
     matrix = confusion_matrix(probs.argmax(dim=1), scored.labels, probs.shape[1])
     plot_confusion(matrix, scored.class_names, run / "confusion.png",
                    f"{which}, epoch {best['epoch']}: top-1 {accuracy(probs, scored.labels)['acc/top1']:.3f}")
