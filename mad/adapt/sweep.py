@@ -204,7 +204,7 @@ def pruned_summary(run: Path, history: list[dict], has_val: bool, why: str) -> d
     config = json.loads((run / "config.json").read_text())
     best = max(history, key=lambda row: row["val/acc/top1"]) if has_val else history[-1]
     last = history[-1]
-    return {"run": str(run), "arch": config["train"]["arch"], "parameters": config["parameters"],
+    return {"run": str(run), "arch": config["model"]["arch"], "parameters": config["parameters"],
             "epochs": last["epoch"], "best_epoch": best["epoch"],
             "seconds": sum(row["epoch_seconds"] for row in history),
             "train/loss": last["train/loss"], "train/acc": last["train/acc"],
