@@ -7,7 +7,7 @@ Option defaults come from the config dataclasses (ExtractConfig, TrainConfig), s
 from __future__ import annotations
 
 import errno
-import inspect
+import importlib
 import os
 import sys
 import warnings
@@ -25,11 +25,12 @@ import typer.core
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from mad.adapt.config import TrainConfig  # noqa: E402 (after the OpenMP setting above)
-from mad.adapt.families import names, presets  # noqa: E402
+from mad.adapt.families import family, names, presets  # noqa: E402
 from mad.bench.commands import bench_app  # noqa: E402
 from mad.errors import MadError  # noqa: E402
 from mad.demo import DemoConfig  # noqa: E402
 from mad.extract.run import ExtractConfig  # noqa: E402
+from mad.extract_cli import extraction, with_extract_options  # noqa: E402
 from mad.plan_sweep import SweepPlanConfig  # noqa: E402
 from mad.sweep_cli import sweep_command  # noqa: E402
 
@@ -90,81 +91,6 @@ def error_line(error: BaseException) -> str:
     return message
 
 
-def _extract_options(
-    out: str = typer.Option(EXTRACT.out, "--out", help="Cache store to create or resume (a folder or fsspec URL)."),
-    layers: str = typer.Option(EXTRACT.layers, help="1-based block numbers, negatives from the end, or 'all'."),
-    model: str = typer.Option(EXTRACT.model, help="open_clip model name or a model-config .json path."),
-    pretrained: str = typer.Option(EXTRACT.pretrained, help="Pretrained tag, local checkpoint file, or 'none' (random)."),
-    frames: int = typer.Option(EXTRACT.frames, help="Frames per clip (T)."),
-    clips: int = typer.Option(EXTRACT.clips, help="Temporal views per video."),
-    crops: int = typer.Option(EXTRACT.crops, help="Spatial views per clip: 1 (centre) or 3."),
-    labels: Optional[Path] = typer.Option(None, help="Annotations: an MMAction2 list (label_map.txt beside it), a "
-                                          "path,label CSV, a Kinetics CSV, an SSv2 train/validation JSON, a UCF101 "
-                                          "trainlist/testlist, or a folder of HMDB51 (or UCF101) split files."),
-    labels_format: str = typer.Option(EXTRACT.labels_format, "--labels-format", help="auto (from the file), "
-                                      "mmaction, csv, kinetics, ssv2, ucf101 or hmdb51."),
-    labels_split: Optional[str] = typer.Option(None, "--labels-split", help="With a folder of split files: "
-                                               "train1, train2, train3, test1, test2 or test3."),
-    grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample", "--pool",
-                                        help="Average the patch grid in NxN cells before writing (N^2 x smaller)."),
-    store: str = typer.Option(EXTRACT.store, "--store", help="compact: what the branch reads (cells, patch matches, "
-                              "CLS, token means), 8-bit, 1/6 of the bytes, fixes --cell-size and --correlation for "
-                              "training; full: every token, float16 (to sweep those settings)."),
-    cell_size: str = typer.Option(EXTRACT.cell_size, "--cell-size", help="--store compact: the branch's cells "
-                                  "(auto: no fewer than 7x7)."),
-    correlation: int = typer.Option(EXTRACT.correlation, help="--store compact: radius of the stored patch matches "
-                                    "(0: none)."),
-    branches: str = typer.Option("madapter", help="Branch families to serve: madapter (reads --layers; also "
-                                 "meanpool, linear), evl (adds the last --evl-layers blocks and the one before, "
-                                 "float16, and the frozen weights of their q/k)."),
-    evl_layers: Optional[int] = typer.Option(None, "--evl-layers", help="--branches evl: the model's last "
-                                             "blocks EVL's decoder reads (default 4, the official)."),
-    batch_size: int = typer.Option(EXTRACT.batch_size, help="Videos per forward pass."),
-    workers: int = typer.Option(EXTRACT.workers, help="Decoding worker processes (-1: automatic)."),
-    device: str = typer.Option(EXTRACT.device, help="cpu, cuda, cuda:N or auto."),
-    precision: str = typer.Option(EXTRACT.precision, help="bf16, fp16 or fp32 backbone weights."),
-    shard_size: int = typer.Option(EXTRACT.shard_size, help="Videos per Zarr shard (one writer per shard)."),
-    shard: Optional[str] = typer.Option(None, help="I/N: extract only slice I of N of the store's shard blocks "
-                                        "(Slurm arrays; under torchrun each rank takes its own slice)."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry videos that failed before."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store and start over."),
-    limit: Optional[int] = typer.Option(None, help="Process at most this many pending videos (then stop)."),
-    progress: bool = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="Progress and summary: a bar "
-                                  "on a terminal, plain lines (every 10%) in a log file or pipe."),
-    train_views: Optional[int] = typer.Option(None, "--train-views", help="K augmented views per video (random "
-                                              "frames within the TSN segments, random resized crop, flip) in place "
-                                              "of --clips x --crops: `mad train` draws one per epoch."),
-    crop_scale: str = typer.Option(EXTRACT.crop_scale, "--crop-scale", help="--train-views: crop area range, "
-                                   "fractions of the frame in (0, 1]."),
-    crop_ratio: str = typer.Option(EXTRACT.crop_ratio, "--crop-ratio", help="--train-views: crop width/height range."),
-    flip: str = typer.Option(EXTRACT.flip, "--flip", help="--train-views: random horizontal flips, yes or no (no "
-                             "when labels name a direction, e.g. Something-Something)."),
-    view_seed: int = typer.Option(EXTRACT.view_seed, "--view-seed", help="--train-views: seeds each video's views "
-                                  "(with its path)."),
-):
-    """`mad extract`'s options but --videos, declared once: `mad plan` takes every one, so replacing `extract` by
-    `plan` in a command line plans that extraction."""
-
-
-def with_extract_options(command):
-    """`command` taking every `mad extract` option (after its own), handed to it in `**options`."""
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD]
-    command.__signature__ = inspect.Signature(own + list(inspect.signature(_extract_options,
-                                                                           eval_str=True).parameters.values()))
-    return command
-
-
-def extraction(videos: Path | None, options: dict):
-    """(the ExtractConfig of `mad extract`'s options, what its --branches store beyond --layers)."""
-    from mad.adapt.families import store_needs
-
-    options = dict(options)
-    needs = store_needs(options.pop("branches"), options.pop("evl_layers"), options["grid_downsample"])
-    labels = options.pop("labels")
-    return ExtractConfig(videos=str(videos) if videos else "", labels=str(labels) if labels else None,
-                         **options), needs
-
-
 @app.command()
 @with_extract_options
 def extract(videos: Path = typer.Option(..., "--videos", help="Folder of videos (searched recursively)."),
@@ -222,8 +148,8 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
     log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
                             "(<run>/tensorboard; pip install tensorboard)."),
-    init: Optional[str] = typer.Option(None, "--init", help="--arch evl: start from an official EVL checkpoint "
-                                       "(.pth; its decoder and head, the q/k weights from the cache)."),
+    init: Optional[str] = typer.Option(None, "--init", help="A checkpoint to start from: " + "; ".join(
+        f"--arch {f}: {family(f).start_help}" for f in names() if family(f).starts_from_file) + "."),
 ):
     """Train the M-adapter branch (or a baseline) from cached tokens; no image model is loaded."""
     import dataclasses
@@ -260,18 +186,10 @@ def evaluate_command(
     typer.echo(f"per-video predictions: {result['predictions']}")
 
 
-@app.command("import-evl")
-def import_evl(
-    checkpoint: Path = typer.Argument(..., help="An official EVL checkpoint (.pth of "
-                                      "OpenGVLab/efficient-video-recognition)."),
-    cache: str = typer.Option(..., "--cache", help="A store extracted with --branches evl from the checkpoint's "
-                              "backbone (its q/k weights, frames and classes are taken from it)."),
-    out: Path = typer.Option(..., "--out", help="Run folder to write model.safetensors into."),
-):
-    """Make a run folder from an official EVL checkpoint, for mad eval and mad predict."""
-    from mad.adapt.import_evl import import_official
-
-    typer.echo(f"wrote {import_official(checkpoint, cache, out)}")
+for _entry in map(family, names()):  # the commands a branch family's own file defines (e.g. import-evl)
+    for _name, _target in _entry.commands.items():
+        _module, _, _function = _target.partition(":")
+        app.command(_name)(getattr(importlib.import_module(_module), _function))
 
 
 app.command("sweep")(sweep_command)  # its options: mad/sweep_cli.py

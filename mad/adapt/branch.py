@@ -93,11 +93,16 @@ class Family:
     stored_as: str = "madapter"    # the --branches entry whose stored inputs it reads (the manifest's `branches` key)
     pair_keys: tuple[str, ...] = TRAINING_KEYS  # manifest fields on which two caches it reads must agree
     starts_from_file: bool = False  # `start_from` reads a checkpoint format of its own (mad train --init)
+    start_help: str = ""           # what `start_from` reads, for --init's help
+    stores: str = "--layers only"  # what extraction stores for `--branches <name>`, for --branches' help
+    blocks_option: str = ""        # its own `mad extract` option: how many of the model's last blocks it reads
+    blocks_help: str = ""          # (`store_need`'s last_blocks), e.g. "--evl-layers"; "": none
+    commands: dict = {}            # `mad` commands of its own: name -> "module:function" (a typer command)
 
     def store_need(self, last_blocks: int | None = None) -> StoreNeed:
         """What extraction must store for `--branches <stored_as>` beyond --layers (asked of the family named
-        `stored_as`); `last_blocks`: --evl-layers, for a family that reads the model's last blocks (None: its
-        default)."""
+        `stored_as`); `last_blocks`: its `blocks_option`, for a family that reads the model's last blocks
+        (None: its default)."""
         return StoreNeed()
 
     def check(self, cfg: BranchConfig) -> BranchConfig:
