@@ -155,7 +155,8 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 
 def check_run_dir(cfg: TrainConfig) -> None:
-    """Refuse, writing nothing, a run folder that holds another run (or one resumed with other settings)."""
+    """Refuse, writing nothing, a run folder that holds another run (or one resumed with other settings); `cfg`
+    resolved (`mad.adapt.config.resolve`), as the run folder's config.json holds it."""
     run = Path(cfg.out) if cfg.out else None
     if run is not None and run.exists() and not run.is_dir():
         raise TrainError(f"{run}: a file, not a run folder; choose another --out")
