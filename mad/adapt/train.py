@@ -38,6 +38,7 @@ from mad.runtime import resolve_device
 # Settings that may change when a run is resumed: they do not change its numbers.
 RESUMABLE_KEYS = ("device", "workers", "in_ram", "resume", "overwrite", "out", "log")
 RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "last.pt", "summary.json", "curves.png",
+             "model.safetensors.partial", "last.pt.partial",
              "confusion.png")
 RUN_FOLDERS = ("tensorboard",)
 
