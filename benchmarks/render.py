@@ -35,6 +35,7 @@ PAGES = {
     "demo": ("The demo's task: time, families, ablation", ("demo_", "ablation_")),
     "evl": ("EVL on the same cache", ("evl_",)),
     "sweep": ("Sweeps: measured (mad bench sweep) and predicted (mad plan --sweep)", ("bench_sweep_", "plan_sweep_")),
+    "views": ("Augmented train views", ("views_",)),
 }
 
 
