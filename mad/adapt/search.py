@@ -42,6 +42,7 @@ PRUNERS = ("none", "halving", "hyperband")
 REDUCTION = 3  # halving and hyperband keep the best third at each rung
 BEAT = 60.0  # seconds between heartbeats of a running trial
 GRACE = 300.0  # a trial owned on another host, without a heartbeat for this long, is taken up again
+UNNAMED = 60.0  # a trial still without an owner this long after it was asked: its process died in between
 OWNER, HEARTBEAT, SEARCH, RUN, SUMMARY = "mad:owner", "mad:heartbeat", "mad:search", "run", "summary"
 
 
@@ -255,8 +256,8 @@ def process_start(pid: int) -> str | None:
 def alive(trial: FrozenTrial) -> bool:
     """Whether a RUNNING trial's owner may still be training it."""
     who = trial.system_attrs.get(OWNER)
-    if who is None:  # between ask and naming its owner: give it the grace
-        return trial.datetime_start is None or (datetime.now() - trial.datetime_start).total_seconds() < GRACE
+    if who is None:  # asked, its owner not named yet (that takes milliseconds)
+        return trial.datetime_start is None or (datetime.now() - trial.datetime_start).total_seconds() < UNNAMED
     if who["host"] == socket.gethostname() and who["start"] is not None and Path("/proc/self/stat").exists():
         return process_start(who["pid"]) == who["start"]
     return time.time() - trial.system_attrs.get(HEARTBEAT, 0) < GRACE

@@ -2,14 +2,14 @@
 
 `train` opens the caches, resolves the run's config once against their manifests
 (`mad.adapt.config.resolve`) and calls `train_on`, which sets a run up and loops over
-epochs: `train_one_epoch` (the step is `mad.adapt.step.train_step`: AdamW with
+epochs (`mad.adapt.lockstep`; the step is `mad.adapt.step.train_step`: AdamW with
 weight decay on matrices only, linear warmup then cosine decay per step, label
 smoothing, gradient clipping, bf16 autocast on CUDA and on CPU with --precision
 bf16), then `validate` on the first cached view of each val video (`mad eval`
 adds the multi-view score). The data order of epoch e depends only on (seed, e),
 so a resumed run continues exactly where the interrupted one stopped.
 
-    runs/<name>/config.json        this config, the branch's config, the caches' manifests
+    runs/<name>/config.json        this config ("train", its resolved branch "model"), the caches' manifests
     runs/<name>/metrics.jsonl      one line per epoch (written after last.pt: a line = a resumable epoch)
     runs/<name>/model.safetensors  best by val top-1 (the last epoch without a val cache)
     runs/<name>/last.pt            state after the last completed epoch
@@ -22,26 +22,23 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
-
-import torch
 
 from mad.adapt.checkpoint import load_model
 from mad.adapt.evaluate import accuracy, confusion_matrix, predict_probs
 from mad.adapt.branch import BranchConfig, count_parameters
 from mad.adapt.config import TrainConfig, TrainError, check_options, config_from_run, resolve
-from mad.adapt.families import family, pair_keys, reads
+from mad.adapt.families import pair_keys, reads
 from mad.adapt.plots import plot_confusion, plot_curves
-from mad.adapt.step import train_step
 from mad.cache.dataset import CachedTokens, open_tokens, usable_videos
 from mad.cache.store import Store
-from mad.runtime import branch_autocast, resolve_device
+from mad.runtime import resolve_device
 
 # Settings that may change when a run is resumed: they do not change its numbers.
 RESUMABLE_KEYS = ("device", "workers", "in_ram", "resume", "overwrite", "out", "log")
 RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "last.pt", "summary.json", "curves.png",
+             "model.safetensors.partial", "last.pt.partial",
              "confusion.png")
 RUN_FOLDERS = ("tensorboard",)
 
@@ -93,36 +90,6 @@ def summary_line(summary: dict) -> str:
     return (f"best epoch {summary['best_epoch']} (kept): val top-1 {summary['val/acc/top1']:.4f}, "
             f"top-5 {summary['val/acc/top5']:.4f}, mean class {summary['val/acc/mean1']:.4f}; "
             f"{last}, val top-1 {summary['last/val/acc/top1']:.4f}")
-
-
-def train_one_epoch(model, optimizer, scheduler, data: CachedTokens, cfg: TrainConfig, epoch: int, device,
-                    dist: Distributed | None = None, report: Callable[[str], None] = lambda text: None) -> dict:
-    """One pass over the training data: {"lr", "train/loss", "train/acc", "clips_per_second"}.
-
-    Under DDP each rank trains on its slice of every global batch; the figures are summed over ranks.
-    """
-    dist = dist or Distributed(device)
-    autocast = branch_autocast(cfg.precision, device)
-    entry = family(cfg.arch)
-    model.train()
-    started = time.perf_counter()
-    loss_sum, correct, seen, lr = 0.0, 0, 0, optimizer.param_groups[0]["lr"]
-    for arrays, labels, _, _ in data.train_batches(cfg.batch_size, cfg.seed, epoch):
-        global_batch = len(labels)
-        arrays, labels = dist.share(arrays, labels)
-        inputs = entry.inputs(data.to_device(arrays, device), data.manifest)
-        labels = labels.to(device)
-        loss, logits = train_step(lambda: model(inputs), labels, optimizer, model.parameters(), autocast,
-                                  cfg.label_smoothing, cfg.clip_grad, loss_weight=dist.world / global_batch)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        loss_sum += loss.item() * global_batch / dist.world  # this rank's summed loss
-        correct += (logits.argmax(dim=1) == labels).sum().item()
-        seen += len(labels)
-        report(f"loss {loss_sum / seen:.4f}  {seen / (time.perf_counter() - started):.0f} clips/s")
-    seconds = time.perf_counter() - started
-    loss_sum, correct, seen = dist.sum(loss_sum, correct, seen)
-    return {"lr": lr, "train/loss": loss_sum / seen, "train/acc": correct / seen, "clips_per_second": seen / seconds}
 
 
 def validate(model, data: CachedTokens, batch_size: int, device, arch: str) -> dict:
@@ -189,7 +156,8 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 
 def check_run_dir(cfg: TrainConfig) -> None:
-    """Refuse, writing nothing, a run folder that holds another run (or one resumed with other settings)."""
+    """Refuse, writing nothing, a run folder that holds another run (or one resumed with other settings); `cfg`
+    resolved (`mad.adapt.config.resolve`), as the run folder's config.json holds it."""
     run = Path(cfg.out) if cfg.out else None
     if run is not None and run.exists() and not run.is_dir():
         raise TrainError(f"{run}: a file, not a run folder; choose another --out")
@@ -198,11 +166,16 @@ def check_run_dir(cfg: TrainConfig) -> None:
     if not cfg.resume:
         raise TrainError(f"{run}: a run already exists here; pass --resume to continue it, "
                          f"--overwrite to replace it, or another --out")
-    saved = asdict(config_from_run(run))
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+    saved, given = _flat(config_from_run(run)), _flat(cfg)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in given.items()
                if k not in RESUMABLE_KEYS and saved.get(k) != v]
     if changed:
         raise TrainError(f"{run}/config.json: cannot resume with different settings ({'; '.join(changed)})")
+
+
+def _flat(cfg: TrainConfig) -> dict:
+    """Every setting of `cfg` by one name: the run's, then its branch's (those the store fixes too)."""
+    return {**cfg.saved()["train"], **cfg.model.to_dict()}
 
 
 def read_history(run: Path, epoch: int) -> list[dict]:
