@@ -258,12 +258,15 @@ def sweep(
     in_ram: str = typer.Option(TRAIN.in_ram, "--in-ram", help="auto, yes or no."),
     log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
                             "(<run>/tensorboard; pip install tensorboard)."),
+    max_stack: Optional[int] = typer.Option(None, "--max-stack", help="At most this many same-shape "
+                                            "configurations step as one stacked model (1: one after another); "
+                                            "default: as many as half the free memory holds."),
 ):
     """Train every combination of a grid from one read of the cache; print and save a leaderboard."""
     from mad.adapt.sweep import sweep as run_sweep
 
     base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram, log=log)
-    run_sweep(cache, val, grid, out, base)
+    run_sweep(cache, val, grid, out, base, max_stack=max_stack)
 
 
 @app.command()

@@ -25,6 +25,7 @@ from mad.adapt.train import check_run_dir, count_classes, summary_line
 from mad.cache.dataset import open_tokens
 from mad.cache.store import Store
 from mad.errors import MadError
+from mad.options import at_least, check_number
 from mad.progress import make_console
 from mad.tables import print_table
 
@@ -64,8 +65,10 @@ def _cast(value: str, kind: type):
 
 
 def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | None = None,
-          quiet: bool = False) -> list[dict]:
-    """Train every combination of `grid` (on top of `base`); return the summaries, best val top-1 first."""
+          quiet: bool = False, max_stack: int | None = None) -> list[dict]:
+    """Train every combination of `grid` (on top of `base`); return the summaries, best val top-1 first.
+    `max_stack`: at most this many same-shape configurations step as one stacked model (None: free memory)."""
+    check_number("max_stack", max_stack, at_least(1))
     options = parse_grid(grid)
     base = base or TrainConfig()
     out = Path(out)
@@ -100,7 +103,8 @@ def sweep(cache: str, val: str | None, grid: str, out: str, base: TrainConfig | 
         val_data = (open_tokens(val_store, base.in_ram, base.workers, progress=not quiet,
                                 arrays=reads(archs, val_store.manifest, val)) if val_store else None)
         console.print(f"{len(runs)} configurations in lockstep: each batch is read once per reading group")
-        summaries = train_lockstep([(cfg, branch) for _, cfg, branch in runs], train_data, val_data, quiet=quiet)
+        summaries = train_lockstep([(cfg, branch) for _, cfg, branch in runs], train_data, val_data,
+                                   max_stack=max_stack, quiet=quiet)
         for i, ((setting, cfg, _), summary) in enumerate(zip(runs, summaries), 1):
             console.print(f"[bold]{i}/{len(combinations)}[/] {Path(cfg.out).name}  " + _brief(summary))
             results.append({**setting, **summary})
