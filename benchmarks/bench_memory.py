@@ -5,7 +5,8 @@
     python benchmarks/bench_memory.py --budget-gb 8                 # also: largest batch within 8 GiB
 
 Takes the same options as `mad bench memory` (see --help); the code is in mad/bench/memory/ (package),
-the measured results and how to read them in benchmarks/results/memory.md.
+the measured results and how to read them in docs/benchmarks/memory.md (rendered from benchmarks/notes/memory.md
+and the JSON).
 """
 
 import sys

@@ -46,9 +46,9 @@ def commands(cache: str, val: str, out: Path, args) -> dict[str, list[list[str]]
     mad = [sys.executable, "-m", "mad"]
     common = ["--cache", cache, "--val", val, "--epochs", str(args.epochs), "--in-ram", "no",
               "--batch-size", str(args.batch_size), "--device", "cpu"]
-    grid = (f"width={args.width} heads={args.heads} dropout={args.dropout} "
+    grid = (f"width={args.width}; heads={args.heads}; dropout={args.dropout}; "
             f"lr={','.join(dict.fromkeys(str(p['lr']) for p in GRID))} "
-            f"weight_decay={','.join(dict.fromkeys(str(p['weight_decay']) for p in GRID))}")
+            f"; weight_decay={','.join(dict.fromkeys(str(p['weight_decay']) for p in GRID))}")
     sweep = [*mad, "sweep", "--grid", grid, *common]
     return {"stacked": [[*sweep, "--out", str(out / "stacked")]],
             "lockstep": [[*sweep, "--max-stack", "1", "--out", str(out / "lockstep")]],

@@ -5,8 +5,16 @@
 
 Every number on those pages comes from a JSON here; edit the JSON (or rerun its command), never the page.
 A JSON whose name matches no page below goes to docs/benchmarks/other.md.
+
+Figures quoted in prose (README.md and the hand-written pages under docs/) are rendered too, each between
+two HTML comments that no reader sees:
+
+    <!--fig demo_time.json {spread(d["modes"]["none"]["wall_seconds"], 0)}-->110 / 119 / 125<!--/fig-->
+
+the first names the JSON (as `d`) and an f-string body; what sits between them is its value, rewritten here.
 """
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -15,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PAGES_DIR = ROOT / "docs" / "benchmarks"
 README = ROOT / "README.md"
+NOTES = ROOT / "benchmarks" / "notes"  # <stem>.md: how to read page <stem>, its figures through <!--fig--> markers
 BEGIN, END = "<!-- headline figures: rendered by benchmarks/render.py -->", "<!-- end headline figures -->"
 
 # page stem -> (title, JSON name prefixes)
@@ -25,8 +34,15 @@ PAGES = {
     "storage": ("Storage: compact vs full store, and the plan", ("storage_", "plan_")),
     "demo": ("The demo's task: time, families, ablation", ("demo_", "ablation_")),
     "evl": ("EVL on the same cache", ("evl_",)),
-    "sweep": ("Sweeps", ("bench_sweep_",)),
+    "sweep": ("Sweeps: measured (mad bench sweep) and predicted (mad plan --sweep)", ("bench_sweep_", "plan_sweep_")),
 }
+
+
+def page_of(name: str) -> str:
+    """The page whose longest prefix `name` starts with (plan_sweep_ goes to sweep, not storage's plan_)."""
+    matches = [(len(prefix), stem) for stem, (_, prefixes) in PAGES.items() for prefix in prefixes
+               if name.startswith(prefix)]
+    return max(matches)[1] if matches else "other"
 
 
 def _get(data, path):
@@ -111,13 +127,104 @@ def _section(path: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+FIG = re.compile(r"<!--fig (\S+\.json) (.*?)-->(.*?)<!--/fig-->")
+
+
+def prose_pages() -> list[Path]:
+    """README.md and every hand-written docs page (the generated ones are rendered whole)."""
+    docs = PAGES_DIR.parent
+    return [README, *sorted(NOTES.glob("*.md")), *sorted(p for p in docs.rglob("*.md")
+                            if not p.is_relative_to(PAGES_DIR) and not p.is_relative_to(docs / "reference"))]
+
+
+def _find(items: list, **match):
+    """The one item of `items` (dicts) with every key = value of `match`: find(d["modes"], mode="full-finetune")."""
+    found = [x for x in items if all(x.get(k) == v for k, v in match.items())]
+    if len(found) != 1:
+        raise KeyError(f"{len(found)} items match {match}")
+    return found[0]
+
+
+def _pick(mapping: dict, prefix: str):
+    """The value whose key starts with `prefix` (keys such as "no motion input (--no-motion)" hold "--")."""
+    found = [v for k, v in mapping.items() if k.startswith(prefix)]
+    if len(found) != 1:
+        raise KeyError(f"{len(found)} keys start with {prefix!r}")
+    return found[0]
+
+
+def _mean_min_max(x: dict, key: str = "val_top1_last", digits: int = 3) -> str:
+    """"0.983 (0.958-1.000)" from x[key_mean], x[key_min], x[key_max]."""
+    return f"{x[key + '_mean']:.{digits}f} ({x[key + '_min']:.{digits}f}-{x[key + '_max']:.{digits}f})"
+
+
+def _sci(x: float, digits: int = 1) -> str:
+    """2.5e-4, as a person writes it (Python's format gives 2.5e-04)."""
+    mantissa, exponent = f"{x:.{digits}e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def render_figures(text: str, where: str = "") -> str:
+    """`text` with the value of every <!--fig FILE EXPR--> marker re-rendered from its JSON."""
+    cache = {}
+
+    def one(match):
+        name, expr = match.group(1), match.group(2)
+        if "|" in expr:  # a table would split the marker into cells
+            raise SystemExit(f"error: {where}: <!--fig {name} {expr}-->: no | in a marker; one marker per table cell")
+        if name not in cache:
+            if not (RESULTS / name).exists():
+                raise SystemExit(f"error: {where}: <!--fig {name} ...-->: no benchmarks/results/{name}")
+            cache[name] = json.loads((RESULTS / name).read_text())
+        helpers = {"d": cache[name], "spread": _spread, "mean": statistics.mean, "median": statistics.median,
+                   "mean_runs": _mean_runs,
+                   "pick": _pick, "mean_min_max": _mean_min_max, "find": _find, "sci": _sci}
+        try:
+            value = eval(f"f\"\"\"{expr}\"\"\"", helpers)  # noqa: S307 - the repository's own pages
+        except Exception as e:  # noqa: BLE001 - name the marker whatever went wrong
+            raise SystemExit(f"error: {where}: <!--fig {name} {expr}-->: {type(e).__name__}: {e}") from None
+        return f"<!--fig {name} {expr}-->{value}<!--/fig-->"
+
+    return FIG.sub(one, text)
+
+
+def _written_by(write, data: dict, name: str) -> str:
+    """What a benchmark's own table writer (which writes `name` into a folder) makes of `data`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        made = write(data, Path(tmp))
+        return made if isinstance(made, str) else (Path(tmp) / name).read_text()
+
+
+def script_tables() -> dict:
+    """benchmarks/results/*.md that a benchmark script writes beside its JSON, re-rendered from that JSON by the
+    script's own function: a hand edit of those tables (or a JSON changed without them) is stale too."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT))
+    writers = {  # table -> (its JSON, the script's writer: data, folder -> text, or writes <folder>/<table>)
+        "demo_time.md": ("demo_time.json", lambda d, out: importlib.import_module("bench_demo_time").table(d)),
+        "demo_archs.md": ("demo_archs.json", lambda d, out: importlib.import_module("bench_demo_archs").write_table(d, out)),
+        "ablation_demo.md": ("ablation_demo.json",
+                             lambda d, out: importlib.import_module("bench_ablation").write_table(d, out)),
+        "plan_vs_extract.md": ("plan_vs_extract_cpu_ViT-B-16.json", lambda d, out: importlib.import_module(
+            "bench_plan_vs_extract").write_markdown(d, out / "plan_vs_extract.md")),
+    }
+    for sweep in RESULTS.glob("bench_sweep_*.json"):
+        writers[sweep.with_suffix(".md").name] = (sweep.name, lambda d, out: importlib.import_module(
+            "mad.bench.sweep").markdown(d))
+    return {RESULTS / table: _written_by(write, json.loads((RESULTS / source).read_text()), table)
+            for table, (source, write) in writers.items() if (RESULTS / source).exists()}
+
+
 def render_pages() -> dict:
     files = sorted(RESULTS.glob("*.json"))
     placed = {stem: [] for stem in PAGES}
     placed["other"] = []
     for f in files:
-        stem = next((s for s, (_, prefixes) in PAGES.items() if f.name.startswith(prefixes)), "other")
-        placed[stem].append(f)
+        placed[page_of(f.name)].append(f)
     pages = {}
     for stem, members in placed.items():
         if not members:
@@ -126,6 +233,10 @@ def render_pages() -> dict:
         head = (f"# {title}\n\nRendered by `python benchmarks/render.py` from "
                 + ", ".join(f"`benchmarks/results/{m.name}`" for m in members)
                 + "; do not edit by hand.\n\n")
+        notes = NOTES / f"{stem}.md"
+        if notes.exists():  # the reading first (its source: benchmarks/notes/), then every figure of each JSON
+            head += (render_figures(notes.read_text(), str(notes)).rstrip("\n")
+                     + f"\n\n*Reading from `benchmarks/notes/{stem}.md`; every figure of each JSON follows.*\n\n")
         pages[PAGES_DIR / f"{stem}.md"] = head + "\n".join(_section(m) for m in members)
     return pages
 
@@ -146,8 +257,10 @@ def render_readme(text: str) -> str:
 
 
 def main(check: bool) -> int:
-    wanted = render_pages()
-    wanted[README] = render_readme(README.read_text())
+    wanted = render_pages() | script_tables()
+    for page in prose_pages():
+        wanted[page] = render_figures(page.read_text(), str(page))
+    wanted[README] = render_readme(wanted[README])
     stale = [p for p, t in wanted.items() if not p.exists() or p.read_text() != t]
     if check:
         for p in stale:

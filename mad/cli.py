@@ -29,6 +29,8 @@ from mad.bench.commands import bench_app  # noqa: E402
 from mad.errors import MadError  # noqa: E402
 from mad.demo import DemoConfig  # noqa: E402
 from mad.extract.run import ExtractConfig  # noqa: E402
+from mad.plan_sweep import SweepPlanConfig  # noqa: E402
+from mad.sweep_cli import sweep_command  # noqa: E402
 
 
 
@@ -76,7 +78,7 @@ app = typer.Typer(cls=_CatchMadErrors, add_completion=False, no_args_is_help=Tru
 app.add_typer(bench_app, name="bench")
 # Warnings meant for users (random weights, ...) as one plain line, not a source excerpt.
 warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
-EXTRACT, TRAIN, DEMO = ExtractConfig(videos=""), TrainConfig(), DemoConfig()
+EXTRACT, TRAIN, DEMO, SWEEP_PLAN = ExtractConfig(videos=""), TrainConfig(), DemoConfig(), SweepPlanConfig()
 
 
 def error_line(error: BaseException) -> str:
@@ -130,6 +132,16 @@ def extract(
     limit: Optional[int] = typer.Option(None, help="Process at most this many pending videos (then stop)."),
     progress: bool = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="Progress and summary: a bar "
                                   "on a terminal, plain lines (every 10%) in a log file or pipe."),
+    train_views: Optional[int] = typer.Option(None, "--train-views", help="K augmented views per video (random "
+                                              "frames within the TSN segments, random resized crop, flip) in place "
+                                              "of --clips x --crops: `mad train` draws one per epoch."),
+    crop_scale: str = typer.Option(EXTRACT.crop_scale, "--crop-scale", help="--train-views: crop area range, "
+                                   "fractions of the frame in (0, 1]."),
+    crop_ratio: str = typer.Option(EXTRACT.crop_ratio, "--crop-ratio", help="--train-views: crop width/height range."),
+    flip: str = typer.Option(EXTRACT.flip, "--flip", help="--train-views: random horizontal flips, yes or no (no "
+                             "when labels name a direction, e.g. Something-Something)."),
+    view_seed: int = typer.Option(EXTRACT.view_seed, "--view-seed", help="--train-views: seeds each video's views "
+                                  "(with its path)."),
 ):
     """Run the frozen model over every video and cache per-layer tokens (resumable)."""
     from mad.adapt.families import store_needs
@@ -143,6 +155,7 @@ def extract(
         store=store, cell_size=cell_size, correlation=correlation,
         batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
         shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit, progress=progress,
+        train_views=train_views, crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip, view_seed=view_seed,
     ), needs)
     if summary["done_now"] == 0 and summary["failed_now"] > 0 and summary["done_total"] == 0:
         typer.echo(f"error: no video could be extracted; reasons in {summary['errors']}", err=True)
@@ -245,28 +258,7 @@ def import_evl(
     typer.echo(f"wrote {import_official(checkpoint, cache, out)}")
 
 
-@app.command()
-def sweep(
-    grid: str = typer.Option(..., "--grid", help="e.g. 'lr=1e-3,3e-4 width=256,384 arch=madapter,linear'."),
-    cache: str = typer.Option("cache", "--cache", help="Training cache."),
-    val: Optional[str] = typer.Option(None, "--val", help="Validation cache (ranks the runs)."),
-    out: str = typer.Option("runs/sweep", "--out", help="Folder for the runs and leaderboard.csv."),
-    epochs: int = typer.Option(TRAIN.epochs),
-    batch_size: int = typer.Option(TRAIN.batch_size),
-    device: str = typer.Option(TRAIN.device),
-    seed: int = typer.Option(TRAIN.seed),
-    in_ram: str = typer.Option(TRAIN.in_ram, "--in-ram", help="auto, yes or no."),
-    log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
-                            "(<run>/tensorboard; pip install tensorboard)."),
-    max_stack: Optional[int] = typer.Option(None, "--max-stack", help="At most this many same-shape "
-                                            "configurations step as one stacked model (1: one after another); "
-                                            "default: as many as half the free memory holds."),
-):
-    """Train every combination of a grid from one read of the cache; print and save a leaderboard."""
-    from mad.adapt.sweep import sweep as run_sweep
-
-    base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram, log=log)
-    run_sweep(cache, val, grid, out, base, max_stack=max_stack)
+app.command("sweep")(sweep_command)  # its options: mad/sweep_cli.py
 
 
 @app.command()
@@ -302,6 +294,8 @@ def plan(
     clips: int = typer.Option(EXTRACT.clips),
     crops: int = typer.Option(EXTRACT.crops),
     views: Optional[int] = typer.Option(None, help="Views per video (clips x crops), e.g. 9 for 3 x 3."),
+    train_views: Optional[int] = typer.Option(None, "--train-views", help="The train split's augmented views per "
+                                              "video (mad extract --train-views); val keeps --views."),
     grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample"),
     cell_size: str = typer.Option(EXTRACT.cell_size, "--cell-size", help="Compact stores' cells."),
     correlation: int = typer.Option(EXTRACT.correlation, help="Compact stores' correlation radius."),
@@ -311,16 +305,42 @@ def plan(
     workers: int = typer.Option(EXTRACT.workers, help="Decoding processes of the extraction (-1: its default)."),
     probe: int = typer.Option(4, help="Videos to decode and model batches to time (0: no probe, bytes only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
+    sweep: Optional[int] = typer.Option(None, "--sweep", help="Predict a sweep of K configurations instead: "
+                                        "extraction, then lockstep vs one by one (FLOPs counted, rates below)."),
+    epochs: int = typer.Option(SWEEP_PLAN.epochs, help="--sweep: epochs of each configuration."),
+    arch: str = typer.Option(SWEEP_PLAN.arch, help="--sweep: the branch family whose FLOPs are counted."),
+    store: str = typer.Option(SWEEP_PLAN.store, help="--sweep: the storage mode the sweep reads."),
+    classes: int = typer.Option(SWEEP_PLAN.classes, help="--sweep: classes of the branch's head."),
+    device_tflops: float = typer.Option(SWEEP_PLAN.device_tflops, "--device-tflops",
+                                        help="--sweep: the device's peak TFLOP/s (default: an H100 SXM, dense bf16)."),
+    utilisation: float = typer.Option(SWEEP_PLAN.utilisation, help="--sweep: share of that peak the work reaches "
+                                      "(assumed: small models at batch 32 keep a large GPU mostly waiting)."),
+    disk_gbps: float = typer.Option(SWEEP_PLAN.disk_gbps, "--disk-gbps", help="--sweep: GB/s read from and "
+                                    "written to the store (default: one PCIe 4.0 data-centre NVMe drive)."),
+    cpu_cores: int = typer.Option(SWEEP_PLAN.cpu_cores, "--cpu-cores",
+                                  help="--sweep: host cores decoding videos during extraction (16 per GPU)."),
+    decode_seconds: float = typer.Option(SWEEP_PLAN.decode_seconds, "--decode-seconds", help="--sweep: "
+                                         "CPU-seconds to decode one clip (default: measured on this project's CPU)."),
 ):
-    """Before any work: bytes on disk per storage mode, estimated extraction time here, reads; train + val."""
+    """Before any work: bytes on disk per storage mode, estimated extraction time here, reads; train + val.
+    With --sweep K: the predicted time of a K-configuration sweep on a given device and disk."""
     from mad.plan import PlanConfig, plan as run_plan, print_plan
+    from mad.plan_sweep import plan_sweep, print_sweep_plan
 
-    print_plan(run_plan(PlanConfig(
+    cfg = PlanConfig(
         videos=str(videos) if videos else None, num_videos=num_videos, val_videos=val_videos,
         val_views=val_views, model=model, layers=layers, frames=frames,
-        clips=clips, crops=crops, views=views, grid_downsample=grid_downsample, cell_size=cell_size,
+        clips=clips, crops=crops, views=views, train_views=train_views, grid_downsample=grid_downsample,
+        cell_size=cell_size,
         correlation=correlation, device=device, precision=precision, batch_size=batch_size, workers=workers,
-        probe=probe)), as_json)
+        probe=probe)
+    swept = SweepPlanConfig(sweep=sweep, epochs=epochs, arch=arch, store=store, classes=classes,
+                            device_tflops=device_tflops, utilisation=utilisation, disk_gbps=disk_gbps,
+                            cpu_cores=cpu_cores, decode_seconds=decode_seconds)
+    if sweep is None:
+        print_plan(run_plan(cfg), as_json)
+    else:
+        print_sweep_plan(plan_sweep(cfg, swept), as_json)
 
 
 @app.command()

@@ -54,6 +54,7 @@ class PlanConfig:
     clips: int = 1
     crops: int = 1
     views: int | None = None        # clips x crops, given directly (e.g. 9 for 3 clips x 3 crops)
+    train_views: int | None = None  # the train split: K augmented views per video (`mad extract --train-views`)
     grid_downsample: int = 1
     cell_size: str = "auto"
     correlation: int = 1
@@ -65,7 +66,7 @@ class PlanConfig:
     probe: int = 4                  # videos to decode, and model batches to time; 0: no probe (bytes only)
 
     RANGES: ClassVar[dict] = {"num_videos": at_least(1), "frames": at_least(1), "clips": at_least(1),
-                              "views": at_least(1), "grid_downsample": at_least(1),
+                              "views": at_least(1), "train_views": at_least(1), "grid_downsample": at_least(1),
                               "correlation": at_least(0, "0: none"), "correlation_groups": at_least(1),
                               "batch_size": at_least(1), "probe": at_least(0), "val_videos": at_least(1),
                               "val_views": at_least(1), "workers": at_least(-1, "-1: the extraction's default")}
@@ -209,9 +210,11 @@ def seconds_per_video(probe: dict, mode: str, clips: int, views: int) -> float:
 
 
 def _splits(cfg: PlanConfig, num_videos: int) -> dict:
-    """split -> (videos, views, clips decoded per video)."""
+    """split -> (videos, views, clips decoded per video). Train views decode T frames each (their own jitter)."""
     views = cfg.views or cfg.clips * cfg.crops
     splits = {"train": (num_videos, views, clips_of(views) if cfg.views else cfg.clips)}
+    if cfg.train_views:  # the val split keeps the deterministic views
+        splits["train"] = (num_videos, cfg.train_views, cfg.train_views)
     if cfg.val_videos is not None:
         val_views = cfg.val_views or views
         splits["val"] = (cfg.val_videos, val_views, clips_of(val_views) if cfg.val_views else splits["train"][2])

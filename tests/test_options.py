@@ -26,6 +26,7 @@ from mad.cli import app
 from mad.extract.run import ExtractConfig
 from mad.options import Range, at_least
 from mad.plan import PlanConfig
+from mad.plan_sweep import SweepPlanConfig
 from tests.helpers import TINY_MODEL, extract_config
 from tests.helpers.cache import make_cache
 
@@ -108,6 +109,12 @@ def bad_grid() -> st.SearchStrategy[str]:
     return out_of_range | malformed
 
 
+def bad_space() -> st.SearchStrategy[str]:
+    """A --space that cannot be searched: an empty or reversed range, a bound out of the setting's range."""
+    return st.sampled_from(["lr=uniform:0.3:0.1", "lr=loguniform:0:1", "dropout=uniform:0:2", "foo=uniform:0:1",
+                            "width=uniform:1.5:9", "lr=uniform:a:b", "lr=", "arch=uniform:0:1", ";"])
+
+
 TRAIN = {**numbers_and_choices(TrainConfig), "--width": BRANCH_SIZE, "--depth": BRANCH_SIZE,
          "--heads": BRANCH_SIZE, "--cell-size": CELL_SIZE, "--device": DEVICE, "--log": LOG}
 COMMANDS = {
@@ -116,15 +123,23 @@ COMMANDS = {
     "train": (lambda i: ["--cache", i["cache"]], TRAIN, {"--cache", "--val", "--out", "--init"}),
     "sweep": (lambda i: ["--grid", "lr=1e-3", "--cache", i["cache"]],
               {**{k: TRAIN[k] for k in ("--epochs", "--batch-size", "--device", "--seed", "--in-ram", "--log")},
-               "--grid": bad_grid()}, {"--cache", "--val", "--out"}),
+               "--grid": bad_grid(), "--space": bad_space(), "--trials": st.sampled_from(["0", "-3", "abc", "1.5"]),
+               "--sampler": st.sampled_from(["cmaes", "grid", "", "TPE"]),
+               "--pruner": st.sampled_from(["median", "", "halving,hyperband"]),
+               "--at-once": st.sampled_from(["0", "-1", "x"]), "--max-stack": st.sampled_from(["0", "-2", "x"]),
+               "--study-name": st.sampled_from(["", " "])},
+              {"--cache", "--val", "--out", "--storage"}),
     "extract": (lambda i: ["--videos", i["videos"], "--model", TINY_MODEL, "--pretrained", "none", "--layers", "1,2"],
                 {**numbers_and_choices(ExtractConfig), "--layers": LAYERS_OF_TINY, "--cell-size": CELL_SIZE,
                  "--device": DEVICE, "--branches": st.sampled_from(["foo", "madapter,bar", "evl2", "mad adapter"]),
                  "--evl-layers": out_of(at_least(1)),
+                 "--crop-scale": st.sampled_from(["0,1", "0.5,1.5", "1,0.5", "x", "", "0.5", "-1,1", "nan,1", "1/0,1"]),
+                 "--crop-ratio": st.sampled_from(["0,1", "2,1", "x", "", "-1,2", "1", "1,2,3"]),
                  "--shard": st.sampled_from(["x", "1/1", "2/1", "-1/2", "1/0", "1/2/3", "a/b", ""])},
                 {"--videos", "--out", "--model", "--pretrained", "--labels"}),
     "plan": (lambda i: ["--num-videos", "10", "--model", TINY_MODEL, "--layers", "1,2", "--probe", "0"],
-             {**numbers_and_choices(PlanConfig), "--layers": LAYERS_OF_TINY, "--cell-size": CELL_SIZE,
+             {**numbers_and_choices(PlanConfig), **numbers_and_choices(SweepPlanConfig), "--layers": LAYERS_OF_TINY,
+              "--cell-size": CELL_SIZE,
               "--device": DEVICE}, {"--videos", "--model"}),
 }
 # config fields that are no option of the command line

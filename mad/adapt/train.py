@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from mad.adapt.branch import BranchConfig
-from mad.adapt.config import TrainConfig, TrainError, check_options, resolve
+from mad.adapt.config import TrainConfig, TrainError, check_options, config_from_run, resolve  # noqa: F401
 from mad.adapt.families import pair_keys, reads
 from mad.adapt.lockstep import train_lockstep
 from mad.adapt.rundir import (RESUMABLE_KEYS, RUN_FILES, RUN_FOLDERS, check_run_dir, finish,  # noqa: F401

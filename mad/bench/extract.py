@@ -28,7 +28,8 @@ import torch
 
 from mad.extract.backbone import load_backbone
 from mad.extract.decode import decode_clip
-from mad.extract.run import ExtractConfig, VideoDecodeDataset, decoded_videos, extract
+from mad.extract.run import ExtractConfig, extract
+from mad.extract.workers import VideoDecodeDataset, decoded_videos
 from mad.bench import video_subset
 from mad.errors import MadError
 from mad.options import at_least, check_counts, check_number

@@ -33,6 +33,8 @@ def show_info(location: str, verify: bool = False, console: Console | None = Non
                 "shard_size", "videos_root"):
         if m.get(key) is not None:
             table.add_row(key, json.dumps(m[key]) if isinstance(m[key], (list, dict)) else str(m[key]))
+    if m.get("train_views"):
+        table.add_row("train views", _views(m["train_views"], m["augment"]))
     names = m.get("class_names") or []
     table.add_row("classes", f"{len(names)}: " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
                   if names else f"unlabelled (labelled by: {m.get('labelled_by', 'none')})")
@@ -75,3 +77,11 @@ def _fixed(compact: dict) -> str:
             f"{compact['correlation']} in {compact['correlation_groups']} groups, values {compact['values']}, "
             f"{compact['record_bytes']:,} bytes per record")
 
+
+
+def _views(count: int, augment: dict) -> str:
+    scale, ratio = augment["scale"], augment["ratio"]
+    return (f"{count} per video, drawn one per epoch by `mad train` (seed {augment['seed']}): a random frame in "
+            f"each segment, random resized crop of {scale[0]:g}-{scale[1]:g} of the frame (aspect {ratio[0]:.3g}-"
+            f"{ratio[1]:.3g}) at short side {augment['short_side']}, flips {'on' if augment['flip'] else 'off'}; "
+            "each view's frames and box in frame_index, view_box")

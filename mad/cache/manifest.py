@@ -18,7 +18,7 @@ READABLE_VERSIONS = (1, 2)
 
 # Settings that must match for a run to resume into an existing store: anything that changes what it holds.
 IDENTITY_KEYS = ("model", "pretrained", "pretrained_sha256", "layers", "frames", "clips", "crops", "image_size",
-                 "grid_downsample", "sampling", "precision", "storage", "compact", "branches")
+                 "grid_downsample", "sampling", "precision", "storage", "compact", "branches", "train_views", "augment")
 # What train and val (or train and eval) caches must agree on for one model to read both.
 TRAINING_KEYS = ("model", "pretrained", "pretrained_sha256", "layers", "frames", "image_size", "grid_downsample",
                  "tokens", "width", "storage", "compact")
@@ -58,13 +58,20 @@ class Manifest:
     storage: str = "full"           # full: every token, float16; compact: what the branch reads, 8-bit
     compact: dict | None = None     # compact stores: what the store fixed (`mad.cache.compact`)
     branches: dict = field(default_factory=lambda: dict(LAYERS_ONLY))  # --branches name -> what is stored for it
+    train_views: int = 0            # augmented views per video in place of clips x crops (0: none)
+    augment: dict | None = None     # train views: how they were drawn (`mad.extract.views.ViewSettings.record`)
     format_version: int = FORMAT_VERSION
     created: str | None = None
 
     @property
     def views(self) -> int:
-        """Views per video: clips x crops (clip-major)."""
-        return self.clips * self.crops
+        """Views per video: clips x crops (clip-major), or the augmented train views."""
+        return self.train_views or self.clips * self.crops
+
+    @property
+    def frame_rows(self) -> int:
+        """Rows of `frame_index` per video: one per clip (its crops share its frames), one per train view."""
+        return self.train_views or self.clips
 
     @property
     def patches(self) -> int:
@@ -117,13 +124,15 @@ class Manifest:
         found = []
         for key in keys:
             ours, theirs = getattr(self, key), getattr(other, key)
-            if ours == theirs:
+            if ours == theirs or (key == "sampling" and self.train_views != other.train_views):  # --train-views says it
                 continue
             if key == "compact":
                 if self.storage == other.storage:  # else --store says it all
                     found += _compact_differences(ours or {}, theirs or {})
             elif key == "branches":
                 found += _branch_differences(ours, theirs)
+            elif key == "augment":
+                found += _augment_differences(ours or {}, theirs or {})
             else:
                 found.append((OPTION_OF.get(key, key), _brief(ours), _brief(theirs)))
         if not found and any(getattr(self, k) != getattr(other, k) for k in keys):  # only derived values differ
@@ -132,7 +141,11 @@ class Manifest:
 
     def check_pair(self, other: "Manifest", other_location: str, reference: str, keys=TRAINING_KEYS) -> None:
         """Refuse, in one line, a second cache that one model cannot read beside this one (described by
-        `reference`, e.g. 'the training cache cache/train')."""
+        `reference`, e.g. 'the training cache cache/train'). The second cache is evaluated on: it must hold
+        deterministic views (--clips x --crops), not random train views."""
+        if other.train_views:
+            raise MadError(f"{other_location}: holds {other.train_views} random --train-views views; evaluate on a "
+                           "store extracted without --train-views (its --clips x --crops views are deterministic)")
         differences = self.differences(other, keys)
         if differences:
             raise MadError(f"{other_location}: does not match {reference} on "
@@ -152,7 +165,9 @@ OPTION_OF = {"model": "--model", "pretrained": "--pretrained", "pretrained_sha25
              "layers": "--layers", "frames": "--frames", "clips": "--clips", "crops": "--crops",
              "grid_downsample": "--grid-downsample", "precision": "--precision", "storage": "--store",
              "image_size": "image size (--model)", "tokens": "tokens (--model, --grid-downsample)",
-             "width": "width (--model)", "sampling": "sampling"}
+             "width": "width (--model)", "sampling": "sampling", "train_views": "--train-views"}
+_AUGMENT_OPTIONS = {"scale": "--crop-scale", "ratio": "--crop-ratio", "flip": "--flip", "seed": "--view-seed",
+                    "short_side": "the crop's frame size (--model)"}
 _COMPACT_OPTIONS = {"cell_size": "--cell-size", "correlation": "--correlation",
                     "correlation_groups": "correlation groups", "values": "compact values"}
 
@@ -169,6 +184,14 @@ def _brief(value) -> str:
 
 def _compact_differences(ours: dict, theirs: dict) -> list[tuple[str, str, str]]:
     return [(option, _brief(ours.get(key)), _brief(theirs.get(key))) for key, option in _COMPACT_OPTIONS.items()
+            if ours.get(key) != theirs.get(key)]
+
+
+def _augment_differences(ours: dict, theirs: dict) -> list[tuple[str, str, str]]:
+    """The view options that differ (--train-views itself is compared on its own)."""
+    if not ours or not theirs:
+        return []
+    return [(option, _brief(ours.get(key)), _brief(theirs.get(key))) for key, option in _AUGMENT_OPTIONS.items()
             if ours.get(key) != theirs.get(key)]
 
 

@@ -11,7 +11,8 @@ Layout (DESIGN.md, "Store schema"; every array a standard Zarr v3 data type):
                          in-projection of each of its blocks), written once at creation
     label                int32 [V]          (-1 when unlabelled)
     path                 uint8 [V, L]       UTF-8 path relative to the videos root, zero-padded
-    frame_index          int32 [V, clips, T]
+    frame_index          int32 [V, clips, T]    (train views: [V, views, T]; `mad.cache.layout`)
+    view_box             int32 [V, views, 5]    train views only: crop box and flip per view
     num_frames           int32 [V]          frames in the video (fewer than T: frames repeat)
     status               uint8 [V]          0 pending, 1 done, 2 failed
     errors.jsonl         one line per failed video: path and reason
@@ -37,11 +38,11 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from mad.cache.layout import PATH_BYTES, data_arrays, encode_paths, path_width, view_arrays
 from mad.cache.manifest import FORMAT_VERSION, READABLE_VERSIONS, Manifest
 from mad.errors import MadError
 
 PENDING, DONE, FAILED = 0, 1, 2
-PATH_BYTES = 256  # path array chunk width; longer paths widen the array
 
 # Format 1 stores kept paths in zarr-python's variable-length string type, which warns on every use.
 warnings.filterwarnings("ignore", message=".*VariableLengthUTF8.*")
@@ -63,9 +64,10 @@ class VideoResult:
     video: int                                   # index in the store
     path: str
     data: dict[str, np.ndarray] | None           # data array name -> [views, ...]; None when failed
-    frame_index: np.ndarray | None               # int32 [clips, T]
+    frame_index: np.ndarray | None               # int32 [clips, T] ([views, T] with train views)
     num_frames: int = 0
     error: str | None = None
+    view_box: np.ndarray | None = None           # train views: int32 [views, 5] (`mad.cache.layout`)
 
 
 def _describe(videos) -> str:
@@ -76,19 +78,6 @@ def _describe(videos) -> str:
 
 def is_url(location) -> bool:
     return "://" in str(location)
-
-
-def _encode_paths(paths: list[str], width: int) -> np.ndarray:
-    encoded = np.zeros((len(paths), width), np.uint8)
-    for i, path in enumerate(paths):
-        data = path.encode()
-        encoded[i, :len(data)] = np.frombuffer(data, np.uint8)
-    return encoded
-
-
-def _path_width(paths: list[str]) -> int:
-    longest = max((len(p.encode()) for p in paths), default=0)
-    return max(PATH_BYTES, -(-longest // PATH_BYTES) * PATH_BYTES)
 
 
 class Store:
@@ -151,22 +140,22 @@ class Store:
             weights = group.create_group("frozen")
             for name, value in frozen.items():
                 weights.create_array(name, shape=value.shape, dtype="float32", chunks=value.shape)[...] = value
-        for name, (shape, dtype) in _data_arrays(m).items():
+        for name, (shape, dtype) in data_arrays(m).items():
             parent, _, leaf = name.rpartition("/")
             (group[parent] if parent else group).create_array(
                 leaf, shape=(V, *shape), dtype=dtype, chunks=(1, 1, *shape[1:]), shards=(S, *shape),
                 compressors=[Crc32cCodec()], fill_value=0,  # checksums: a flipped byte is an error, not garbage
             )
-        width = _path_width(paths)
+        width = path_width(paths)
         group.create_array("label", shape=(V,), dtype="int32", chunks=(S,), fill_value=-1)
         group.create_array("path", shape=(V, width), dtype="uint8", chunks=(S, PATH_BYTES), fill_value=0)
-        group.create_array("frame_index", shape=(V, m.clips, T), dtype="int32", chunks=(S, m.clips, T),
-                           fill_value=-1)
+        for name, (shape, dtype, fill) in view_arrays(m).items():  # frame_index, and view_box with train views
+            group.create_array(name, shape=(V, *shape), dtype=dtype, chunks=(S, *shape), fill_value=fill)
         group.create_array("num_frames", shape=(V,), dtype="int32", chunks=(S,), fill_value=0)
         group.create_array("status", shape=(V,), dtype="uint8", chunks=(S,), fill_value=PENDING)
         if V:
             group["label"][:] = np.asarray(labels, dtype=np.int32)
-            group["path"][:] = _encode_paths(paths, width)
+            group["path"][:] = encode_paths(paths, width)
         group.attrs.put({"mad": values})  # last, replacing the creation mark: now it is a store
         return cls(group, location)
 
@@ -195,20 +184,20 @@ class Store:
             array = self._array(name)
             shape = (V0 + n,) + array.shape[1:]
             if name == "path" and not legacy:
-                width = max(width, _path_width(paths))
+                width = max(width, path_width(paths))
                 shape = (V0 + n, width)
             array.resize(shape)
         self._arrays.clear()  # their shapes changed
         self._array("label")[V0:] = np.asarray(labels, dtype=np.int32)
-        self._array("path")[V0:] = np.asarray(paths, dtype=object) if legacy else _encode_paths(paths, width)
+        self._array("path")[V0:] = np.asarray(paths, dtype=object) if legacy else encode_paths(paths, width)
 
     def _per_video_arrays(self) -> list[str]:
-        return list(self.data_arrays) + ["label", "path", "frame_index", "num_frames", "status"]
+        return list(self.data_arrays) + ["label", "path", *view_arrays(self.manifest), "num_frames", "status"]
 
     @property
     def data_arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """The arrays that hold the extracted data: name -> (per-video shape, dtype)."""
-        return _data_arrays(self.manifest)
+        return data_arrays(self.manifest)
 
     def set_class_names(self, class_names: list[str]) -> None:
         self.manifest.class_names = list(class_names)
@@ -259,7 +248,12 @@ class Store:
         return {name: group[name][...] for name in sorted(group.array_keys())}
 
     def frame_index(self) -> np.ndarray:
+        """int32 [V, clips, T] (train views: [V, views, T]): the frames each clip (view) saw, -1 when not done."""
         return self._array("frame_index")[:]
+
+    def view_boxes(self) -> np.ndarray | None:
+        """int32 [V, views, 5] crop boxes and flips of the train views (`mad.cache.layout`); None without them."""
+        return self._array("view_box")[:] if self.manifest.train_views else None
 
     def num_frames(self) -> np.ndarray:
         return self._array("num_frames")[:]
@@ -326,7 +320,7 @@ class Store:
         if any(not start <= r.video < stop for r in results):
             raise ValueError(f"results outside shard block {block} ([{start}, {stop}))")
         status = self._array("status")[start:stop]
-        frame_index = self._array("frame_index")[start:stop]
+        views = {name: self._array(name)[start:stop] for name in view_arrays(self.manifest)}
         num_frames = self._array("num_frames")[start:stop]
         new = np.zeros(stop - start, bool)
         new[[r.video - start for r in results]] = True
@@ -343,13 +337,18 @@ class Store:
             if r.error is None:
                 for name in data:
                     data[name][i] = r.data[name]
-                frame_index[i], status[i] = r.frame_index, DONE
+                for name, values in views.items():
+                    values[i] = r.frame_index if name == "frame_index" else r.view_box
+                status[i] = DONE
             else:
-                frame_index[i], status[i] = -1, FAILED
+                for values in views.values():
+                    values[i] = -1
+                status[i] = FAILED
                 errors.append({"path": r.path, "reason": r.error})
         for name, values in data.items():
             self._array(name)[start:stop] = values
-        self._array("frame_index")[start:stop] = frame_index
+        for name, values in views.items():
+            self._array(name)[start:stop] = values
         self._array("num_frames")[start:stop] = num_frames
         self._array("status")[start:stop] = status  # last: marks the data above complete
         self._log_errors(errors)
@@ -383,8 +382,3 @@ class Store:
             result[name] = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
         return result
 
-
-def _data_arrays(m: Manifest) -> dict[str, tuple[tuple[int, ...], str]]:
-    arrays = {"records": ((m.views, m.compact["record_bytes"]), "uint8")} if m.storage == "compact" else {}
-    arrays.update({f"layers/{level}": ((m.views, m.frames, m.tokens, m.width), "float16") for level in m.stored_levels})
-    return arrays

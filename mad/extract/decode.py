@@ -39,9 +39,10 @@ class _TimestampsUnreliable(Exception):
 @dataclass
 class DecodedClip:
     frames: np.ndarray        # uint8 [views, T, 3, S, S], views = clips * crops (clip-major)
-    frame_index: np.ndarray   # int32 [clips, T] index of each decoded frame in the video
+    frame_index: np.ndarray   # int32 [clips, T] index of each decoded frame in the video ([views, T]: train views)
     num_frames: int           # frames in the video (as estimated from the container)
     repeated: bool            # the video had fewer frames than asked for: some repeat
+    view_box: np.ndarray | None = None  # train views: int32 [views, 5] crop x, y, w, h and flip (`mad.extract.views`)
 
 
 def sample_frame_indices(num_frames: int, frames: int, clips: int = 1) -> np.ndarray:
@@ -167,12 +168,27 @@ def _open_video(path: str):
 
 def decode_clip(path: str, frames: int = 8, clips: int = 1, crops: int = 1, size: int = 224) -> DecodedClip:
     """Decode the sampled frames of one video; raise DecodeError with the reason if it can't."""
+    rgb, frame_index, num_frames = decode_sampled(path, lambda n: sample_frame_indices(n, frames, clips), size)
+    height, width = rgb.shape[2:4]
+    views = [rgb[:, :, y:y + size, x:x + size] for x, y in _crop_boxes(width, height, size, crops)]
+    out = np.stack(views, axis=1).reshape(clips * crops, frames, size, size, 3)  # clip-major views
+    return DecodedClip(
+        frames=np.ascontiguousarray(out.transpose(0, 1, 4, 2, 3)),  # [views, T, 3, S, S]
+        frame_index=frame_index,
+        num_frames=num_frames,
+        repeated=num_frames < frames or len(set(frame_index.ravel().tolist())) < frame_index.size,
+    )
+
+
+def decode_sampled(path: str, sample, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(uint8 [rows, T, H, W, 3] frames with short side `size`, int32 [rows, T] their indices, frames in the
+    video) for the indices `sample(frames in the video)` chooses (int64 [rows, T]); each frame decoded once."""
     container, stream, fps = _open_video(path)
     try:
         num_frames = _frame_count(container, stream, fps)
         if num_frames <= 0:  # unknown length: count by decoding once (rare)
             num_frames = _count_frames(path)
-        index = sample_frame_indices(num_frames, frames, clips)
+        index = sample(num_frames)
         keyframes = _keyframes(container, stream, fps)
         container.close()  # demuxing consumed it: decode from a fresh one
         container = av.open(str(path), metadata_errors="ignore")
@@ -188,19 +204,11 @@ def decode_clip(path: str, frames: int = 8, clips: int = 1, crops: int = 1, size
             raise DecodeError("no decodable video frames")
         known = sorted(images)
         fill = lambda t: max([k for k in known if k <= t], default=known[0])  # noqa: E731
-        rgb = np.stack([np.stack([images[fill(t)] for t in row]) for row in index])  # [clips, T, H, W, 3]
+        rgb = np.stack([np.stack([images[fill(t)] for t in row]) for row in index])  # [rows, T, H, W, 3]
         frame_index = np.array([[decoded_index[fill(t)] for t in row] for row in index], dtype=np.int32)
     finally:
         container.close()
-    height, width = rgb.shape[2:4]
-    views = [rgb[:, :, y:y + size, x:x + size] for x, y in _crop_boxes(width, height, size, crops)]
-    out = np.stack(views, axis=1).reshape(clips * crops, frames, size, size, 3)  # clip-major views
-    return DecodedClip(
-        frames=np.ascontiguousarray(out.transpose(0, 1, 4, 2, 3)),  # [views, T, 3, S, S]
-        frame_index=frame_index,
-        num_frames=num_frames,
-        repeated=num_frames < frames or len(set(frame_index.ravel().tolist())) < frame_index.size,
-    )
+    return rgb, frame_index, num_frames
 
 
 def decode_frames(path: str, frame_index, size: int) -> np.ndarray:

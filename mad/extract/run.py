@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,13 +25,14 @@ from mad.cache.manifest import IDENTITY_KEYS, LAYERS_ONLY, STORAGE, Manifest, St
 from mad.cache.store import FAILED, PENDING, IncompleteStoreError, Store, StoreError, VideoResult, is_url
 from mad.errors import MadError
 from mad.extract.annotations import FORMATS
-from mad.options import at_least, check_cell_size, check_choices, check_device, check_layers, check_ranges
+from mad.options import SEED, at_least, check_cell_size, check_choices, check_device, check_layers, check_ranges
 from mad.extract.backbone import load_backbone, model_config_of
-from mad.extract.decode import DecodeError, decode_clip
 from mad.extract.videos import check_labels_kept, find_videos
+from mad.extract.views import ViewSettings, view_settings
+from mad.extract.workers import VideoDecodeDataset, decoded_videos
 from mad.extract.writer import BlockWriter
 from mad.progress import VideoProgress, make_console
-from mad.runtime import exit_with_parent, resolve_device, versions
+from mad.runtime import resolve_device, versions
 
 
 class ExtractError(MadError):
@@ -67,14 +67,19 @@ class ExtractConfig:
     shard: str | None = None     # "I/N": only slice I of N (whole shard blocks); torchrun sets it itself
     limit: int | None = None     # process at most this many pending videos
     progress: bool = True
+    train_views: int | None = None  # K augmented views per video in place of --clips x --crops (a training store)
+    crop_scale: str = "0.08,1"      # train views: crop area, fractions of the frame (MMAction2's RandomResizedCrop)
+    crop_ratio: str = "3/4,4/3"     # train views: crop width / height
+    flip: str = "yes"               # train views: random horizontal flips; no: labels that name a direction
+    view_seed: int = 0              # train views: with each video's path, seeds its views
 
     # What each number and each named choice may be (the model's depth bounds --layers)
     RANGES: ClassVar[dict] = {"frames": at_least(1), "clips": at_least(1), "batch_size": at_least(1),
                               "shard_size": at_least(1), "grid_downsample": at_least(1),
                               "correlation": at_least(0, "0: none"), "correlation_groups": at_least(1),
                               "workers": at_least(-1, "-1: automatic, 0: this process"),
-                              "limit": at_least(0)}
-    CHOICES: ClassVar[dict] = {"crops": (1, 3), "store": STORAGE, "precision": ("bf16", "fp16", "fp32"),
+                              "limit": at_least(0), "train_views": at_least(1), "view_seed": SEED}
+    CHOICES: ClassVar[dict] = {"crops": (1, 3), "store": STORAGE, "flip": ("yes", "no"), "precision": ("bf16", "fp16", "fp32"),
                                "labels_format": FORMATS,
                                "labels_split": tuple(f"{k}{n}" for k in ("train", "test") for n in (1, 2, 3))}
 
@@ -89,54 +94,19 @@ class ExtractConfig:
         check_layers(self.layers)
         check_device(self.device)
         _slice(self)
+        view_settings(1, self.crop_scale, self.crop_ratio, self.flip, self.view_seed, 224)  # refused even unused
+        if self.train_views is not None:
+            if self.clips != 1 or self.crops != 1:
+                raise ExtractError(f"--train-views {self.train_views} replaces the --clips x --crops views: "
+                                   "leave those at 1 (extract the validation set without --train-views)")
         return self
 
-
-# ---- decoding (runs in worker processes) --------------------------------------------
-
-
-class VideoDecodeDataset(torch.utils.data.Dataset):
-    """Item i -> decoded frames of the i-th scheduled video, or the reason it failed."""
-
-    def __init__(self, root: str, paths: list[str], indices: list[int], frames: int, clips: int, crops: int,
-                 size: int):
-        self.root, self.paths, self.indices = root, paths, indices
-        self.frames, self.clips, self.crops, self.size = frames, clips, crops, size
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[VideoResult, torch.Tensor | None]:
-        """(the video's result so far, its uint8 frames [views, T, 3, S, S] or None when it failed)."""
-        result = VideoResult(video=self.indices[i], path=self.paths[i], data=None, frame_index=None)
-        full = os.path.join(self.root, result.path)
-        try:
-            if not os.path.isfile(full):
-                raise DecodeError("file not found")
-            if os.path.getsize(full) == 0:
-                raise DecodeError("empty file (0 bytes)")
-            clip = decode_clip(full, self.frames, self.clips, self.crops, self.size)
-        except DecodeError as e:
-            result.error = str(e)
-            return result, None
-        except Exception as e:  # a decoder bug on one file must not stop the run
-            result.error = f"{type(e).__name__}: {e}"
-            return result, None
-        result.frame_index, result.num_frames = clip.frame_index, clip.num_frames
-        return result, torch.from_numpy(clip.frames)
-
-
-def decoded_videos(dataset: VideoDecodeDataset, workers: int):
-    if workers == 0:
-        yield from (dataset[i] for i in range(len(dataset)))
-        return
-    # spawn, not fork: forked workers can deadlock in Zarr/threads of the parent.
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers,
-        multiprocessing_context="spawn", prefetch_factor=4, pin_memory=torch.cuda.is_available(),
-        worker_init_fn=partial(exit_with_parent, os.getpid()),  # no orphan decoder when this run is killed
-    )
-    yield from loader
+    def views(self, image_size: int) -> ViewSettings | None:
+        """The train views' settings for a model of `image_size`; None without --train-views."""
+        if self.train_views is None:
+            return None
+        return view_settings(self.train_views, self.crop_scale, self.crop_ratio, self.flip, self.view_seed,
+                             image_size)
 
 
 # ---- the run ------------------------------------------------------------------------
@@ -158,6 +128,7 @@ def manifest_for(cfg: ExtractConfig, backbone, class_names: list[str] = (), labe
                  needs: dict[str, StoreNeed] | None = None) -> Manifest:
     """The manifest of a store that `cfg` extracts with `backbone`, storing `needs` beyond --layers."""
     info = backbone.info
+    views = cfg.views(info.image_size)
     return Manifest(
         model=cfg.model, model_config=model_config_of(cfg.model),
         pretrained="none" if cfg.pretrained in (None, "", "none") else (
@@ -166,11 +137,12 @@ def manifest_for(cfg: ExtractConfig, backbone, class_names: list[str] = (), labe
         frames=cfg.frames, clips=cfg.clips, crops=cfg.crops, image_size=info.image_size,
         patch_size=info.patch_size, grid=list(info.grid), grid_downsample=cfg.grid_downsample,
         tokens=backbone.tokens, width=info.width, mean=list(info.mean), std=list(info.std),
-        precision=cfg.precision, sampling="tsn-middle", class_names=list(class_names),
+        precision=cfg.precision, sampling="tsn-random" if views else "tsn-middle", class_names=list(class_names),
         labelled_by=labelled_by, videos_root=str(Path(cfg.videos).resolve()),
         shard_size=cfg.shard_size, versions=versions(), storage=cfg.store,
         compact=_compact_settings(cfg, backbone) if cfg.store == "compact" else None,
         branches=_records(_needs(needs), info.depth, info.heads, info.ln_eps),
+        train_views=views.views if views else 0, augment=views.record() if views else None,
     )
 
 
@@ -305,7 +277,7 @@ def _extract_slice(cfg: ExtractConfig, store: Store, backbone, device: torch.dev
     paths = store.paths()
     workers = cfg.workers if cfg.workers >= 0 else (1 if device.type == "cpu" else min(8, os.cpu_count() or 1))
     dataset = VideoDecodeDataset(cfg.videos, [paths[v] for v in scheduled], scheduled, cfg.frames, cfg.clips,
-                                 cfg.crops, backbone.info.image_size)
+                                 cfg.crops, backbone.info.image_size, cfg.views(backbone.info.image_size))
     summary = {"videos": store.num_videos, "scheduled": len(scheduled), "done_now": 0, "failed_now": 0,
                "errors": store.errors_location, "out": cfg.out}
     started = time.perf_counter()
