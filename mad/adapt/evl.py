@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mad.adapt.branch import BranchConfig, Family, check_positive, register
-from mad.adapt.layers import Dropout, remember_autocast
+from mad.adapt.layers import Dropout, remember_autocast, scaled_dot_product
 from mad.cache.manifest import TRAINING_KEYS, Manifest, StoreNeed
 
 
@@ -192,7 +192,7 @@ class Attention(nn.Module):
         q = self.q_proj(q).view(B, Lq, h, -1).transpose(1, 2)  # [B, h, Lq, c]
         k = self.k_proj(k).view(B, Lk, h, -1).transpose(1, 2)
         v = self.v_proj(v).view(B, Lk, h, -1).transpose(1, 2)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v
+        x = scaled_dot_product(q, k, v)  # softmax(q k^T / sqrt(c)) v
         return self.out_proj(x.transpose(1, 2).reshape(B, Lq, -1))
 
 

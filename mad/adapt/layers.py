@@ -97,6 +97,15 @@ class GatedFusion(nn.Module):
         return h
 
 
+def scaled_dot_product(q, k, v, dropout_p: float = 0.0):  # [..., Lq, c], [..., Lk, c], [..., Lk, c] -> [..., Lq, c]
+    """F.scaled_dot_product_attention; under vmap (a stacked sweep) its math, since SDPA has no batching rule on
+    CPU (a per-member loop instead). Stacked, attention dropout is refused: it would use torch's generator."""
+    if torch._C._functorch.is_batchedtensor(q):
+        assert dropout_p == 0, "attention dropout does not stack"
+        return torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the middle axis of [B, L, d]."""
 
@@ -111,10 +120,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, L, C/h]
-        if torch._C._functorch.is_batchedtensor(q):  # stacked (vmap): SDPA has no batching rule on CPU
-            x = torch.softmax(q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5, dim=-1) @ v
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = scaled_dot_product(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, L, C)
         return self.proj(x)
 

@@ -215,9 +215,9 @@ def members_at_once(members, train_data: CachedTokens) -> int:
     return max(min(int(free_memory(device) * MEMORY_SHARE // max(held)), len(members)), 1)
 
 
-def plan_stacks(runs: list[Member], max_stack: int | None, inputs) -> tuple[list[list[Member]], str]:
+def plan_stacks(runs: list[Member], max_stack: int | None, inputs, measured: dict) -> tuple[list[list[Member]], str]:
     """Who steps with whom: same-shape members in stacks of at most `max_stack` (None: what fits in free
-    memory, from one member's step measured on `inputs`); and why, in a line for the log."""
+    memory, from one member's step measured on `inputs` once, kept in `measured`); and why, for the log."""
     shapes: dict[tuple, list[Member]] = {}
     for run in runs:
         shapes.setdefault(stack_shape(run.cfg, run.branch), []).append(run)
@@ -227,7 +227,9 @@ def plan_stacks(runs: list[Member], max_stack: int | None, inputs) -> tuple[list
         size, why = max_stack, f"--max-stack {max_stack}"
     else:
         first = runs[0]
-        held, step = bytes_per_member(first.model, lambda: first.model(inputs))
+        if not measured:
+            measured["held"], measured["step"] = bytes_per_member(first.model, lambda: first.model(inputs))
+        held, step = measured["held"], measured["step"]
         budget = free_memory(first.device) * MEMORY_SHARE - held * len(runs)
         size = max(int(budget // max(step, 1)), 1)
         why = (f"free memory: {MEMORY_SHARE:.0%} of {free_memory(first.device) / 1e9:.1f} GB, "
@@ -244,7 +246,7 @@ def _train_group(members, indices, train_data, val_data, max_stack, console, qui
     runs = [Member(cfg, branch, train_data, val_data, bars) for cfg, branch in members]
     number = {id(run): i for run, i in zip(runs, indices)}  # the member's index in the sweep
     cfg, dist, device = runs[0].cfg, runs[0].dist, runs[0].device
-    said = None
+    said, measured = None, {}
     with ExitStack() as stack:
         for run in runs:
             stack.enter_context(run.log)
@@ -265,7 +267,7 @@ def _train_group(members, indices, train_data, val_data, max_stack, console, qui
                     if run.cfg.arch not in inputs:
                         inputs[run.cfg.arch] = run.entry.inputs(arrays, train_data.manifest)
                 if steppers is None:  # planned on the epoch's first batch: a step is measured on it
-                    stacks, why = plan_stacks(active, max_stack, inputs[active[0].cfg.arch])
+                    stacks, why = plan_stacks(active, max_stack, inputs[active[0].cfg.arch], measured)
                     steppers = [Stack(s) if len(s) > 1 else s[0] for s in stacks]
                     plan = [[number[id(run)] for run in s] for s in stacks]
                     if plan != said:
@@ -284,7 +286,8 @@ def _train_group(members, indices, train_data, val_data, max_stack, console, qui
             for stepper in steppers or []:
                 if isinstance(stepper, Stack):
                     stepper.unstack()
-            probs = validate_together(active, val_data, cfg.batch_size * 2, device) if val_data else [None] * len(active)
+            probs = ([None] * len(active) if val_data is None
+                     else validate_together(active, val_data, cfg.batch_size * 2, device))
             for run, val_probs in zip(active, probs):
                 row = run.end_epoch(epoch, val_probs, val_data)
                 if len(runs) > 1:

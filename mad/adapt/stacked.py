@@ -98,7 +98,8 @@ class Stack:
     def _clip(self) -> None:
         """clip_grad_norm_ per member: g *= min(max_norm / (||g_member|| + 1e-6), 1)."""
         grads = [self.params[n].grad for n in self.names]
-        norms = torch.stack([g.reshape(self.size, -1).float().pow(2).sum(dim=1) for g in grads]).sum(dim=0).sqrt()  # [S]
+        squares = torch.stack([g.reshape(self.size, -1).float().pow(2).sum(dim=1) for g in grads])  # [params, S]
+        norms = squares.sum(dim=0).sqrt()  # [S]
         coef = torch.where(self.clip > 0, (self.clip / (norms + 1e-6)).clamp(max=1.0), 1.0)
         for g in grads:
             g.mul_(coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
