@@ -305,42 +305,28 @@ def plan(
     workers: int = typer.Option(EXTRACT.workers, help="Decoding processes of the extraction (-1: its default)."),
     probe: int = typer.Option(4, help="Videos to decode and model batches to time (0: no probe, bytes only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
-    sweep: Optional[int] = typer.Option(None, "--sweep", help="Predict a sweep of K configurations instead: "
-                                        "extraction, then lockstep vs one by one (FLOPs counted, rates below)."),
+    sweep: Optional[int] = typer.Option(None, help="Instead: predict a sweep of K configurations (docs/plan-sweep.md)."),
     epochs: int = typer.Option(SWEEP_PLAN.epochs, help="--sweep: epochs of each configuration."),
     arch: str = typer.Option(SWEEP_PLAN.arch, help="--sweep: the branch family whose FLOPs are counted."),
     store: str = typer.Option(SWEEP_PLAN.store, help="--sweep: the storage mode the sweep reads."),
     classes: int = typer.Option(SWEEP_PLAN.classes, help="--sweep: classes of the branch's head."),
-    device_tflops: float = typer.Option(SWEEP_PLAN.device_tflops, "--device-tflops",
-                                        help="--sweep: the device's peak TFLOP/s (default: an H100 SXM, dense bf16)."),
-    utilisation: float = typer.Option(SWEEP_PLAN.utilisation, help="--sweep: share of that peak the work reaches "
-                                      "(assumed: small models at batch 32 keep a large GPU mostly waiting)."),
-    disk_gbps: float = typer.Option(SWEEP_PLAN.disk_gbps, "--disk-gbps", help="--sweep: GB/s read from and "
-                                    "written to the store (default: one PCIe 4.0 data-centre NVMe drive)."),
-    cpu_cores: int = typer.Option(SWEEP_PLAN.cpu_cores, "--cpu-cores",
-                                  help="--sweep: host cores decoding videos during extraction (16 per GPU)."),
-    decode_seconds: float = typer.Option(SWEEP_PLAN.decode_seconds, "--decode-seconds", help="--sweep: "
-                                         "CPU-seconds to decode one clip (default: measured on this project's CPU)."),
+    device_tflops: float = typer.Option(SWEEP_PLAN.device_tflops, help="--sweep: peak TFLOP/s (H100 SXM, bf16)."),
+    utilisation: float = typer.Option(SWEEP_PLAN.utilisation, help="--sweep: share of the peak reached (assumed)."),
+    disk_gbps: float = typer.Option(SWEEP_PLAN.disk_gbps, help="--sweep: store GB/s (one PCIe 4.0 NVMe drive)."),
+    cpu_cores: int = typer.Option(SWEEP_PLAN.cpu_cores, help="--sweep: cores decoding videos in extraction."),
+    decode_seconds: float = typer.Option(SWEEP_PLAN.decode_seconds, help="--sweep: CPU-seconds to decode a clip."),
 ):
-    """Before any work: bytes on disk per storage mode, estimated extraction time here, reads; train + val.
-    With --sweep K: the predicted time of a K-configuration sweep on a given device and disk."""
-    from mad.plan import PlanConfig, plan as run_plan, print_plan
-    from mad.plan_sweep import plan_sweep, print_sweep_plan
-
-    cfg = PlanConfig(
-        videos=str(videos) if videos else None, num_videos=num_videos, val_videos=val_videos,
-        val_views=val_views, model=model, layers=layers, frames=frames,
-        clips=clips, crops=crops, views=views, train_views=train_views, grid_downsample=grid_downsample,
-        cell_size=cell_size,
-        correlation=correlation, device=device, precision=precision, batch_size=batch_size, workers=workers,
-        probe=probe)
-    swept = SweepPlanConfig(sweep=sweep, epochs=epochs, arch=arch, store=store, classes=classes,
-                            device_tflops=device_tflops, utilisation=utilisation, disk_gbps=disk_gbps,
-                            cpu_cores=cpu_cores, decode_seconds=decode_seconds)
-    if sweep is None:
-        print_plan(run_plan(cfg), as_json)
-    else:
-        print_sweep_plan(plan_sweep(cfg, swept), as_json)
+    """Before any work: bytes per storage mode, extraction time here, reads; --sweep K: a sweep's predicted time."""
+    from mad.plan import PlanConfig
+    from mad.plan_sweep import plan_command
+    plan_command(PlanConfig(
+        videos=str(videos) if videos else None, num_videos=num_videos, val_videos=val_videos, val_views=val_views,
+        model=model, layers=layers, frames=frames, clips=clips, crops=crops, views=views, train_views=train_views,
+        grid_downsample=grid_downsample, cell_size=cell_size, correlation=correlation, device=device,
+        precision=precision, batch_size=batch_size, workers=workers, probe=probe),
+        SweepPlanConfig(sweep=sweep, epochs=epochs, arch=arch, store=store, classes=classes,
+                        device_tflops=device_tflops, utilisation=utilisation, disk_gbps=disk_gbps,
+                        cpu_cores=cpu_cores, decode_seconds=decode_seconds), as_json)
 
 
 @app.command()

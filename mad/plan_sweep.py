@@ -67,6 +67,16 @@ class SweepPlanConfig:
         check_choices(self, self.CHOICES)
 
 
+def plan_command(cfg, sweep: SweepPlanConfig, as_json: bool = False) -> None:
+    """`mad plan`: the extraction plan of `cfg` (a PlanConfig), or with --sweep K the predicted sweep."""
+    from mad.plan import plan, print_plan
+
+    if sweep.sweep is None:
+        print_plan(plan(cfg), as_json)
+    else:
+        print_sweep_plan(plan_sweep(cfg, sweep), as_json)
+
+
 def count_flops(cfg, arch: str = "madapter", store: str = "compact", classes: int = 400) -> dict:
     """FLOPs of the backbone per video-view (with turning its levels into the store's arrays), and of the
     branch per clip: a training step's forward + backward, and validation's forward. `cfg`: a PlanConfig."""

@@ -56,6 +56,7 @@ class Run:
     confusion: str | None = None              # base64 PNG
     per_class: list[dict] = field(default_factory=list)
     worst: list[dict] = field(default_factory=list)
+    trained_views: list[dict] = field(default_factory=list)  # train-view stores: `mad.report_views`
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -75,6 +76,7 @@ def write_report(run_dirs, out="report.html", device: str = "auto", worst: int =
 
 def build_report(run_dirs, device: str = "auto", worst: int = WORST_VIDEOS, batch_size: int = 64) -> list[Run]:
     """Everything the page shows, run by run, best val top-1 first."""
+    from mad.report_views import trained_views
     from mad.runtime import resolve_device
 
     if worst < 0:
@@ -90,6 +92,7 @@ def build_report(run_dirs, device: str = "auto", worst: int = WORST_VIDEOS, batc
                 continue
             run.curves = curves_image(run.history)
             score_run(run, caches, device, worst, batch_size)
+            run.trained_views = trained_views(run.train["cache"], run.train["seed"], run.history[-1]["epoch"])
     finally:
         for data in caches.values():
             data.close()
@@ -335,6 +338,14 @@ width {{ run.train.width }}, seed {{ run.train.seed }}</p>
 <td class="text">{{ video.predicted }} ({{ video.predicted_prob | num }})</td>
 <td class="text">{% if video.strip %}<img class="strip" alt="frames of {{ video.path }}" src="data:image/jpeg;base64,{{ video.strip }}">{% else %}<span class="note">{{ video.note }}</span>{% endif %}</td></tr>
 {% endfor %}</tbody></table>
+{% endif %}
+{% if run.trained_views %}
+<h3>Train views: the one each video was trained on in epoch {{ run.history[-1].epoch }} (&#10003;), as the model saw it</h3>
+<table class="views"><tbody>{% for video in run.trained_views %}{% for view in video.views %}
+<tr><td class="text">{% if loop.first %}{{ video.path }}{% endif %}</td><td>{{ "&#10003;" | safe if view.trained }} view {{ view.view }}</td>
+<td class="text">crop {{ view.box }}{{ ", flipped" if view.flipped }}</td>
+<td class="text">{% if view.strip %}<img class="strip" alt="view {{ view.view }} of {{ video.path }}" src="data:image/jpeg;base64,{{ view.strip }}">{% else %}<span class="note">{{ view.note }}</span>{% endif %}</td></tr>
+{% endfor %}{% endfor %}</tbody></table>
 {% endif %}
 </section>
 {% endfor %}

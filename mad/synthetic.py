@@ -29,6 +29,11 @@ PAIRS: tuple[tuple[str, str], ...] = (
 CLASSES: tuple[str, ...] = tuple(sorted(name for pair in PAIRS for name in pair))
 _FORWARD_OF = {rev: fwd for fwd, rev in PAIRS} | {fwd: fwd for fwd, _ in PAIRS}
 SHAPES = ("square", "disc", "triangle")
+# make_demo_videos(placement=...): (object scale, shift right, shift down as fractions of the frame) per split.
+# "shifted": training objects at half size in the top-left quarter, validation objects as drawn (full size,
+# about the centre): a model must recognise an action at a position and scale it never saw in training.
+PLACEMENTS = {"same": {"train": (1.0, 0.0, 0.0), "val": (1.0, 0.0, 0.0)},
+              "shifted": {"train": (0.5, -0.22, -0.22), "val": (1.0, 0.0, 0.0)}}
 
 
 # --------------------------------------------------------------------------- writing
@@ -223,14 +228,19 @@ def _trajectory(
     return cx, cy, half, angle
 
 
-def make_clip(class_name: str, rng: np.random.Generator, num_frames: int = 16, size: int = 96) -> np.ndarray:
-    """One uint8 [T,H,W,3] clip of ``class_name``, drawn from ``rng``."""
+def make_clip(class_name: str, rng: np.random.Generator, num_frames: int = 16, size: int = 96,
+              placement: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> np.ndarray:
+    """One uint8 [T,H,W,3] clip of ``class_name``, drawn from ``rng``; ``placement`` (scale, shift x, shift y)
+    scales the object and its path about the frame's centre, then shifts them (fractions of the frame)."""
     forward = _FORWARD_OF[class_name]
     background, base = _background(rng, size, tint=[fwd for fwd, _ in PAIRS].index(forward))
     colour = _object_colour(rng, base)
     accent = np.where(colour > 127, colour - 110, colour + 110)  # visible against the fill
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     cx, cy, half, angle = _trajectory(forward, rng, num_frames, size)
+    scale, shift_x, shift_y = placement  # no random draw: (1, 0, 0) leaves the clip as it was
+    cx, cy = size / 2 + (cx - size / 2) * scale + shift_x * size, size / 2 + (cy - size / 2) * scale + shift_y * size
+    half = half * scale
     video = _render(background, shape, colour, accent, cx, cy, half, angle, rng)
     return video if class_name == forward else video[::-1].copy()
 
@@ -246,13 +256,17 @@ def make_demo_videos(
     size: int = 96,
     fps: int = 8,
     seed: int = 0,
+    placement: str = "same",
 ) -> dict:
     """Write the demo dataset as ``root/{train,val}/<class>/<clip>.mp4`` plus ``root/classes.txt``.
 
     Each clip has its own generator seeded from (seed, split, class, index), so a
     clip's frames do not depend on how many other clips are made. Returns
-    ``{"train": Path, "val": Path, "classes": [names in classes.txt order]}``.
+    ``{"train": Path, "val": Path, "classes": [names in classes.txt order]}``. ``placement``: "same" (both
+    splits drawn alike) or "shifted" (`PLACEMENTS`: validation objects at other positions and scales).
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement {placement!r}: use {' or '.join(PLACEMENTS)}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     counts = {"train": videos_per_class, "val": val_per_class}
@@ -263,7 +277,7 @@ def make_demo_videos(
             class_key = zlib.crc32(class_name.encode())  # stable across runs, unlike hash()
             for index in range(count):
                 rng = np.random.default_rng([seed, split_id, class_key, index])
-                clip = make_clip(class_name, rng, num_frames, size)
+                clip = make_clip(class_name, rng, num_frames, size, PLACEMENTS[placement][split])
                 write_video(folder / f"{class_name}_{split}_{index:04d}.mp4", clip, fps)
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     return {"train": root / "train", "val": root / "val", "classes": list(CLASSES)}

@@ -30,3 +30,29 @@ def test_grid_points_and_ks():
     for bad in ("0", "a", "", "99"):
         with pytest.raises(BenchSweepError):
             parse_ks(bad)
+
+
+def test_reader_counts_that_the_sweep_cannot_match_are_refused_before_any_work(monkeypatch):
+    import mad.bench.sweep as bench
+
+    monkeypatch.setattr(bench, "sweep_accepts", lambda option: False)
+    monkeypatch.setattr(bench, "build_store", lambda *a: pytest.fail("built a store"))
+    with pytest.raises(BenchSweepError, match="--workers 0: this mad sweep takes no --workers"):
+        bench.bench_sweep(workers=0, out=None)
+
+
+@pytest.mark.slow
+def test_smoke_from_the_command_line(tmp_path):
+    """`mad bench sweep --smoke` end to end: both sides ran, and the K=2 sweep read less of the store."""
+    import json
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "mad", "bench", "sweep", "--smoke", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "bench_sweep_cpu_smoke.json").read_text())
+    assert result["smoke"] and set(result["results"]) == {"1", "2"}
+    assert len(result["runs"]) == 4 and {r["mode"] for r in result["runs"]} == {"lockstep", "sequential"}
+    two = result["results"]["2"]
+    assert two["lockstep"]["store_bytes"]["median"] < two["sequential"]["store_bytes"]["median"]
+    assert (tmp_path / "bench_sweep_cpu_smoke.md").read_text().startswith("# mad bench sweep")

@@ -245,3 +245,33 @@ def test_benchmark_results_hold_no_hand_written_tables():
     kept_as_printed = {"quantisers.md", "evl_demo.md"}
     loose = {p.name for p in (ROOT / "benchmarks" / "results").glob("*.md")} - checked - kept_as_printed
     assert not loose, f"hand-written result pages (render them from JSON or move to benchmarks/notes/): {loose}"
+
+
+def test_the_code_map_names_every_module():
+    """A module added under mad/ appears in docs/code-map.md's tree by its file name (modules of a package two levels
+    down, such as mad/bench/memory/, by their stem on the package's line)."""
+    tree = (ROOT / "docs" / "code-map.md").read_text().split("```", 2)[1]
+    words = set(re.findall(r"[\w.]+", tree))
+    missing = [str(f.relative_to(ROOT)) for f in sorted((ROOT / "mad").rglob("*.py"))
+               if f.name not in ("__init__.py", "__main__.py") and f.name not in words
+               and not (len(f.relative_to(ROOT / "mad").parts) > 2 and f.stem in words)]
+    assert not missing, f"add to docs/code-map.md: {missing}"
+
+
+def test_every_option_in_the_docs_examples_exists():
+    """Each `mad CMD --option` written in README.md or a docs page's examples is an option of that command today:
+    a renamed or removed option fails here (the pages quote commands users copy)."""
+    root = typer.main.get_command(cli_reference.app)
+    options = {path: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+               for path, cmd in cli_reference._commands(root, "mad")}
+    stale = []
+    for page in PAGES:
+        text = page.read_text()
+        for line in re.findall(r"(?:^|\$ |`)(mad (?:[a-z-]+ )+[^`\n]*)", text, flags=re.M):
+            words = line.split()
+            path = next((" ".join(words[:n]) for n in (3, 2) if " ".join(words[:n]) in options), None)
+            if path is None:
+                continue  # prose such as "mad train trains ..."
+            stale += [f"{page.relative_to(ROOT)}: {path} {o}" for o in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", line)
+                      if o not in options[path] and o != "--help"]
+    assert not stale, stale

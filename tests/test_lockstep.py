@@ -111,6 +111,20 @@ def test_batch_size_and_seed_split_reading_groups_and_each_batch_is_read_once(ca
     assert reads.count(8) == 2 * -(-videos // 8)
 
 
+def test_one_read_of_the_val_split_validates_every_member(caches, tmp_path, monkeypatch):
+    from mad.cache.dataset import CachedTokens
+    passes = []
+    original = CachedTokens.eval_batches
+
+    def counted(self, *args, **kwargs):
+        passes.append(self.num_videos)
+        yield from original(self, *args, **kwargs)
+    monkeypatch.setattr(CachedTokens, "eval_batches", counted)
+    lockstep(caches, [config(caches, tmp_path / str(i), lr=lr) for i, lr in enumerate((3e-3, 1e-3, 2e-3))])
+    # 2 epochs: one val pass each for the 3 members; the summaries reuse the best epoch's probabilities
+    assert len(passes) == 2, passes
+
+
 def test_clipping_is_per_member(caches, tmp_path):
     """A member clipped hard and one not clipped: each matches its run alone (one norm over both would not)."""
     configs = [config(caches, tmp_path / "l0", clip_grad=0.01), config(caches, tmp_path / "l1", clip_grad=0.0)]
@@ -147,18 +161,9 @@ def test_max_stack_and_free_memory_set_the_stacks(caches, tmp_path, monkeypatch,
     assert [len(metric_rows(tmp_path / "b" / str(i))) for i in range(3)] == [1, 1, 1] and len(summaries) == 3
 
 
-def test_stacked_equals_one_after_another_and_val_is_read_once_per_group(caches, tmp_path, monkeypatch):
-    from mad.cache.dataset import CachedTokens
-    val_reads = []
-    original = CachedTokens.eval_batches
-
-    def counted(self, *args, **kwargs):
-        val_reads.append(self.location)
-        yield from original(self, *args, **kwargs)
-    monkeypatch.setattr(CachedTokens, "eval_batches", counted)
+def test_stacked_equals_one_after_another(caches, tmp_path):
     grid = [dict(lr=3e-3, dropout=0.3), dict(lr=1e-3, label_smoothing=0.0, clip_grad=0.05)]
     lockstep(caches, [config(caches, tmp_path / "s" / str(i), **g) for i, g in enumerate(grid)])
-    assert len(val_reads) == 2  # 2 epochs x 1 reading group (not x 2 members; the summary reuses them)
     lockstep(caches, [config(caches, tmp_path / "q" / str(i), **g) for i, g in enumerate(grid)], max_stack=1)
     for i in range(2):
         assert_same_rows(metric_rows(tmp_path / "q" / str(i)), metric_rows(tmp_path / "s" / str(i)))

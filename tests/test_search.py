@@ -184,6 +184,16 @@ def test_without_a_pruner_every_point_trains_every_epoch_and_a_rerun_trains_noth
     assert again.calls == [] and board(tmp_path / "sweep") == rows
 
 
+def test_an_rdb_storage_holds_the_study_and_optuna_opens_it(caches, tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    search = SearchConfig(grid="lr=1e-3,2e-3", storage=url, study_name="lrs")
+    fake_sweep(caches, tmp_path / "sweep", monkeypatch, FakeLockstep(), search)
+    assert not (tmp_path / "sweep" / "study.journal").exists()
+    study = optuna.load_study(study_name="lrs", storage=url)
+    assert sorted(t.user_attrs["run"] for t in study.trials) == ["01-lr=0.001", "02-lr=0.002"]
+    assert study.best_trial.params == {"lr": 2e-3} and study.direction.name == "MAXIMIZE"
+
+
 def dead_owner() -> dict:
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
@@ -252,6 +262,10 @@ def test_a_study_started_by_another_sweep_is_refused(caches, tmp_path, monkeypat
     with pytest.raises(MadError, match="holds another sweep .*pruner 'none' -> 'halving'"):
         fake_sweep(caches, tmp_path / "sweep", monkeypatch, FakeLockstep(),
                    SearchConfig(grid="lr=1e-3,2e-3", pruner="halving"))
+    drawn = SearchConfig(space="lr=uniform:1e-3:2e-3", trials=2, sampler="random")
+    fake_sweep(caches, tmp_path / "drawn", monkeypatch, FakeLockstep(), drawn)
+    with pytest.raises(MadError, match="holds another sweep .*batch_size 16 -> 8"):
+        fake_sweep(caches, tmp_path / "drawn", monkeypatch, FakeLockstep(), drawn, batch_size=8)
 
 
 # ---- bad input on the command line: one line naming the option, exit 2, nothing written --------------
@@ -379,3 +393,49 @@ def test_two_sweep_processes_share_one_study_and_train_each_trial_once(small_cac
     assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
     boards = [out[out.index("sweep leaderboard"):] for out in outputs]
     assert boards[0] == boards[1] and len(board(tmp_path / "sweep")) == 4  # one leaderboard, whoever wrote it
+
+
+def test_a_checkpoint_is_replaced_whole_or_not_at_all(tmp_path):
+    """A sweep killed while a member writes last.pt or model.safetensors keeps the previous file."""
+    from mad.adapt.checkpoint import replacing
+
+    path = tmp_path / "last.pt"
+    path.write_text("epoch 1")
+    with pytest.raises(KeyboardInterrupt):
+        with replacing(path) as partial:
+            partial.write_text("epoch 2, half writ")
+            raise KeyboardInterrupt
+    assert path.read_text() == "epoch 1" and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    with replacing(path) as partial:
+        partial.write_text("epoch 2")
+    assert path.read_text() == "epoch 2" and sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_under_torchrun_each_rank_takes_its_own_trials(small_caches, tmp_path):
+    """`torchrun --nproc-per-node 2 -m mad sweep ...`: two sweep processes on the sweep folder's study, no DDP."""
+    command = sweep_command(small_caches, tmp_path / "sweep", "--grid", "lr=4e-3,3e-3,2e-3,1e-3", "--at-once", "1")
+    command[1:3] = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mad"]
+    output = run_to_end(command, tmp_path / "torchrun.log")
+    trained = [line.split()[2] for line in output.splitlines() if line.startswith("trial ") and "(kept" in line]
+    assert sorted(trained) == [run_name(i, {"lr": lr}) for i, lr in enumerate((4e-3, 3e-3, 2e-3, 1e-3), 1)]
+    assert output.count("sweep leaderboard") == 2 and len(board(tmp_path / "sweep")) == 4
+    assert all(epochs == [1, 2, 3] for epochs in epochs_of(tmp_path / "sweep").values())
+
+
+def test_whether_a_running_trials_owner_is_alive():
+    from datetime import datetime, timedelta
+
+    from mad.adapt.search import GRACE, HEARTBEAT, UNNAMED, owner
+
+    def trial(started_ago: float, **attrs):
+        return optuna.trial.FrozenTrial(
+            number=0, state=optuna.trial.TrialState.RUNNING, value=None, values=None,
+            datetime_start=datetime.now() - timedelta(seconds=started_ago), datetime_complete=None, params={},
+            distributions={}, user_attrs={}, system_attrs=attrs, intermediate_values={}, trial_id=0)
+    assert alive(trial(0, **{OWNER: owner()})) and not alive(trial(0, **{OWNER: dead_owner()}))
+    assert alive(trial(1)) and not alive(trial(UNNAMED + 1))  # killed between ask and naming its owner
+    elsewhere = {**owner(), "host": "another-node"}
+    assert alive(trial(0, **{OWNER: elsewhere, HEARTBEAT: time.time() - GRACE + 10}))
+    assert not alive(trial(0, **{OWNER: elsewhere, HEARTBEAT: time.time() - GRACE - 10}))

@@ -82,3 +82,18 @@ def test_bad_corpus(tmp_path):
                 assert frame.to_ndarray(format="rgb24").ndim == 3
         else:
             assert kind == "any"
+
+
+def test_shifted_placement_moves_training_objects_to_the_top_left_at_half_size():
+    from mad.synthetic import PLACEMENTS, make_clip
+
+    def clip(placement, seed=3):
+        return make_clip("orbiting_clockwise", np.random.default_rng(seed), 16, 64, placement).astype(float)
+
+    assert np.array_equal(clip((1.0, 0.0, 0.0)), make_clip("orbiting_clockwise", np.random.default_rng(3), 16, 64))
+    for seed in range(4):
+        moving = clip(PLACEMENTS["shifted"]["train"], seed).std(axis=0).mean(axis=-1) > 20  # the object passed
+        assert moving[:32, :32].sum() > 10 * max(moving[32:, 32:].sum(), 1)
+        val = clip(PLACEMENTS["shifted"]["val"], seed).std(axis=0).mean(axis=-1) > 20
+        assert val.sum() > 2 * moving.sum()  # larger
+        assert val[32:, 32:].sum() > 0.3 * val[:32, :32].sum()  # about the centre, as drawn

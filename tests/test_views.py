@@ -222,6 +222,18 @@ def test_train_on_views_alone_equals_lockstep_and_eval_needs_deterministic_views
     lockstep(caches, [config(tmp_path / "lock0"), config(tmp_path / "lock1", lr=1e-3)])
     assert_same_rows(metric_rows(tmp_path / "alone"), metric_rows(tmp_path / "lock0"))
     assert metric_rows(tmp_path / "lock0") != metric_rows(tmp_path / "lock1")
+    # mad report shows which view each training video was trained on in the last epoch, as the model saw it
+    from mad.cache.dataset import epoch_order
+    from mad.report import build_report, render
+
+    run = build_report([tmp_path / "alone"], "cpu", worst=1)[0]
+    positions, views = epoch_order(12, K, TrainConfig().seed, settings["epochs"])
+    drawn = dict(zip(positions.tolist(), views.tolist()))
+    assert len(run.trained_views) == 3
+    for position, video in enumerate(run.trained_views):
+        assert [view["trained"] for view in video["views"]] == [k == drawn[position] for k in range(K)]
+        assert all(view["strip"] for view in video["views"])
+    assert "Train views: the one each video was trained on in epoch 2" in render([run])
     with pytest.raises(MadError, match="random --train-views views; evaluate on a store extracted without"):
         train(config(tmp_path / "refused", val=caches["train"]), quiet=True)
     assert not (tmp_path / "refused").exists()

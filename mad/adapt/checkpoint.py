@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,7 +21,21 @@ def save_model(model: nn.Module, path, branch: BranchConfig, info: dict | None =
 
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     metadata = {"format": 1, "model_args": branch.to_dict(), **(info or {})}
-    save_file(state, str(path), metadata={"mad": json.dumps(metadata)})
+    with replacing(path) as partial:
+        save_file(state, str(partial), metadata={"mad": json.dumps(metadata)})
+
+
+@contextmanager
+def replacing(path):
+    """Write `path` as a whole or not at all: into a file beside it, renamed over it when complete (a process
+    killed while writing, e.g. a sweep under SIGKILL, leaves the previous file intact)."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def load_model(path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -63,9 +79,10 @@ def load_state(model: nn.Module, state: dict, path) -> None:
 
 def save_training_state(path: Path, epoch: int, model, optimizer, scheduler) -> None:
     """Everything `restore_training_state` needs to continue after `epoch` exactly as if never stopped."""
-    torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, path)
+    with replacing(path) as partial:
+        torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, partial)
 
 
 def restore_training_state(path: Path, model, optimizer, scheduler, device) -> int:
@@ -73,7 +90,7 @@ def restore_training_state(path: Path, model, optimizer, scheduler, device) -> i
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which and why
-        raise CheckpointError(f"{path}: cannot be read ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: cannot be read ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     load_state(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

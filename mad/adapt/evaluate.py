@@ -31,24 +31,35 @@ class EvalError(MadError):
     """An evaluation request that cannot be served (message names the file and says why)."""
 
 
-@torch.no_grad()
 def predict_probs(model: torch.nn.Module, data: CachedTokens, batch_size: int, device: torch.device,
                   all_views: bool = False, *, arch: str) -> torch.Tensor:
     """Softmax probabilities of branch `model` (of `arch`: its family says how it takes a batch), float32
     [V, views, C] (views = 1 unless `all_views`)."""
-    entry = family(arch)
-    model.eval()
+    return predict_probs_together([model], data, batch_size, device, all_views, archs=[arch])[0]
+
+
+@torch.no_grad()
+def predict_probs_together(models: list[torch.nn.Module], data: CachedTokens, batch_size: int,
+                           device: torch.device, all_views: bool = False, *, archs: list[str]) -> list[torch.Tensor]:
+    """`predict_probs` of every model in `models` (of `archs`) on one read of `data`: each batch is read,
+    moved and turned into each family's inputs once (a lockstep sweep validates its members so)."""
+    entries = [family(arch) for arch in archs]
+    for model in models:
+        model.eval()
     views_used = data.num_views if all_views else 1
-    probs = None
+    probs: list[torch.Tensor | None] = [None] * len(models)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for arrays, _, positions, views in data.eval_batches(batch_size, all_views):
-        inputs = entry.inputs(data.to_device(arrays, device), data.manifest)
-        with autocast:
-            logits = model(inputs)
-        p = logits.float().softmax(dim=-1).cpu()
-        if probs is None:
-            probs = torch.zeros(data.num_videos, views_used, p.shape[1])
-        probs[positions, views] = p
+        arrays, inputs = data.to_device(arrays, device), {}
+        for i, (model, entry) in enumerate(zip(models, entries)):
+            if entry.name not in inputs:
+                inputs[entry.name] = entry.inputs(arrays, data.manifest)
+            with autocast:
+                logits = model(inputs[entry.name])
+            p = logits.float().softmax(dim=-1).cpu()
+            if probs[i] is None:
+                probs[i] = torch.zeros(data.num_videos, views_used, p.shape[1])
+            probs[i][positions, views] = p
     return probs
 
 

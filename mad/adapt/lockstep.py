@@ -33,7 +33,7 @@ from mad.adapt.branch import BranchConfig, count_parameters
 from mad.adapt.checkpoint import restore_training_state, save_model, save_training_state
 from mad.adapt.config import TrainConfig, TrainError
 from mad.adapt.distributed import Distributed
-from mad.adapt.evaluate import accuracy
+from mad.adapt.evaluate import accuracy, predict_probs_together
 from mad.adapt.families import family
 from mad.adapt.layers import dropout_key, step_key
 from mad.adapt.rundir import finish, prepare_run_dir, read_history, summary_line
@@ -127,9 +127,10 @@ class Member:
         self.log.step(f"loss {self.loss_sum / self.seen:.4f}  "
                       f"{self.seen / (time.perf_counter() - self.started):.0f} clips/s")
 
-    def end_epoch(self, epoch: int, val_probs: torch.Tensor | None, val_data: CachedTokens | None) -> dict:
-        """The epoch's row from its running figures and its val probabilities [V, C]; checkpoints, metrics."""
-        seconds = time.perf_counter() - self.started
+    def end_epoch(self, epoch: int, val_probs: torch.Tensor | None, val_data: CachedTokens | None,
+                  seconds: float) -> dict:
+        """The epoch's row after `seconds` of training, validated by `val_probs` (this member's probabilities
+        on `val_data`, [V, C]; None without a val split); checkpoints, metrics."""
         loss_sum, correct, seen = self.dist.sum(self.loss_sum, self.correct, self.seen)
         row = {"epoch": epoch, "lr": self.lr, "train/loss": loss_sum / seen, "train/acc": correct / seen,
                "clips_per_second": seen / seconds}
@@ -286,10 +287,14 @@ def _train_group(members, indices, train_data, val_data, max_stack, console, qui
             for stepper in steppers or []:
                 if isinstance(stepper, Stack):
                     stepper.unstack()
-            probs = ([None] * len(active) if val_data is None
-                     else validate_together(active, val_data, cfg.batch_size * 2, device))
+            seconds = time.perf_counter() - active[0].started  # training only: clips_per_second
+            probs = [None] * len(active)
+            if val_data is not None:  # one read of the val split for every active member
+                probs = [p[:, 0] for p in predict_probs_together([run.model for run in active], val_data,
+                                                                 cfg.batch_size * 2, device,
+                                                                 archs=[run.cfg.arch for run in active])]
             for run, val_probs in zip(active, probs):
-                row = run.end_epoch(epoch, val_probs, val_data)
+                row = run.end_epoch(epoch, val_probs, val_data, seconds)
                 if len(runs) > 1:
                     val = f"  val top-1 {row['val/acc/top1']:.3f}" if "val/acc/top1" in row else ""
                     console.print(f"{run.run} epoch {epoch}/{run.cfg.epochs}  loss {row['train/loss']:.4f}{val}")
@@ -297,24 +302,3 @@ def _train_group(members, indices, train_data, val_data, max_stack, console, qui
                     run.pruned_at = epoch
                     run.log.print(f"{run.run}: pruned after epoch {epoch}")
     return [run.finish(train_data, val_data) for run in runs]
-
-
-@torch.no_grad()
-def validate_together(runs: list[Member], data: CachedTokens, batch_size: int, device) -> list[torch.Tensor]:
-    """Each member's softmax probabilities [V, C] on the first cached view of every val video, reading the val
-    cache once for all of them (as `mad.adapt.evaluate.predict_probs` scores one model)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    probs: list[torch.Tensor | None] = [None] * len(runs)
-    for run in runs:
-        run.model.eval()
-    for arrays, _, positions, views in data.eval_batches(batch_size):
-        arrays, inputs = data.to_device(arrays, device), {}
-        for i, run in enumerate(runs):
-            if run.cfg.arch not in inputs:
-                inputs[run.cfg.arch] = run.entry.inputs(arrays, data.manifest)
-            with autocast:
-                p = run.model(inputs[run.cfg.arch]).float().softmax(dim=-1).cpu()  # [B, C]
-            if probs[i] is None:
-                probs[i] = torch.zeros(data.num_videos, p.shape[1])
-            probs[i][positions] = p
-    return probs

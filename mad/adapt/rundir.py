@@ -28,7 +28,7 @@ from mad.cache.dataset import CachedTokens
 # Settings that may change when a run is resumed: they do not change its numbers.
 RESUMABLE_KEYS = ("device", "workers", "in_ram", "resume", "overwrite", "out", "log")
 RUN_FILES = ("config.json", "metrics.jsonl", "model.safetensors", "last.pt", "summary.json", "curves.png",
-             "confusion.png")
+             "model.safetensors.partial", "last.pt.partial", "confusion.png")
 RUN_FOLDERS = ("tensorboard",)
 
 
@@ -90,11 +90,12 @@ def read_history(run: Path, epoch: int) -> list[dict]:
 
 
 def finish(run: Path, cfg: TrainConfig, history: list[dict], best: dict, scored: CachedTokens, which: str,
-           device, probs: torch.Tensor | None = None) -> dict:
-    """Plots and summary.json from the finished history and the saved best model. `probs` [V, C]: the best
-    model's probabilities on `scored` when the caller kept them (else `scored` is read again)."""
+           device, best_probs: torch.Tensor | None = None) -> dict:
+    """Plots and summary.json from the finished history and the saved best model (`best_probs`: its
+    probabilities on `scored` [V, C], kept when it was validated; else it is loaded and scored again)."""
     plot_curves(history, run / "curves.png")
     model, _ = load_model(run / "model.safetensors", device)
+    probs = best_probs
     if probs is None:
         probs = predict_probs(model, scored, cfg.batch_size * 2, device, arch=cfg.arch)[:, 0]
     matrix = confusion_matrix(probs.argmax(dim=1), scored.labels, probs.shape[1])

@@ -42,6 +42,7 @@ PRUNERS = ("none", "halving", "hyperband")
 REDUCTION = 3  # halving and hyperband keep the best third at each rung
 BEAT = 60.0  # seconds between heartbeats of a running trial
 GRACE = 300.0  # a trial owned on another host, without a heartbeat for this long, is taken up again
+UNNAMED = 60.0  # a trial still without an owner this long after it was asked: its process died in between
 OWNER, HEARTBEAT, SEARCH, RUN, SUMMARY = "mad:owner", "mad:heartbeat", "mad:search", "run", "summary"
 
 
@@ -86,11 +87,11 @@ class SearchConfig:
             raise TrainError("--space needs --trials N: how many configurations to draw")
         return grid if grid is not None else space
 
-    def signature(self, space: dict, seed: int, epochs: int) -> dict:
-        """What the study must have been started with to be continued by this command."""
+    def signature(self, space: dict, training: dict) -> dict:
+        """What the study must have been started with to be continued by this command (`training`: the
+        settings every configuration shares, seed and epochs among them)."""
         return {"space": {name: d.__class__.__name__ + repr(vars(d)) for name, d in space.items()},
-                "trials": self.trials, "sampler": self.kind(space), "pruner": self.pruner, "seed": seed,
-                "epochs": epochs}
+                "trials": self.trials, "sampler": self.kind(space), "pruner": self.pruner, **training}
 
     def kind(self, space: dict) -> str:
         return "grid" if self.grid is not None and is_grid(space) else self.sampler or "tpe"
@@ -145,14 +146,15 @@ class _AskAndTellGrid(optuna.samplers.GridSampler):
 class Study:
     """One sweep's study: take trials, keep them alive, put back those whose owner is gone."""
 
-    def __init__(self, cfg: SearchConfig, space: dict, seed: int, epochs: int, out: Path):
+    def __init__(self, cfg: SearchConfig, space: dict, training: dict, out: Path):
+        seed, epochs = training["seed"], training["epochs"]
         self.cfg, self.space, self.seed, self.kind = cfg, space, seed, cfg.kind(space)
         self.name = cfg.study_name or out.resolve().name
         self.storage = open_storage(cfg.storage, out)
         self.study = optuna.create_study(storage=self.storage, study_name=self.name, direction="maximize",
                                          sampler=make_sampler(self.kind, space, seed),
                                          pruner=make_pruner(cfg.pruner, epochs), load_if_exists=True)
-        signature, saved = cfg.signature(space, seed, epochs), self.study.user_attrs.get(SEARCH)
+        signature, saved = cfg.signature(space, training), self.study.user_attrs.get(SEARCH)
         if saved is None:
             self.study.set_user_attr(SEARCH, signature)
         elif saved != signature:
@@ -257,8 +259,8 @@ def process_start(pid: int) -> str | None:
 def alive(trial: FrozenTrial) -> bool:
     """Whether a RUNNING trial's owner may still be training it."""
     who = trial.system_attrs.get(OWNER)
-    if who is None:  # between ask and naming its owner: give it the grace
-        return trial.datetime_start is None or (datetime.now() - trial.datetime_start).total_seconds() < GRACE
+    if who is None:  # asked, its owner not named yet (that takes milliseconds)
+        return trial.datetime_start is None or (datetime.now() - trial.datetime_start).total_seconds() < UNNAMED
     if who["host"] == socket.gethostname() and who["start"] is not None and Path("/proc/self/stat").exists():
         return process_start(who["pid"]) == who["start"]
     return time.time() - trial.system_attrs.get(HEARTBEAT, 0) < GRACE

@@ -30,11 +30,12 @@ from mad.adapt.families import family, pair_keys, reads
 from mad.adapt.lockstep import train_lockstep
 from mad.adapt.search import SearchConfig, Study
 from mad.adapt.space import corners, grid_points, parse_space, run_name
-from mad.adapt.train import check_run_dir, count_classes, summary_line
+from mad.adapt.train import RESUMABLE_KEYS, check_run_dir, count_classes, summary_line
 from mad.cache.dataset import open_tokens
 from mad.cache.store import Store
 from mad.errors import MadError
 from mad.progress import make_console
+from mad.runtime import resolve_device
 from mad.tables import print_table
 
 POLL = 5.0  # seconds between looks at the study while other processes train its last trials
@@ -70,14 +71,16 @@ def sweep(cache: str, val: str | None, grid: str | None, out: str, base: TrainCo
         for store, location in ((val_store, val), (train_store, cache)):
             if store is not None:
                 _resolve(cfg, store.manifest, num_classes, location, setting, flag)
-    study = Study(search, space, base.seed, base.epochs, out)  # the first thing written
+    shared = {k: v for k, v in dataclasses.asdict(base).items() if k not in (*RESUMABLE_KEYS, *space)}
+    study = Study(search, space, {**shared, "cache": cache, "val": val}, out)  # the first thing written
     at_once = search.at_once or (TPE_AT_ONCE if kind == "tpe" else study.limit)
     train_data = val_data = None
     try:
+        pin = resolve_device(base.device).type == "cuda"  # streamed batches cross to the GPU asynchronously
         train_data = open_tokens(train_store, base.in_ram, base.workers, progress=not quiet,
-                                 arrays=reads(archs, train_store.manifest, cache))
+                                 arrays=reads(archs, train_store.manifest, cache), pin_memory=pin)
         val_data = (open_tokens(val_store, base.in_ram, base.workers, progress=not quiet,
-                                arrays=reads(archs, val_store.manifest, val)) if val_store else None)
+                                arrays=reads(archs, val_store.manifest, val), pin_memory=pin) if val_store else None)
         console.print(f"study {study.name!r} ({kind}, {study.limit} configurations, pruner {search.pruner}) in "
                       f"{search.storage or out / 'study.journal'}")
         Sweep(study, base, cache, val, out, train_data, val_data, num_classes, console, quiet,

@@ -23,6 +23,7 @@ from mad.adapt.rundir import (RESUMABLE_KEYS, RUN_FILES, RUN_FOLDERS, check_run_
                               prepare_run_dir, read_history, summary_line)
 from mad.cache.dataset import CachedTokens, open_tokens, usable_videos
 from mad.cache.store import Store
+from mad.runtime import resolve_device
 
 
 def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, quiet: bool = False,
@@ -39,10 +40,12 @@ def train(cfg: TrainConfig, on_epoch_end: Callable[[dict], None] | None = None, 
     check_run_dir(cfg)  # what the run folder refuses: before reading, writing nothing
     train_data = val_data = None
     try:
+        pin = resolve_device(cfg.device).type == "cuda"  # streamed batches cross to the GPU asynchronously
         train_data = open_tokens(train_store, cfg.in_ram, cfg.workers, progress=not quiet,
-                                 arrays=reads([cfg.arch], train_store.manifest, cfg.cache))
+                                 arrays=reads([cfg.arch], train_store.manifest, cfg.cache), pin_memory=pin)
         val_data = (open_tokens(val_store, cfg.in_ram, cfg.workers, progress=not quiet,
-                                arrays=reads([cfg.arch], val_store.manifest, cfg.val)) if val_store else None)
+                                arrays=reads([cfg.arch], val_store.manifest, cfg.val), pin_memory=pin)
+                    if val_store else None)
         return train_on(cfg, branch, train_data, val_data, on_epoch_end, quiet)
     finally:
         for data in (train_data, val_data):

@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from mad.adapt.config import TrainConfig
+from mad.bench.memory.config import MODES
 
 bench_app = typer.Typer(no_args_is_help=True, help="Speed and memory benchmarks (print figures and ratios).")
 TRAIN = TrainConfig()
@@ -57,14 +58,19 @@ def bench_memory(
     threads: int = typer.Option(0, help="torch CPU threads per mode process (0: torch's default)."),
     cell_size: str = typer.Option(TRAIN.cell_size, "--cell-size", "--grid-pool",
                                   help="M-adapter cells, as `mad train --cell-size`: auto, 1, 2, ..."),
+    modes: str = typer.Option(",".join(MODES), help="Modes to run, comma-separated (default: all)."),
 ):
     """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter and EVL online and
     cached."""
-    from mad.bench.memory import run_benchmark
+    from mad.bench.memory import BenchError, run_benchmark
 
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in MODES]
+    if unknown or not chosen:
+        raise BenchError(f"--modes {modes!r}: choose from {', '.join(MODES)}")
     run_benchmark(model=model, frames=frames, batch=batch, layers=layers, device=device, precision=precision,
                   steps=steps, budget_gb=budget_gb, out=out, classes=classes, branch_width=branch_width,
-                  threads=threads, command=" ".join(["mad", *sys.argv[1:]]), cell_size=cell_size)
+                  threads=threads, command=" ".join(["mad", *sys.argv[1:]]), cell_size=cell_size, modes=chosen)
 
 
 @bench_app.command("train")
@@ -155,6 +161,7 @@ def bench_sweep(
     smoke: bool = typer.Option(False, "--smoke", help="K 1,2, one repeat, one epoch, a tiny store: the harness "
                                "end to end, not figures to quote."),
     videos_per_class: int = typer.Option(8, help="Built store: training videos per class (6 classes)."),
+    val_per_class: int = typer.Option(2, help="Built store: val videos per class."),
     width: int = typer.Option(128, help="Branch width of every run."),
     heads: int = typer.Option(4, help="Branch heads of every run."),
     batch_size: int = typer.Option(16),
@@ -165,5 +172,5 @@ def bench_sweep(
     from mad.bench.sweep import bench_sweep as run
 
     run(ks=ks, repeats=repeats, epochs=epochs, cache=cache, val=val, out=str(out), smoke=smoke,
-        videos_per_class=videos_per_class, width=width, heads=heads, batch_size=batch_size, workers=workers,
+        videos_per_class=videos_per_class, val_per_class=val_per_class, width=width, heads=heads, batch_size=batch_size, workers=workers,
         device=device, command=" ".join(["mad", *sys.argv[1:]]))

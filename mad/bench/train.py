@@ -203,7 +203,7 @@ def bench_train(videos: str, model: str = "ViT-B-16", layers: str = "4,8,12", fr
             run["ram_epoch_seconds"] = statistics.median(s for s, _ in (ram[1:] or ram))
 
             # 2. the same epochs streamed from disk (an extra first pass spawns the workers)
-            streamed = StreamingTokens(cached, selected, workers=workers)
+            streamed = StreamingTokens(cached, selected, workers=workers, pin_memory=device.type == "cuda")
             try:
                 branch, optimizer = new_branch()
                 stream = [_cached_epoch(branch, optimizer, streamed, batch_size, e, device, branch_precision,

@@ -150,11 +150,15 @@ class InMemoryTokens(CachedTokens):
 
 
 class StreamingTokens(CachedTokens):
-    """Reads each batch's chunks from the store in `workers` spawned DataLoader processes."""
+    """Reads each batch's chunks from the store in `workers` spawned DataLoader processes.
 
-    def __init__(self, store: Store, videos: np.ndarray | None = None, workers: int = 2, arrays=None):
+    `pin_memory` (training on CUDA): the loader copies each batch into page-locked memory on a thread, so
+    `to_device`'s non_blocking copy runs asynchronously, beside the step on the previous batch."""
+
+    def __init__(self, store: Store, videos: np.ndarray | None = None, workers: int = 2, arrays=None,
+                 pin_memory: bool = False):
         super().__init__(store, usable_videos(store) if videos is None else videos, arrays)
-        self.workers = workers
+        self.workers, self.pin_memory = workers, pin_memory
         self._reader = ChunkReader(self.location, self.array_shapes, self.videos)
         self._sampler = _ListSampler()
         self._loader = None
@@ -166,7 +170,7 @@ class StreamingTokens(CachedTokens):
             self._loader = DataLoader(
                 self._reader, batch_sampler=self._sampler, num_workers=self.workers, collate_fn=_as_is,
                 multiprocessing_context="spawn" if self.workers else None, persistent_workers=self.workers > 0,
-                prefetch_factor=4 if self.workers else None,
+                prefetch_factor=4 if self.workers else None, pin_memory=self.pin_memory,
                 worker_init_fn=partial(exit_with_parent, os.getpid()),  # readers end with this process
                 generator=torch.Generator(),  # its own: seeding workers must not draw from the global RNG
             )
@@ -241,10 +245,11 @@ def _new_batch_tensor(shape, dtype) -> torch.Tensor:
 
 
 def open_tokens(store: Store | str, in_ram: str = "auto", workers: int = 2, reserve: float = 0.5,
-                progress: bool = True, videos: np.ndarray | None = None, arrays=None) -> CachedTokens:
+                progress: bool = True, videos: np.ndarray | None = None, arrays=None,
+                pin_memory: bool = False) -> CachedTokens:
     """The store's done, labelled videos (or the store indices `videos`) as batches of the data arrays
     `arrays` (by name; all when None): in RAM ('yes'), streamed ('no'), or in RAM when they take less than `reserve` of
-    the available memory ('auto')."""
+    the available memory ('auto'). `pin_memory`: streamed batches in page-locked memory (for a CUDA device)."""
     if isinstance(store, str):
         store = Store.open(store)
     if in_ram not in ("auto", "yes", "no"):
@@ -254,4 +259,4 @@ def open_tokens(store: Store | str, in_ram: str = "auto", workers: int = 2, rese
         in_ram = "yes" if cache_bytes(store, len(videos), arrays) < reserve * available_memory() else "no"
     if in_ram == "yes":
         return InMemoryTokens(store, videos, progress=progress, arrays=arrays)
-    return StreamingTokens(store, videos, workers=workers, arrays=arrays)
+    return StreamingTokens(store, videos, workers=workers, arrays=arrays, pin_memory=pin_memory)
