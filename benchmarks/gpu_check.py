@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --smoke --out DIR    every step on the CPU at tiny sizes (tests/test_gpu_check.py)
 
 Steps, in order of what matters most if time runs out (each has a time budget; the whole check stops
-starting steps once its own budget, --budget seconds, is spent):
+starting steps once its own budget, --budget seconds (460), is spent):
 
     environment      versions, GPU, nvidia-smi
     memory_vit_b16   `mad bench memory` ViT-B/16, 8 frames, batch 32 (Side4Video's setting): in-backbone
@@ -13,7 +13,7 @@ starting steps once its own budget, --budget seconds, is spent):
     memory_vit_l14   ViT-L/14 cached M-adapter vs in-backbone adapter, batch 32 (batch 8 too if 32 does not fit)
     extract          `mad bench extract`: decode only (a worker per core), model only, full extraction
     train_streamed   `mad train` streaming a compact ViT-B/16 store: clips/s and GPU utilisation
-    sweep            `mad bench sweep`: K configurations in one sweep vs K runs
+    sweep            `mad bench sweep --ks 4`: 4 configurations in one sweep vs 4 runs
 
 A step that fails or runs out of time is recorded (status, exit code, the end of its output), never fatal:
 DIR/gpu_check.json is rewritten after every step, so even a check cut off leaves what it measured.
@@ -144,8 +144,10 @@ def environment(check: Check, timeout: float) -> dict:
     return found
 
 
-def memory(check: Check, timeout: float, model: str, batch: int, modes: tuple[str, ...], name: str) -> dict:
-    """`mad bench memory` with all `modes` in one command; if it fails, each mode alone (one may not fit)."""
+def memory(check: Check, timeout: float, model: str, batch: int, modes: tuple[str, ...], name: str,
+           one_by_one: bool = False) -> dict:
+    """`mad bench memory` with all `modes` in one command; if it fails (or `one_by_one`: a mode is expected not
+    to fit), each mode alone."""
     frames, layers = (8, "4,8,12") if not check.smoke else (4, "2,4")
     if check.smoke:
         model, batch = TINY_MODEL, 2
@@ -167,20 +169,23 @@ def memory(check: Check, timeout: float, model: str, batch: int, modes: tuple[st
 
     result = {"model": model, "frames": frames, "batch": batch, "precision": "bf16 autocast",
               "measure": "CUDA max_memory_allocated over the timed steps" if check.device != "cpu" else "CPU RSS"}
-    try:
-        result["modes"] = bench(modes, batch, f"batch{batch}")
-        return result
-    except StepFailed as e:
-        result["all_at_once"] = e.details
-        if e.details.get("status") == "timed_out":  # no time left for the modes one by one
-            raise
+    if not one_by_one:
+        try:
+            result["modes"] = bench(modes, batch, f"batch{batch}")
+            return result
+        except StepFailed as e:
+            result["all_at_once"] = e.details
+            if e.details.get("status") == "timed_out":  # no time left for the modes one by one
+                raise
     rows, failed = [], {}
     for mode in modes:  # one at a time: which did not fit, or broke
         try:
             rows += bench((mode,), batch, f"batch{batch}-{mode}")
         except StepFailed as e:
             failed[mode] = e.details.get("output_tail", "")[-300:]
-    result.update(modes=rows, failed_modes=failed, status="partial" if rows else "failed")
+    result.update(modes=rows, failed_modes=failed)
+    if failed:
+        result["status"] = "partial" if rows else "failed"
     if failed and "L-14" in model and not check.smoke and deadline - time.monotonic() > 20:
         try:  # the pair at a batch that fits, so the ratio still has a figure
             result["batch8"] = bench(modes, 8, "batch8")
@@ -350,7 +355,9 @@ class GpuSampler:
 def sweep(check: Check, timeout: float) -> dict:
     out = check.out / "sweep"
     args = ["bench", "sweep", "--device", check.device, "--out", out]
-    args += ["--smoke"] if check.smoke else ["--ks", "1,4", "--repeats", "1", "--epochs", "1", "--workers", "4"]
+    # smoke: K=1 alone (6 processes; --smoke's K=1,2 starts 11, each a fresh interpreter: 10 minutes on a busy CPU)
+    args += ["--ks", "1" if check.smoke else "4", "--repeats", "1", "--epochs", "1"]
+    args += ["--videos-per-class", "2"] if check.smoke else []
     check.mad(args, timeout, "sweep")
     figures = json.loads(next(out.glob("bench_sweep_*.json")).read_text())
     rows = {}
@@ -370,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="folder for gpu_check.json, logs and each step's files")
     parser.add_argument("--smoke", action="store_true", help="every step on the CPU at tiny sizes (no GPU needed)")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the whole check (default 450 on a GPU, 3600 for --smoke)")
+                        help="seconds for the whole check (default 460 on a GPU, 3600 for --smoke)")
     parser.add_argument("--steps", default=None, help="only these steps, comma-separated (default: all)")
     args = parser.parse_args(argv)
     import torch
@@ -380,16 +387,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    check = Check(args.out, args.smoke, args.budget or (3600.0 if args.smoke else 450.0),
+    check = Check(args.out, args.smoke, args.budget or (3600.0 if args.smoke else 460.0),
                   "cpu" if args.smoke else "cuda")
     # name -> (budget on a GPU, budget in a smoke run, step); a smoke run's budgets are generous: it checks the
     # plumbing on whatever CPU it gets (a shared 2-core machine took 100-150 s for most steps)
     steps = {
         "environment": (20, 60, environment),
         "memory_vit_b16": (100, 600, lambda c, t: memory(c, t, "ViT-B-16", 32, MEMORY_MODES, "memory_vit_b16")),
-        "cuda_tests": (130, 600, cuda_tests),
+        "cuda_tests": (150, 600, cuda_tests),
+        # the in-backbone adapter may not fit an 80 GB H100 at batch 32 (~3.5x ViT-B/16's activations): alone
         "memory_vit_l14": (80, 600, lambda c, t: memory(c, t, "ViT-L-14", 32, ("in-backbone-adapter",
-                                                                               "madapter-cached"), "memory_vit_l14")),
+                                                                               "madapter-cached"), "memory_vit_l14",
+                                                        one_by_one=True)),
         "extract": (45, 600, extract),
         "train_streamed": (60, 600, train_streamed),
         "sweep": (90, 600, sweep),

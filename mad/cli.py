@@ -7,6 +7,7 @@ Option defaults come from the config dataclasses (ExtractConfig, TrainConfig), s
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
 import warnings
@@ -24,11 +25,12 @@ import typer.core
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from mad.adapt.config import TrainConfig  # noqa: E402 (after the OpenMP setting above)
-from mad.adapt.families import names, presets  # noqa: E402
+from mad.adapt.families import family, names, presets  # noqa: E402
 from mad.bench.commands import bench_app  # noqa: E402
 from mad.errors import MadError  # noqa: E402
 from mad.demo import DemoConfig  # noqa: E402
 from mad.extract.run import ExtractConfig  # noqa: E402
+from mad.extract_cli import extraction, with_extract_options  # noqa: E402
 from mad.plan_sweep import SweepPlanConfig  # noqa: E402
 from mad.sweep_cli import sweep_command  # noqa: E402
 
@@ -90,73 +92,13 @@ def error_line(error: BaseException) -> str:
 
 
 @app.command()
-def extract(
-    videos: Path = typer.Option(..., "--videos", help="Folder of videos (searched recursively)."),
-    out: str = typer.Option(EXTRACT.out, "--out", help="Cache store to create or resume (a folder or fsspec URL)."),
-    layers: str = typer.Option(EXTRACT.layers, help="1-based block numbers, negatives from the end, or 'all'."),
-    model: str = typer.Option(EXTRACT.model, help="open_clip model name or a model-config .json path."),
-    pretrained: str = typer.Option(EXTRACT.pretrained, help="Pretrained tag, local checkpoint file, or 'none' (random)."),
-    frames: int = typer.Option(EXTRACT.frames, help="Frames per clip (T)."),
-    clips: int = typer.Option(EXTRACT.clips, help="Temporal views per video."),
-    crops: int = typer.Option(EXTRACT.crops, help="Spatial views per clip: 1 (centre) or 3."),
-    labels: Optional[Path] = typer.Option(None, help="Annotations: an MMAction2 list (label_map.txt beside it), a "
-                                          "path,label CSV, a Kinetics CSV, an SSv2 train/validation JSON, a UCF101 "
-                                          "trainlist/testlist, or a folder of HMDB51 (or UCF101) split files."),
-    labels_format: str = typer.Option(EXTRACT.labels_format, "--labels-format", help="auto (from the file), "
-                                      "mmaction, csv, kinetics, ssv2, ucf101 or hmdb51."),
-    labels_split: Optional[str] = typer.Option(None, "--labels-split", help="With a folder of split files: "
-                                               "train1, train2, train3, test1, test2 or test3."),
-    grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample", "--pool",
-                                        help="Average the patch grid in NxN cells before writing (N^2 x smaller)."),
-    store: str = typer.Option(EXTRACT.store, "--store", help="compact: what the branch reads (cells, patch matches, "
-                              "CLS, token means), 8-bit, 1/6 of the bytes, fixes --cell-size and --correlation for "
-                              "training; full: every token, float16 (to sweep those settings)."),
-    cell_size: str = typer.Option(EXTRACT.cell_size, "--cell-size", help="--store compact: the branch's cells "
-                                  "(auto: no fewer than 7x7)."),
-    correlation: int = typer.Option(EXTRACT.correlation, help="--store compact: radius of the stored patch matches "
-                                    "(0: none)."),
-    branches: str = typer.Option("madapter", help="Branch families to serve: madapter (reads --layers; also "
-                                 "meanpool, linear), evl (adds the last --evl-layers blocks and the one before, "
-                                 "float16, and the frozen weights of their q/k)."),
-    evl_layers: Optional[int] = typer.Option(None, "--evl-layers", help="--branches evl: the model's last "
-                                             "blocks EVL's decoder reads (default 4, the official)."),
-    batch_size: int = typer.Option(EXTRACT.batch_size, help="Videos per forward pass."),
-    workers: int = typer.Option(EXTRACT.workers, help="Decoding worker processes (-1: automatic)."),
-    device: str = typer.Option(EXTRACT.device, help="cpu, cuda, cuda:N or auto."),
-    precision: str = typer.Option(EXTRACT.precision, help="bf16, fp16 or fp32 backbone weights."),
-    shard_size: int = typer.Option(EXTRACT.shard_size, help="Videos per Zarr shard (one writer per shard)."),
-    shard: Optional[str] = typer.Option(None, help="I/N: extract only slice I of N of the store's shard blocks "
-                                        "(Slurm arrays; under torchrun each rank takes its own slice)."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Retry videos that failed before."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing store and start over."),
-    limit: Optional[int] = typer.Option(None, help="Process at most this many pending videos (then stop)."),
-    progress: bool = typer.Option(EXTRACT.progress, "--progress/--no-progress", help="Progress and summary: a bar "
-                                  "on a terminal, plain lines (every 10%) in a log file or pipe."),
-    train_views: Optional[int] = typer.Option(None, "--train-views", help="K augmented views per video (random "
-                                              "frames within the TSN segments, random resized crop, flip) in place "
-                                              "of --clips x --crops: `mad train` draws one per epoch."),
-    crop_scale: str = typer.Option(EXTRACT.crop_scale, "--crop-scale", help="--train-views: crop area range, "
-                                   "fractions of the frame in (0, 1]."),
-    crop_ratio: str = typer.Option(EXTRACT.crop_ratio, "--crop-ratio", help="--train-views: crop width/height range."),
-    flip: str = typer.Option(EXTRACT.flip, "--flip", help="--train-views: random horizontal flips, yes or no (no "
-                             "when labels name a direction, e.g. Something-Something)."),
-    view_seed: int = typer.Option(EXTRACT.view_seed, "--view-seed", help="--train-views: seeds each video's views "
-                                  "(with its path)."),
-):
+@with_extract_options
+def extract(videos: Path = typer.Option(..., "--videos", help="Folder of videos (searched recursively)."),
+            **options):
     """Run the frozen model over every video and cache per-layer tokens (resumable)."""
-    from mad.adapt.families import store_needs
     from mad.extract.run import extract as run_extract
 
-    needs = store_needs(branches, evl_layers, grid_downsample)  # what the named branch families read
-    summary = run_extract(ExtractConfig(
-        videos=str(videos), out=out, layers=layers, model=model, pretrained=pretrained, frames=frames,
-        clips=clips, crops=crops, labels=str(labels) if labels else None,
-        labels_format=labels_format, labels_split=labels_split, grid_downsample=grid_downsample,
-        store=store, cell_size=cell_size, correlation=correlation,
-        batch_size=batch_size, workers=workers, device=device, precision=precision, shard_size=shard_size,
-        shard=shard, retry_failed=retry_failed, overwrite=overwrite, limit=limit, progress=progress,
-        train_views=train_views, crop_scale=crop_scale, crop_ratio=crop_ratio, flip=flip, view_seed=view_seed,
-    ), needs)
+    summary = run_extract(*extraction(videos, options))
     if summary["done_now"] == 0 and summary["failed_now"] > 0 and summary["done_total"] == 0:
         typer.echo(f"error: no video could be extracted; reasons in {summary['errors']}", err=True)
         raise typer.Exit(1)
@@ -206,8 +148,8 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
     log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
                             "(<run>/tensorboard; pip install tensorboard)."),
-    init: Optional[str] = typer.Option(None, "--init", help="--arch evl: start from an official EVL checkpoint "
-                                       "(.pth; its decoder and head, the q/k weights from the cache)."),
+    init: Optional[str] = typer.Option(None, "--init", help="A checkpoint to start from: " + "; ".join(
+        f"--arch {f}: {family(f).start_help}" for f in names() if family(f).starts_from_file) + "."),
 ):
     """Train the M-adapter branch (or a baseline) from cached tokens; no image model is loaded."""
     import dataclasses
@@ -244,18 +186,10 @@ def evaluate_command(
     typer.echo(f"per-video predictions: {result['predictions']}")
 
 
-@app.command("import-evl")
-def import_evl(
-    checkpoint: Path = typer.Argument(..., help="An official EVL checkpoint (.pth of "
-                                      "OpenGVLab/efficient-video-recognition)."),
-    cache: str = typer.Option(..., "--cache", help="A store extracted with --branches evl from the checkpoint's "
-                              "backbone (its q/k weights, frames and classes are taken from it)."),
-    out: Path = typer.Option(..., "--out", help="Run folder to write model.safetensors into."),
-):
-    """Make a run folder from an official EVL checkpoint, for mad eval and mad predict."""
-    from mad.adapt.import_evl import import_official
-
-    typer.echo(f"wrote {import_official(checkpoint, cache, out)}")
+for _entry in map(family, names()):  # the commands a branch family's own file defines (e.g. import-evl)
+    for _name, _target in _entry.commands.items():
+        _module, _, _function = _target.partition(":")
+        app.command(_name)(getattr(importlib.import_module(_module), _function))
 
 
 app.command("sweep")(sweep_command)  # its options: mad/sweep_cli.py
@@ -283,50 +217,37 @@ def predict(
 
 
 @app.command()
+@with_extract_options
 def plan(
     videos: Optional[Path] = typer.Option(None, "--videos", help="Folder of videos to count and probe."),
     num_videos: Optional[int] = typer.Option(None, "--num-videos", help="Or a number of videos."),
     val_videos: Optional[int] = typer.Option(None, "--val-videos", help="Videos of a val split, planned too."),
     val_views: Optional[int] = typer.Option(None, "--val-views", help="Views per val video (default: as train)."),
-    model: str = typer.Option(EXTRACT.model, help="open_clip model name or a model-config .json path."),
-    layers: str = typer.Option(EXTRACT.layers),
-    frames: int = typer.Option(EXTRACT.frames),
-    clips: int = typer.Option(EXTRACT.clips),
-    crops: int = typer.Option(EXTRACT.crops),
     views: Optional[int] = typer.Option(None, help="Views per video (clips x crops), e.g. 9 for 3 x 3."),
-    train_views: Optional[int] = typer.Option(None, "--train-views", help="The train split's augmented views per "
-                                              "video (mad extract --train-views); val keeps --views."),
-    grid_downsample: int = typer.Option(EXTRACT.grid_downsample, "--grid-downsample"),
-    cell_size: str = typer.Option(EXTRACT.cell_size, "--cell-size", help="Compact stores' cells."),
-    correlation: int = typer.Option(EXTRACT.correlation, help="Compact stores' correlation radius."),
-    device: str = typer.Option(EXTRACT.device),
-    precision: str = typer.Option(EXTRACT.precision),
-    batch_size: int = typer.Option(EXTRACT.batch_size),
-    workers: int = typer.Option(EXTRACT.workers, help="Decoding processes of the extraction (-1: its default)."),
     probe: int = typer.Option(4, help="Videos to decode and model batches to time (0: no probe, bytes only)."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object."),
     sweep: Optional[int] = typer.Option(None, help="Instead: predict a sweep of K configurations (docs/plan-sweep.md)."),
     epochs: int = typer.Option(SWEEP_PLAN.epochs, help="--sweep: epochs of each configuration."),
     arch: str = typer.Option(SWEEP_PLAN.arch, help="--sweep: the branch family whose FLOPs are counted."),
-    store: str = typer.Option(SWEEP_PLAN.store, help="--sweep: the storage mode the sweep reads."),
     classes: int = typer.Option(SWEEP_PLAN.classes, help="--sweep: classes of the branch's head."),
     device_tflops: float = typer.Option(SWEEP_PLAN.device_tflops, help="--sweep: peak TFLOP/s (H100 SXM, bf16)."),
     utilisation: float = typer.Option(SWEEP_PLAN.utilisation, help="--sweep: share of the peak reached (assumed)."),
     disk_gbps: float = typer.Option(SWEEP_PLAN.disk_gbps, help="--sweep: store GB/s (one PCIe 4.0 NVMe drive)."),
     cpu_cores: int = typer.Option(SWEEP_PLAN.cpu_cores, help="--sweep: cores decoding videos in extraction."),
     decode_seconds: float = typer.Option(SWEEP_PLAN.decode_seconds, help="--sweep: CPU-seconds to decode a clip."),
+    **options,
 ):
-    """Before any work: bytes per storage mode, extraction time here, reads; --sweep K: a sweep's predicted time."""
+    """Before any work: bytes per storage mode, extraction time here, reads; --sweep K: a sweep's predicted time
+    (reading --store). Takes every `mad extract` option: replace `extract` by `plan` in a command line."""
     from mad.plan import PlanConfig
     from mad.plan_sweep import plan_command
-    plan_command(PlanConfig(
-        videos=str(videos) if videos else None, num_videos=num_videos, val_videos=val_videos, val_views=val_views,
-        model=model, layers=layers, frames=frames, clips=clips, crops=crops, views=views, train_views=train_views,
-        grid_downsample=grid_downsample, cell_size=cell_size, correlation=correlation, device=device,
-        precision=precision, batch_size=batch_size, workers=workers, probe=probe),
-        SweepPlanConfig(sweep=sweep, epochs=epochs, arch=arch, store=store, classes=classes,
-                        device_tflops=device_tflops, utilisation=utilisation, disk_gbps=disk_gbps,
-                        cpu_cores=cpu_cores, decode_seconds=decode_seconds), as_json)
+
+    cfg, needs = extraction(videos, options)
+    plan_command(PlanConfig(extract=cfg, num_videos=num_videos, val_videos=val_videos, val_views=val_views,
+                            views=views, probe=probe),
+                 SweepPlanConfig(sweep=sweep, epochs=epochs, arch=arch, store=cfg.store, classes=classes,
+                                 device_tflops=device_tflops, utilisation=utilisation, disk_gbps=disk_gbps,
+                                 cpu_cores=cpu_cores, decode_seconds=decode_seconds), as_json, needs)
 
 
 @app.command()

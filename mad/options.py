@@ -144,3 +144,28 @@ def check_device(device: str, flag: str = "--device") -> None:
         raise MadError(f"{flag} {device}: CUDA is not available on this machine")
     if index and int(index) >= torch.cuda.device_count():
         raise MadError(f"{flag} {device}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}")
+
+
+def nest(cls, name: str, settings: tuple[str, ...], default, read=None):
+    """Nest a config in `cls` as its field `name` (nanoGPT's one config, passed whole), its `settings` by the
+    names options use: `cls(width=256)` sets `cfg.<name>.width` and `cfg.width` reads it, so each is kept once,
+    in the nested config; `dataclasses.replace(cfg, width=...)` works too. `default()`: the nested config when
+    none is given; `read(dict)`: one given as a dict (from `asdict` or a saved file)."""
+    import dataclasses
+    import functools
+
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, **values):
+        given = {k: values.pop(k) for k in settings if k in values}
+        nested = values.get(name)
+        nested = default() if nested is None else read(nested) if isinstance(nested, dict) else nested
+        values[name] = dataclasses.replace(nested, **given) if given else nested
+        init(self, **values)
+
+    cls.__init__ = __init__
+    for setting in settings:  # read-only: a change goes through replace, which checks it again
+        setattr(cls, setting, property(lambda self, s=setting: getattr(getattr(self, name), s),
+                                       doc=f"{name}.{setting}"))
+    return cls

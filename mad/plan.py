@@ -16,6 +16,7 @@ own views; the total of both.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -25,7 +26,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import ClassVar
 
 import numpy as np
@@ -33,8 +34,10 @@ import torch
 
 from mad.cache import compact
 from mad.cache.inputs import resolve_cell_size
+from mad.cache.manifest import StoreNeed
 from mad.errors import MadError
-from mad.options import at_least, check_cell_size, check_choices, check_device, check_layers, check_ranges
+from mad.extract.run import ExtractConfig
+from mad.options import at_least, check_ranges, nest
 from mad.runtime import resolve_device
 
 CHUNK_OVERHEAD = 4 + 16  # crc32c per chunk + its entry in the shard index
@@ -44,45 +47,32 @@ MODES = ("full", "compact")
 
 @dataclass
 class PlanConfig:
-    videos: str | None = None       # a folder to count and probe (the train split)
-    num_videos: int | None = None   # or a count
+    """What to plan: the extraction (`extract`, every `mad extract` option: replacing `extract` by `plan` in a
+    command line plans it; its folder of --videos, when given, is the train split, counted and probed) and the
+    splits' sizes. PlanConfig(model=..., frames=...) sets them in `extract`, and cfg.frames reads them."""
+
+    extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(videos=""))
+    num_videos: int | None = None   # the train split's videos, without --videos
     val_videos: int | None = None   # videos of a val split, planned with the train split
     val_views: int | None = None    # views per val video (default: as train), e.g. 9 for 3 clips x 3 crops
-    model: str = "ViT-B-16"
-    layers: str = "4,8,12"
-    frames: int = 8
-    clips: int = 1
-    crops: int = 1
     views: int | None = None        # clips x crops, given directly (e.g. 9 for 3 clips x 3 crops)
-    train_views: int | None = None  # the train split: K augmented views per video (`mad extract --train-views`)
-    grid_downsample: int = 1
-    cell_size: str = "auto"
-    correlation: int = 1
-    correlation_groups: int = 4
-    device: str = "auto"
-    precision: str = "bf16"
-    batch_size: int = 4
-    workers: int = -1               # decoding processes of the extraction; -1: its default
     probe: int = 4                  # videos to decode, and model batches to time; 0: no probe (bytes only)
 
-    RANGES: ClassVar[dict] = {"num_videos": at_least(1), "frames": at_least(1), "clips": at_least(1),
-                              "views": at_least(1), "train_views": at_least(1), "grid_downsample": at_least(1),
-                              "correlation": at_least(0, "0: none"), "correlation_groups": at_least(1),
-                              "batch_size": at_least(1), "probe": at_least(0), "val_videos": at_least(1),
-                              "val_views": at_least(1), "workers": at_least(-1, "-1: the extraction's default")}
-    CHOICES: ClassVar[dict] = {"crops": (1, 3), "precision": ("bf16", "fp16", "fp32")}
+    RANGES: ClassVar[dict] = {"num_videos": at_least(1), "views": at_least(1), "probe": at_least(0),
+                              "val_videos": at_least(1), "val_views": at_least(1)}
 
     def __post_init__(self):
         self.check()
 
     def check(self) -> "PlanConfig":
-        """Refuse, in one line naming the option, a setting `mad extract` would refuse: before any probe."""
+        """Refuse, in one line naming the option, a setting `mad extract` would refuse (`extract` checked its
+        own when it was made): before any probe."""
         check_ranges(self, self.RANGES)
-        check_choices(self, self.CHOICES)
-        check_cell_size(self.cell_size)
-        check_layers(self.layers)
-        check_device(self.device)
         return self
+
+
+nest(PlanConfig, "extract", tuple(f.name for f in fields(ExtractConfig)), default=lambda: ExtractConfig(videos=""),
+     read=lambda values: ExtractConfig(**values))
 
 
 def model_shapes(model: str, layers: str) -> dict:
@@ -98,17 +88,25 @@ def model_shapes(model: str, layers: str) -> dict:
             "layers": parse_layers(layers, vision["layers"])}
 
 
-def bytes_per_view(cfg: PlanConfig, shapes: dict) -> dict:
-    """Bytes one (video, view) takes in each storage mode, and the compact mode's record layout settings."""
+def levels_beyond(needs: dict[str, StoreNeed], depth: int) -> list[int]:
+    """The levels extraction stores as float16 tokens for --branches beyond --layers (every store mode)."""
+    return sorted({n for need in needs.values() for n in need.record(depth, 0, 0.0).get("levels", ())})
+
+
+def bytes_per_view(cfg: PlanConfig, shapes: dict, needs: dict[str, StoreNeed] | None = None) -> dict:
+    """Bytes one (video, view) takes in each storage mode, and the compact mode's record layout settings.
+    `needs`: what --branches stores beyond --layers (float16 levels, in both modes)."""
     side = shapes["side"] // cfg.grid_downsample
     tokens, width, K, T = 1 + side * side, shapes["width"], len(shapes["layers"]), cfg.frames
-    full = K * (T * tokens * width * 2 + CHUNK_OVERHEAD)
+    level = T * tokens * width * 2 + CHUNK_OVERHEAD
+    beyond = levels_beyond(needs or {}, shapes["depth"])
+    full = len(set(shapes["layers"]) | set(beyond)) * level
     cell = resolve_cell_size(cfg.cell_size, tokens)
     groups = cfg.correlation_groups
     layout = compact.record_layout(K, T, 1 + (-(-side // cell)) ** 2, side * side, width,
                                    groups * (2 * cfg.correlation + 1) ** 2 if cfg.correlation else 0)
-    return {"full": full, "compact": compact.record_bytes(layout) + CHUNK_OVERHEAD, "tokens": tokens,
-            "cell_size": cell}
+    return {"full": full, "compact": compact.record_bytes(layout) + CHUNK_OVERHEAD + len(beyond) * level,
+            "tokens": tokens, "cell_size": cell}
 
 
 def clips_of(views: int) -> int:
@@ -122,14 +120,13 @@ def _decode_workers(cfg: PlanConfig, device: torch.device) -> int:
     return cfg.workers if cfg.workers >= 0 else (1 if device.type == "cpu" else min(8, os.cpu_count() or 1))
 
 
-def probe_seconds(cfg: PlanConfig, shapes: dict, paths: list[str]) -> dict:
+def probe_seconds(cfg: PlanConfig, shapes: dict, paths: list[str], needs: dict[str, StoreNeed] | None = None) -> dict:
     """What `mad extract` spends, timed here: decoding one clip (median over the probed files; None without
     --videos), and per video-view the model, turning its levels into each mode's arrays (compact: the
     branch inputs and their 8-bit records; full: float16 tokens), and writing them into a store."""
     from mad.cache.store import Store, VideoResult
-    from mad.extract.backbone import load_backbone
     from mad.extract.decode import DecodeError, decode_clip
-    from mad.extract.run import ExtractConfig, manifest_for, store_arrays
+    from mad.extract.run import load_tapping_backbone, manifest_for, store_arrays
 
     device = resolve_device(cfg.device)
     decode = []
@@ -140,14 +137,13 @@ def probe_seconds(cfg: PlanConfig, shapes: dict, paths: list[str]) -> dict:
         except DecodeError:
             continue
         decode.append(time.perf_counter() - started)
+    random = dataclasses.replace(cfg.extract, pretrained="none")  # speed does not depend on the weights' values
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights: speed does not depend on them
-        backbone = load_backbone(cfg.model, "none", shapes["layers"], device, cfg.precision, cfg.grid_downsample)
+        warnings.simplefilter("ignore")  # random weights
+        backbone = load_tapping_backbone(random, device, needs or {})
     n, S = cfg.batch_size, shapes["image_size"]  # one view per video: every cost below is per view
-    manifests = {mode: manifest_for(ExtractConfig(
-        videos=".", model=cfg.model, pretrained="none", layers=cfg.layers, frames=cfg.frames, store=mode,
-        grid_downsample=cfg.grid_downsample, cell_size=cfg.cell_size, correlation=cfg.correlation,
-        correlation_groups=cfg.correlation_groups, precision=cfg.precision, shard_size=n), backbone) for mode in MODES}
+    manifests = {mode: manifest_for(dataclasses.replace(random, videos=".", store=mode, shard_size=n), backbone,
+                                    needs=needs) for mode in MODES}
     frames = torch.randint(0, 256, (n * cfg.frames, 3, S, S), dtype=torch.uint8, device=device)
     model, arrays, data = [], {mode: [] for mode in MODES}, {}
     for step in range(cfg.probe // 2 + 2):  # the first pass warms up
@@ -221,24 +217,27 @@ def _splits(cfg: PlanConfig, num_videos: int) -> dict:
     return splits
 
 
-def plan(cfg: PlanConfig) -> dict:
-    if cfg.videos is None and cfg.num_videos is None:
+def plan(cfg: PlanConfig, needs: dict[str, StoreNeed] | None = None) -> dict:
+    """The plan of `cfg`'s extraction; `needs`: what its --branches store beyond --layers (as `extract` takes
+    them from the registry, `mad.adapt.families.store_needs`)."""
+    videos = cfg.videos or None  # an ExtractConfig without a folder holds ""
+    if videos is None and cfg.num_videos is None:
         raise MadError("mad plan needs --videos DIR or --num-videos N")
     if cfg.val_views is not None and cfg.val_videos is None:
         raise MadError("mad plan: --val-views needs --val-videos N (the val split's videos)")
     shapes = model_shapes(cfg.model, cfg.layers)
     paths, source_bytes = [], None
-    if cfg.videos is not None:
+    if videos is not None:
         from mad.extract.videos import find_videos
 
-        found = find_videos(cfg.videos)
-        paths = [os.path.join(cfg.videos, p) for p in found.paths]
+        found = find_videos(videos)
+        paths = [os.path.join(videos, p) for p in found.paths]
         source_bytes = sum(os.path.getsize(p) for p in paths)
     num_videos = cfg.num_videos if cfg.num_videos is not None else len(paths)
-    per_view = bytes_per_view(cfg, shapes)
+    per_view = bytes_per_view(cfg, shapes, needs)
     probe = None
     if cfg.probe > 0:
-        probe = probe_seconds(cfg, shapes, paths[:: max(1, len(paths) // cfg.probe)] if paths else [])
+        probe = probe_seconds(cfg, shapes, paths[:: max(1, len(paths) // cfg.probe)] if paths else [], needs)
     splits, total = {}, {mode: {"bytes_on_disk": 0, "extraction_seconds": 0.0 if probe else None} for mode in MODES}
     for split, (videos, views, clips) in _splits(cfg, num_videos).items():
         modes = {}
@@ -254,7 +253,8 @@ def plan(cfg: PlanConfig) -> dict:
                 total[mode]["extraction_seconds"] += seconds
         splits[split] = {"num_videos": videos, "views": views, "clips_decoded": clips, "modes": modes}
     return {"command": shlex.join(["mad", *sys.argv[1:]]), "date": datetime.date.today().isoformat(),
-            "config": asdict(cfg), "tokens": per_view["tokens"], "compact_cell_size": per_view["cell_size"],
+            "config": {**asdict(cfg.extract), **{k: v for k, v in asdict(cfg).items() if k != "extract"},
+                       "branches": ",".join(needs or {})}, "tokens": per_view["tokens"], "compact_cell_size": per_view["cell_size"],
             "source_bytes": source_bytes, "probe": probe, "splits": splits, "total": total}
 
 

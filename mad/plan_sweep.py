@@ -67,12 +67,13 @@ class SweepPlanConfig:
         check_choices(self, self.CHOICES)
 
 
-def plan_command(cfg, sweep: SweepPlanConfig, as_json: bool = False) -> None:
-    """`mad plan`: the extraction plan of `cfg` (a PlanConfig), or with --sweep K the predicted sweep."""
+def plan_command(cfg, sweep: SweepPlanConfig, as_json: bool = False, needs: dict | None = None) -> None:
+    """`mad plan`: the extraction plan of `cfg` (a PlanConfig; `needs`: what its --branches store beyond
+    --layers), or with --sweep K the predicted sweep."""
     from mad.plan import plan, print_plan
 
     if sweep.sweep is None:
-        print_plan(plan(cfg), as_json)
+        print_plan(plan(cfg, needs), as_json)
     else:
         print_sweep_plan(plan_sweep(cfg, sweep), as_json)
 
@@ -89,7 +90,7 @@ def count_flops(cfg, arch: str = "madapter", store: str = "compact", classes: in
 
     from mad.adapt.config import TrainConfig, resolve
     from mad.adapt.families import family, store_needs
-    from mad.extract.run import ExtractConfig, _frozen, _load_backbone, manifest_for, store_arrays
+    from mad.extract.run import ExtractConfig, _frozen, load_tapping_backbone, manifest_for, store_arrays
 
     entry = family(arch)
     needs = store_needs(entry.stored_as, grid_downsample=cfg.grid_downsample)
@@ -111,7 +112,7 @@ def count_flops(cfg, arch: str = "madapter", store: str = "compact", classes: in
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: FLOPs do not depend on them
-        backbone = _load_backbone(extract, "cpu", needs)
+        backbone = load_tapping_backbone(extract, "cpu", needs)
     manifest = manifest_for(extract, backbone, needs=needs)
     frame = torch.randint(0, 256, (1, 3, manifest.image_size, manifest.image_size), dtype=torch.uint8)
     tapped = {}

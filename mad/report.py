@@ -61,7 +61,8 @@ class Run:
 
     @property
     def train(self) -> dict:
-        return self.config.get("train", {})
+        """The run's settings by name, its branch's as resolved (config.json's "train" and "model")."""
+        return {**self.config.get("train", {}), **self.config.get("model", {})}
 
 
 def write_report(run_dirs, out="report.html", device: str = "auto", worst: int = WORST_VIDEOS,

@@ -18,7 +18,7 @@ from tests.helpers import extract_config
 from mad.adapt.checkpoint import load_model
 from mad.adapt.evl import TemporalCrossAttention, relative_index
 from mad.adapt.branch import BranchConfig, count_parameters
-from mad.adapt.families import build_model, store_needs
+from mad.adapt.families import build_model, check_served, store_needs
 from mad.adapt.evl_checkpoint import load_official
 from mad.adapt.import_evl import import_official
 from mad.adapt.sweep import sweep
@@ -180,17 +180,24 @@ def test_store_records_what_each_family_needs_and_refuses_what_it_cannot_serve(s
         store_needs("madapter,aim")
     # a store without EVL's inputs: one line naming what to re-run
     extract(extract_config(videos["train"], tmp_path / "plain", store="compact"))
-    assert Store.open(tmp_path / "plain").manifest.branches == {"madapter": {}}
+    assert Store.open(tmp_path / "plain").manifest.branches == {}  # nothing beyond --layers
     result = subprocess.run([sys.executable, "-m", "mad", "train", "--cache", str(tmp_path / "plain"), "--arch", "evl",
                              "--epochs", "1", "--out", str(tmp_path / "run")], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     line = result.stderr.strip()
     assert "\n" not in line and "holds no inputs for --arch evl" in line
-    assert "--branches madapter,evl" in line and str(videos["train"]) in line, line
-    # stores made before branch families existed (no `branches` in the manifest) read as madapter-only
+    assert "extracted for --layers only" in line and "--branches evl" in line and str(videos["train"]) in line, line
+    # stores made before branch families existed (no `branches` in the manifest) serve the families reading
+    # --layers alone, and the same store made since (which records them) is the same store
     values = compact.manifest.to_dict()
     del values["branches"]
-    assert Manifest.from_dict(values).branches == {"madapter": {}}
+    old = Manifest.from_dict(values)
+    assert old.branches == {} and old.differences(Manifest.from_dict({**values, "branches": {"madapter": {}}}),
+                                                  ["branches"]) == []
+    for arch in ("madapter", "linear"):
+        check_served(arch, old, "old")
+    with pytest.raises(MadError, match="old: holds no inputs for --arch evl"):
+        check_served("evl", old, "old")
 
 
 def test_train_eval_predict_and_sweep_evl_next_to_the_others(stores, tmp_path):
@@ -205,7 +212,7 @@ def test_train_eval_predict_and_sweep_evl_next_to_the_others(stores, tmp_path):
                              "--device", "cpu"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     config = json.loads((run / "config.json").read_text())
-    assert config["train"]["lr"] == 4e-4 and config["train"]["dropout"] == 0.5
+    assert config["train"]["lr"] == 4e-4 and config["model"]["dropout"] == 0.5
     model_args = config["model"]
     assert (model_args["depth"], model_args["width"], model_args["heads"]) == (4, 64, 1)  # 4 blocks, D, D / 64
     assert config["parameters"] == official_vitb16_parameters(frames=8, side=4, width=64, qkv=64, classes=6)

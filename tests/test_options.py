@@ -95,7 +95,8 @@ BRANCH_SIZE = st.integers(-1000, 0).map(str) | NOT_AN_INT  # --width, --depth, -
 def numbers_and_choices(config) -> dict:
     """option -> strategy, from a config's own RANGES and CHOICES."""
     drawn = {"--" + name.replace("_", "-"): out_of(allowed) for name, allowed in config.RANGES.items()}
-    drawn.update({"--" + name.replace("_", "-"): not_one_of(choices) for name, choices in config.CHOICES.items()})
+    drawn.update({"--" + name.replace("_", "-"): not_one_of(choices)
+                  for name, choices in getattr(config, "CHOICES", {}).items()})
     return drawn
 
 
@@ -117,6 +118,12 @@ def bad_space() -> st.SearchStrategy[str]:
 
 TRAIN = {**numbers_and_choices(TrainConfig), "--width": BRANCH_SIZE, "--depth": BRANCH_SIZE,
          "--heads": BRANCH_SIZE, "--cell-size": CELL_SIZE, "--device": DEVICE, "--log": LOG}
+EXTRACT = {**numbers_and_choices(ExtractConfig), "--layers": LAYERS_OF_TINY, "--cell-size": CELL_SIZE,
+           "--device": DEVICE, "--branches": st.sampled_from(["foo", "madapter,bar", "evl2", "mad adapter"]),
+           "--evl-layers": out_of(at_least(1)),
+           "--crop-scale": st.sampled_from(["0,1", "0.5,1.5", "1,0.5", "x", "", "0.5", "-1,1", "nan,1", "1/0,1"]),
+           "--crop-ratio": st.sampled_from(["0,1", "2,1", "x", "", "-1,2", "1", "1,2,3"]),
+           "--shard": st.sampled_from(["x", "1/1", "2/1", "-1/2", "1/0", "1/2/3", "a/b", ""])}
 COMMANDS = {
     # command: (arguments it is valid with, the options' bad values, options whose values are names of files,
     # folders or models: checked when used)
@@ -130,17 +137,10 @@ COMMANDS = {
                "--study-name": st.sampled_from(["", " "])},
               {"--cache", "--val", "--out", "--storage"}),
     "extract": (lambda i: ["--videos", i["videos"], "--model", TINY_MODEL, "--pretrained", "none", "--layers", "1,2"],
-                {**numbers_and_choices(ExtractConfig), "--layers": LAYERS_OF_TINY, "--cell-size": CELL_SIZE,
-                 "--device": DEVICE, "--branches": st.sampled_from(["foo", "madapter,bar", "evl2", "mad adapter"]),
-                 "--evl-layers": out_of(at_least(1)),
-                 "--crop-scale": st.sampled_from(["0,1", "0.5,1.5", "1,0.5", "x", "", "0.5", "-1,1", "nan,1", "1/0,1"]),
-                 "--crop-ratio": st.sampled_from(["0,1", "2,1", "x", "", "-1,2", "1", "1,2,3"]),
-                 "--shard": st.sampled_from(["x", "1/1", "2/1", "-1/2", "1/0", "1/2/3", "a/b", ""])},
-                {"--videos", "--out", "--model", "--pretrained", "--labels"}),
+                EXTRACT, {"--videos", "--out", "--model", "--pretrained", "--labels"}),
     "plan": (lambda i: ["--num-videos", "10", "--model", TINY_MODEL, "--layers", "1,2", "--probe", "0"],
-             {**numbers_and_choices(PlanConfig), **numbers_and_choices(SweepPlanConfig), "--layers": LAYERS_OF_TINY,
-              "--cell-size": CELL_SIZE,
-              "--device": DEVICE}, {"--videos", "--model"}),
+             {**EXTRACT, **numbers_and_choices(PlanConfig), **numbers_and_choices(SweepPlanConfig)},  # extract's too
+             {"--videos", "--out", "--model", "--pretrained", "--labels"}),
 }
 # config fields that are no option of the command line
 NOT_ON_THE_COMMAND_LINE = {"--correlation-groups"}

@@ -94,3 +94,34 @@ def _rounds(videos, tmp_path, ratios: dict, rounds: int = 5) -> None:
                 measured = ((summary["seconds"] - summary["first_batch_seconds"])
                             / (summary["done_now"] - summary["first_batch_clips"]))  # after the warm-up batch
                 ratios[mode].append(planned["modes"][mode]["extraction_seconds"] / planned["num_videos"] / measured)
+
+
+def test_plan_takes_every_extract_option_and_counts_what_the_branches_store(tmp_path):
+    """A working `mad extract` command line with `extract` replaced by `plan` plans that extraction: the same
+    settings (--pretrained, --branches, --evl-layers included), and the levels --branches adds in the bytes."""
+    import json
+
+    from mad.cache.store import Store
+    from mad.synthetic import make_demo_videos
+
+    videos = make_demo_videos(tmp_path / "clips", videos_per_class=1, val_per_class=0, num_frames=12, size=64)["train"]
+    command = ["extract", "--videos", str(videos), "--out", str(tmp_path / "store"), "--model", TINY_MODEL,
+               "--pretrained", "none", "--layers", "2,4", "--frames", "8", "--store", "full", "--branches",
+               "madapter,evl", "--evl-layers", "2", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+               "--shard-size", "4", "--batch-size", "2", "--cell-size", "2", "--no-progress"]
+    runner = CliRunner()
+    assert runner.invoke(app, command).exit_code == 0
+    result = runner.invoke(app, ["plan", *command[1:], "--probe", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    planned = json.loads(result.stdout[result.stdout.index("{"):])
+    config = planned["config"]
+    assert (config["pretrained"], config["branches"], config["store"], config["shard_size"]) == (
+        "none", "madapter,evl", "full", 4)
+    assert (config["model"], config["layers"], config["cell_size"], config["videos"]) == (
+        TINY_MODEL, "2,4", "2", str(videos))
+    manifest = Store.open(tmp_path / "store").manifest
+    assert manifest.stored_levels == [2, 3, 4]  # --layers 2,4 and EVL's last 2 blocks' levels 2..4
+    level = manifest.frames * manifest.tokens * manifest.width * 2 + 20  # float16, + a chunk's overhead
+    assert planned["splits"]["train"]["modes"]["full"]["bytes_per_video_view"] == 3 * level
+    assert planned["splits"]["train"]["num_videos"] == 6 and planned["probe"]["decoded_files"] == 1
+    assert runner.invoke(app, ["plan", "--num-videos", "5", "--pretrained", "nope.pt", "--probe", "0"]).exit_code == 0

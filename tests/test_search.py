@@ -112,7 +112,7 @@ class FakeLockstep:
             run = Path(cfg.out)
             run.mkdir(parents=True, exist_ok=True)
             if not (run / "config.json").exists():
-                (run / "config.json").write_text(json.dumps({"train": dataclasses.asdict(cfg), "parameters": 7}))
+                (run / "config.json").write_text(json.dumps({**cfg.saved(), "parameters": 7}))
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
                 if (run / "last.pt").exists() else []
             runs.append({"cfg": cfg, "run": run, "rows": rows, "stopped": False})

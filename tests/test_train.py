@@ -108,7 +108,8 @@ def test_madapter_learns_temporal_order_that_linear_cannot(caches, tmp_path):
                  "summary.json"):
         assert (run / name).is_file(), name
     saved = json.loads((run / "config.json").read_text())
-    assert saved["cache_manifest"]["layers"] == [2, 4] and saved["train"]["arch"] == "madapter"
+    assert saved["cache_manifest"]["layers"] == [2, 4] and saved["model"]["arch"] == "madapter"
+    assert "arch" not in saved["train"]  # the branch's settings are saved once, in "model"
     assert set(rows[0]) == {"epoch", "lr", "train/loss", "train/acc", "val/acc/top1", "val/acc/top5", "val/acc/mean1"}
     print(f"\nsynthetic direction task, val top-1: madapter {madapter['val/acc/top1']:.3f}, "
           f"linear {linear['val/acc/top1']:.3f}")
@@ -298,7 +299,7 @@ def test_cell_size_is_resolved_into_the_model_and_bad_values_are_refused(caches,
     auto = train(config(caches, tmp_path / "auto", epochs=1), quiet=True)
     cells = train(config(caches, tmp_path / "cells", epochs=1, cell_size="2"), quiet=True)
     saved = json.loads((tmp_path / "cells" / "config.json").read_text())
-    assert saved["train"]["cell_size"] == "2" and saved["model"]["cell_size"] == 2
+    assert saved["model"]["cell_size"] == 2
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["model"]["cell_size"] == 1  # 4x4 grid: kept
     model, info = load_model(tmp_path / "cells" / "model.safetensors")
     assert model.cell == 2 and info["branch"].cell_size == 2

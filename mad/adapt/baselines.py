@@ -46,12 +46,14 @@ class LinearProbe(nn.Module):
 class MeanPoolFamily(LayersFamily):
     name = "meanpool"
     description = "baseline: every level averaged over time and tokens, fused, linear head (no temporal model)"
+    trains = "meanpool head"
     model = MeanPool
 
 
 class LinearFamily(LayersFamily):
     name = "linear"
     description = "baseline: the deepest level's CLS averaged over time, linear head"
+    trains = "linear probe"
     model = LinearProbe
 
 

@@ -28,10 +28,11 @@ class ConfigError(MadError):
 RENAMED = {"grid_pool": "cell_size"}
 
 
-def known_settings(cls, values: dict, what: str) -> dict:
-    """`values` under today's names; an unknown key is refused in one line (the one policy for every config)."""
+def known_settings(cls, values: dict, what: str, also=()) -> dict:
+    """`values` under today's names; a key that is no field of `cls` (nor in `also`) is refused in one line (the
+    one policy for every config)."""
     values = {RENAMED.get(k, k): v for k, v in values.items()}
-    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    unknown = sorted(set(values) - {f.name for f in fields(cls)} - set(also))
     if unknown:
         raise ConfigError(f"{what}: unknown settings {', '.join(unknown)} (written by a newer mad?)")
     return values
@@ -84,16 +85,24 @@ class Family:
 
     name: str = ""                 # the --arch value
     description: str = ""          # one line, for --help and the README
+    label: str = ""                # its name in tables and charts (e.g. "M-adapter"; "": `name`)
+    trains: str = "branch"         # what its training step trains, as `mad bench memory` reports it
+    benchmarked: bool = False      # in `mad bench memory`'s default modes (<name>-online, <name>-cached)
     model: type[nn.Module]         # built from a resolved BranchConfig
     preset: dict = {}              # settings it trains with where the user gave none (TrainConfig/BranchConfig names)
     stored_as: str = "madapter"    # the --branches entry whose stored inputs it reads (the manifest's `branches` key)
     pair_keys: tuple[str, ...] = TRAINING_KEYS  # manifest fields on which two caches it reads must agree
     starts_from_file: bool = False  # `start_from` reads a checkpoint format of its own (mad train --init)
+    start_help: str = ""           # what `start_from` reads, for --init's help
+    stores: str = "--layers only"  # what extraction stores for `--branches <name>`, for --branches' help
+    blocks_option: str = ""        # its own `mad extract` option: how many of the model's last blocks it reads
+    blocks_help: str = ""          # (`store_need`'s last_blocks), e.g. "--evl-layers"; "": none
+    commands: dict = {}            # `mad` commands of its own: name -> "module:function" (a typer command)
 
     def store_need(self, last_blocks: int | None = None) -> StoreNeed:
         """What extraction must store for `--branches <stored_as>` beyond --layers (asked of the family named
-        `stored_as`); `last_blocks`: --evl-layers, for a family that reads the model's last blocks (None: its
-        default)."""
+        `stored_as`); `last_blocks`: its `blocks_option`, for a family that reads the model's last blocks
+        (None: its default)."""
         return StoreNeed()
 
     def check(self, cfg: BranchConfig) -> BranchConfig:

@@ -1,9 +1,9 @@
 """A run's configuration, resolved once: `resolve(settings, manifest, classes)`.
 
-`TrainConfig` is what a user sets (`mad train`'s options, a sweep's grid, the demo); `resolve`
-applies the arch's preset to what the user did not give, then what the store fixes, runs every
-check once and returns the run's config and its branch's (`BranchConfig`, frozen, complete),
-before any data is read or any model exists. `mad train`, `mad sweep`, `mad demo` and the
+`TrainConfig` is what a user sets (`mad train`'s options, a sweep's grid, the demo), its branch's
+settings nested in `model` (a `BranchConfig`); `resolve` applies the arch's preset to what the
+user did not give, then what the store fixes, runs every check once and returns the config with
+its `model` frozen and complete, before any data is read or any model exists. `mad train`, `mad sweep`, `mad demo` and the
 benchmarks build through it; `mad eval` and `mad predict` rebuild a saved branch through the
 registry (`mad.adapt.families.build_model`).
 """
@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
 from mad.adapt.branch import BranchConfig, ConfigError, known_settings
-from mad.adapt.families import Registered, family, names
+from mad.adapt.families import Registered, check_served, family, names
 from mad.adapt.madapter import TEMPORAL
 from mad.adapt.step import CLIP_GRAD, LABEL_SMOOTHING
 from mad.adapt.tracking import check_log
 from mad.cache.manifest import Manifest
 from mad.options import (FRACTION, NON_NEGATIVE, SEED, Range, at_least, check_choices, check_device,
-                         check_ranges)
+                         check_ranges, nest)
 
 _BRANCH = BranchConfig()
-# The settings TrainConfig hands to the branch (the rest of BranchConfig is fixed by the store or the family).
+# The branch's settings a run sets, by the names the command line (--width) and a sweep's grid (width=) use.
+# They live in `TrainConfig.model` only: TrainConfig(width=256) sets model.width and cfg.width reads it.
 BRANCH_SETTINGS = ("arch", "width", "depth", "heads", "temporal", "motion", "correlation", "cell_size", "dropout")
 
 
@@ -36,17 +37,13 @@ class TrainError(ConfigError):
 
 @dataclass
 class TrainConfig:
+    """A run's settings, its branch's nested in `model` (nanoGPT's one config, passed whole): what the user set
+    until `resolve` completes `model` against the store. Saved whole next to every run (config.json: "train"
+    holds the fields but `model`, "model" the resolved branch)."""
+
     cache: str = "cache"  # training cache (store folder or URL)
     val: str | None = None  # validation cache; without one the last epoch is kept
-    arch: str = _BRANCH.arch  # a registered branch family (settings not given take its preset)
-    width: int = _BRANCH.width
-    depth: int = _BRANCH.depth
-    heads: int = _BRANCH.heads
-    temporal: str = _BRANCH.temporal
-    motion: bool = _BRANCH.motion
-    correlation: int = _BRANCH.correlation
-    cell_size: str = str(_BRANCH.cell_size)  # auto, 1 (every patch), 2, ...
-    dropout: float = _BRANCH.dropout
+    model: BranchConfig = field(default_factory=BranchConfig)  # the branch: arch (a registered family), width, ...
     epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -86,8 +83,37 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict, what: str = "training settings") -> "TrainConfig":
-        """A config saved in a run's config.json (older names read too; an unknown key is refused)."""
-        return cls(**known_settings(cls, values, what))
+        """Settings by name, the branch's flat (`width`) or nested (`model`); older names read too, an unknown
+        key is refused."""
+        return cls(**known_settings(cls, values, what, also=BRANCH_SETTINGS))
+
+    @classmethod
+    def from_saved(cls, saved: dict, what: str) -> "TrainConfig":
+        """The config of a run's config.json. Runs written before the branch nested in TrainConfig (mad < 0.3)
+        also hold its settings flat in "train", unresolved: the resolved "model" beside them is what trained."""
+        values = known_settings(cls, saved["train"], what, also=BRANCH_SETTINGS)
+        if "model" in saved:
+            values = {k: v for k, v in values.items() if k not in BRANCH_SETTINGS}
+            values["model"] = BranchConfig.from_dict(saved["model"], f"{what}: model")
+        return cls(**values)
+
+    def saved(self) -> dict:
+        """What config.json holds of it: {"train": every field but `model`, "model": the branch's}."""
+        train = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        return {"train": train, "model": self.model.to_dict()}
+
+    def flat(self) -> dict:
+        """Every setting by the name an option gives it, the branch's flat (what a sweep's study records)."""
+        return {name: getattr(self, name) for name in self.setting_names()}
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        """Every setting by the name an option or a grid gives it (the branch's flat, `model` not)."""
+        return [f.name for f in fields(cls) if f.name != "model"] + list(BRANCH_SETTINGS)
+
+
+nest(TrainConfig, "model", BRANCH_SETTINGS, default=lambda: _BRANCH,
+     read=lambda values: BranchConfig.from_dict(values, "model"))
 
 
 def with_preset(cfg: TrainConfig, given=None) -> TrainConfig:
@@ -116,23 +142,23 @@ def check_options(cfg: TrainConfig) -> None:
 
 def resolve(cfg: TrainConfig, manifest: Manifest, num_classes: int, location: str = "",
             given=None) -> tuple[TrainConfig, BranchConfig]:
-    """(the run's config, its branch's) for tokens described by `manifest`: the arch's preset where `given`
-    lacks a setting, then the user's settings, then what the store fixes; every check once, each refusal one
-    line naming the option."""
+    """(the run's config with its `model` complete, that model) for tokens described by `manifest`: the arch's
+    preset where `given` lacks a setting, then the user's settings, then what the store fixes; every check once,
+    each refusal one line naming the option."""
     cfg = with_preset(cfg, given)
     check_options(cfg)
     entry = family(cfg.arch)
-    manifest.check_serves(entry.stored_as, cfg.arch, location)
-    branch = BranchConfig(num_classes=num_classes, **{k: getattr(cfg, k) for k in BRANCH_SETTINGS},
-                          **entry.from_store(manifest))
+    check_served(cfg.arch, manifest, location)
+    branch = cfg.model.replace(num_classes=num_classes, **entry.from_store(manifest))
     branch = entry.fit(branch, manifest, location)
     try:
-        return cfg, entry.check(branch)
+        branch = entry.check(branch)
     except ValueError as e:  # a message that starts with the setting's name: make it the option's
         name, _, rest = str(e).partition(" ")
         if name in BRANCH_SETTINGS:
             raise TrainError(f"--{name.replace('_', '-')} {rest}") from None
         raise TrainError(f"{location}: {e}") from None
+    return dataclasses.replace(cfg, model=branch), branch
 
 
 def config_from_run(run) -> TrainConfig:
@@ -140,4 +166,4 @@ def config_from_run(run) -> TrainConfig:
     path = Path(run) / "config.json"
     if not path.exists():
         raise TrainError(f"{path}: no run to resume here")
-    return TrainConfig.from_dict(json.loads(path.read_text())["train"], str(path))
+    return TrainConfig.from_saved(json.loads(path.read_text()), str(path))

@@ -9,6 +9,7 @@ a one-GPU machine checks the NCCL path a multi-GPU server takes.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -17,6 +18,11 @@ import torch
 def launched_by_torchrun() -> bool:
     """torchrun (torch.distributed.run) sets these in every process it starts."""
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def _destroy() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class Distributed:
@@ -31,6 +37,8 @@ class Distributed:
                 # without this every rank would create a context on GPU 0 (and NCCL could hang there)
                 torch.cuda.set_device(self.device(device))
             torch.distributed.init_process_group(self.backend)
+            # torch warns at exit (and NCCL can hang there) when the group is never destroyed
+            atexit.register(_destroy)
 
     @property
     def main(self) -> bool:

@@ -280,16 +280,22 @@ class EVLFamily(Family):
 
     name = "evl"
     description = "EVL's decoder (Lin et al., ECCV 2022) over the last blocks, q/k recomputed from frozen weights"
+    label, trains, benchmarked = "EVL", "EVL decoder", True
     model = EVL
     # EVL's official ViT-B/16 recipe (AdamW 4e-4, weight decay 0.05 as ours, dropout 0.5); width, heads and
     # depth 0: from the store (q/k/v width D, D / 64 heads, one decoder layer per cached EVL block)
     preset = dict(lr=4e-4, dropout=0.5, width=0, heads=0, depth=0)
     stored_as = "evl"
+    stores = "the last --evl-layers blocks and the one before, float16, and the frozen weights of their q/k"
+    blocks_option = "--evl-layers"
+    blocks_help = "--branches evl: the model's last blocks EVL's decoder reads (default 4, the official)."
+    start_help = "an official EVL checkpoint (.pth; its decoder and head, the q/k weights from the cache)"
+    commands = {"import-evl": "mad.adapt.import_evl:import_evl_command"}
     pair_keys = tuple(k for k in TRAINING_KEYS if k not in ("layers", "storage", "compact"))
 
     def store_need(self, last_blocks: int | None = None) -> StoreNeed:
         # the official default reads the last 4 blocks
-        return StoreNeed(blocks=last_blocks or 4, option="--evl-layers", frozen="evl_", full_grid=True)
+        return StoreNeed(blocks=last_blocks or 4, option=self.blocks_option, frozen="evl_", full_grid=True)
 
     def levels(self, manifest: Manifest) -> list[int]:
         return list(manifest.branches[self.stored_as]["levels"])

@@ -2,6 +2,7 @@
 asks of families goes through these functions, so no other module names one.
 
     family("evl")                 the registered entry, or a MadError listing the registered names
+    check_served(arch, manifest)  a store holding no inputs for `arch` refused, in one line
     store_needs("madapter,evl", n)  what extraction must store for a --branches list (`StoreNeed` per name)
     build_model(cfg, frozen)      the model of a resolved BranchConfig
 """
@@ -50,18 +51,27 @@ def stored_names() -> list[str]:
     return list(dict.fromkeys(f.stored_as for f in FAMILIES.values()))
 
 
-def store_needs(branches: str, last_blocks: int | None = None, grid_downsample: int = 1) -> dict[str, StoreNeed]:
+def blocks_options() -> dict[str, str]:
+    """--branches name -> its own `mad extract` option for the model's last blocks it reads (e.g. --evl-layers)."""
+    return {name: FAMILIES[name].blocks_option for name in stored_names() if FAMILIES[name].blocks_option}
+
+
+def store_needs(branches: str, last_blocks: int | dict | None = None, grid_downsample: int = 1) -> dict[str, StoreNeed]:
     """What extraction must store for a --branches list (the layers' entry always: --layers are always stored),
-    or a ConfigError naming the option. `last_blocks`: --evl-layers (None: each family's default)."""
-    if last_blocks is not None:
-        check_number("evl_layers", last_blocks, at_least(1))
+    or a ConfigError naming the option. `last_blocks`: the `blocks_options` given, per --branches name (one
+    number: for each; None: each family's default)."""
+    options = blocks_options()
+    blocks = last_blocks if isinstance(last_blocks, dict) else {name: last_blocks for name in options}
+    for name, value in blocks.items():  # checked when given, served or not
+        if value is not None:
+            check_number(options[name].lstrip("-").replace("-", "_"), value, at_least(1))
     named = [name.strip() for name in branches.split(",") if name.strip()]
     known = stored_names()
     unknown = [name for name in named if name not in known]
     if unknown:
         raise ConfigError(f"--branches: unknown branch family {', '.join(unknown)} (use {', '.join(known)})")
     chosen = [known[0]] + [name for name in named if name != known[0]]
-    needs = {name: FAMILIES[name].store_need(last_blocks) for name in chosen}
+    needs = {name: FAMILIES[name].store_need(blocks.get(name)) for name in chosen}
     for name, need in needs.items():
         if need.full_grid and grid_downsample > 1:
             raise ConfigError(f"--branches {name} reads every patch token (its q/k are recomputed from them): "
@@ -75,13 +85,20 @@ def pair_keys(archs) -> tuple[str, ...]:
     return tuple(k for k in TRAINING_KEYS if any(k in ks for ks in keys))
 
 
+def check_served(arch: str, manifest: Manifest, location: str) -> None:
+    """Refuse, in one line saying what to re-extract, a store holding no inputs for `arch` (one reading --layers
+    alone is served by every store, made before --branches or since)."""
+    entry = family(arch)
+    layers_only = family(entry.stored_as).store_need() == StoreNeed()
+    manifest.check_serves(entry.stored_as, arch, location, layers_only)
+
+
 def reads(archs, manifest: Manifest, location: str) -> list[str]:
     """The data arrays models of `archs` read of a store; a store that holds no inputs for one is refused."""
     arrays = []
     for arch in archs:
-        entry = family(arch)
-        manifest.check_serves(entry.stored_as, arch, location)
-        arrays += [name for name in entry.reads(manifest) if name not in arrays]
+        check_served(arch, manifest, location)
+        arrays += [name for name in family(arch).reads(manifest) if name not in arrays]
     return arrays
 
 

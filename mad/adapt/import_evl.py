@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import typer
 
 from mad.adapt.checkpoint import save_model
 from mad.adapt.config import TrainConfig, resolve
@@ -46,3 +47,14 @@ def import_official(checkpoint, cache: str, out) -> Path:
                {"class_names": names, "manifest": store.manifest.to_dict(), "arch": "evl",
                 "imported_from": {"file": Path(checkpoint).name, "sha256": sha256_file(checkpoint)}})
     return out / "model.safetensors"
+
+
+def import_evl_command(
+    checkpoint: Path = typer.Argument(..., help="An official EVL checkpoint (.pth of "
+                                      "OpenGVLab/efficient-video-recognition)."),
+    cache: str = typer.Option(..., "--cache", help="A store extracted with --branches evl from the checkpoint's "
+                              "backbone (its q/k weights, frames and classes are taken from it)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write model.safetensors into."),
+):
+    """Make a run folder from an official EVL checkpoint, for mad eval and mad predict."""
+    typer.echo(f"wrote {import_official(checkpoint, cache, out)}")

@@ -22,7 +22,6 @@ import json
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +33,7 @@ from mad.adapt.checkpoint import restore_training_state, save_model, save_traini
 from mad.adapt.config import TrainConfig, TrainError
 from mad.adapt.distributed import Distributed
 from mad.adapt.evaluate import accuracy, predict_probs_together
-from mad.adapt.families import family
+from mad.adapt.families import check_served, family
 from mad.adapt.layers import dropout_key, step_key
 from mad.adapt.rundir import finish, prepare_run_dir, read_history, summary_line
 from mad.adapt.stacked import Stack, bytes_per_member, stack_shape
@@ -52,7 +51,7 @@ class Member:
 
     def __init__(self, cfg: TrainConfig, branch: BranchConfig, train_data: CachedTokens,
                  val_data: CachedTokens | None, quiet: bool):
-        cfg = dataclasses.replace(cfg)  # prepare_run_dir fills in `out`; leave the caller's config as it was
+        cfg = dataclasses.replace(cfg, model=branch)  # a copy (prepare_run_dir fills in `out`), saved whole
         self.cfg, self.branch, self.entry = cfg, branch, family(cfg.arch)
         device = resolve_device(cfg.device)
         self.dist = Distributed(device)
@@ -61,7 +60,7 @@ class Member:
             raise TrainError("under torchrun, name the run folder with --out (every rank must agree on it)")
         for data in (train_data, val_data):  # data opened for other archs (a sweep's) must hold this one's
             if data is not None:
-                data.manifest.check_serves(self.entry.stored_as, cfg.arch, data.location)
+                check_served(cfg.arch, data.manifest, data.location)
         if self.dist.main:  # after every check: a refused run leaves no folder
             prepare_run_dir(cfg)
         self.dist.barrier()
@@ -85,7 +84,7 @@ class Member:
             self.history = read_history(run, self.start_epoch)
             self.log.print(f"resuming {run} after epoch {self.start_epoch}/{cfg.epochs}")
         elif self.dist.main:
-            config = {"train": asdict(cfg), "model": branch.to_dict(), "parameters": count_parameters(model),
+            config = {**cfg.saved(), "parameters": count_parameters(model),
                       "mad_version": mad.__version__, "cache_manifest": train_data.manifest.to_dict(),
                       "val_manifest": val_data.manifest.to_dict() if val_data else None}
             (run / "config.json").write_text(json.dumps(config, indent=2) + "\n")

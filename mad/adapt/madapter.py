@@ -272,6 +272,7 @@ class LayersFamily(Family):
 class MAdapterFamily(LayersFamily):
     name = "madapter"
     description = "M-adapter: fused --layers, motion and patch correlation, blocks over space and time"
+    label, benchmarked = "M-adapter", True
     model = MAdapter
 
     def check(self, cfg: BranchConfig) -> BranchConfig:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -65,7 +64,8 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 
 def check_run_dir(cfg: TrainConfig) -> None:
-    """Refuse, writing nothing, a run folder that holds another run (or one resumed with other settings)."""
+    """Refuse, writing nothing, a run folder that holds another run (or one resumed with other settings); `cfg`
+    resolved (`mad.adapt.config.resolve`), as the run folder's config.json holds it."""
     run = Path(cfg.out) if cfg.out else None
     if run is not None and run.exists() and not run.is_dir():
         raise TrainError(f"{run}: a file, not a run folder; choose another --out")
@@ -74,11 +74,16 @@ def check_run_dir(cfg: TrainConfig) -> None:
     if not cfg.resume:
         raise TrainError(f"{run}: a run already exists here; pass --resume to continue it, "
                          f"--overwrite to replace it, or another --out")
-    saved = asdict(config_from_run(run))
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+    saved, given = _flat(config_from_run(run)), _flat(cfg)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in given.items()
                if k not in RESUMABLE_KEYS and saved.get(k) != v]
     if changed:
         raise TrainError(f"{run}/config.json: cannot resume with different settings ({'; '.join(changed)})")
+
+
+def _flat(cfg: TrainConfig) -> dict:
+    """Every setting of `cfg` by one name: the run's, then its branch's (those the store fixes too)."""
+    return {**cfg.saved()["train"], **cfg.model.to_dict()}
 
 
 def read_history(run: Path, epoch: int) -> list[dict]:

@@ -30,8 +30,8 @@ RANGES = ("uniform", "loguniform")
 def settings() -> dict[str, type]:
     """Every setting a sweep may vary -> the type of its values."""
     defaults = TrainConfig()
-    return {f.name: (type(getattr(defaults, f.name)) if getattr(defaults, f.name) is not None else str)
-            for f in dataclasses.fields(TrainConfig) if f.name not in FIXED}
+    return {name: (type(getattr(defaults, name)) if getattr(defaults, name) is not None else str)
+            for name in TrainConfig.setting_names() if name not in FIXED}  # the branch's by their option names
 
 
 def parse_space(text: str, grid: bool = False) -> dict[str, BaseDistribution]:

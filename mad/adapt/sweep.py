@@ -57,9 +57,6 @@ def sweep(cache: str, val: str | None, grid: str | None, out: str, base: TrainCo
     # every grid point (a drawn sweep: every listed value and range end) is checked before anything is read
     probes = grid_points(space) if kind == "grid" else corners(space)
     configs = [run_config(base, p, cache, val, out / run_name(i, p), flag) for i, p in enumerate(probes, 1)]
-    if kind == "grid":
-        for cfg in configs:
-            check_run_dir(cfg)
     console = make_console(quiet)
     train_store = Store.open(cache)
     val_store = Store.open(val) if val else None
@@ -70,8 +67,10 @@ def sweep(cache: str, val: str | None, grid: str | None, out: str, base: TrainCo
     for setting, cfg in zip(probes, configs):
         for store, location in ((val_store, val), (train_store, cache)):
             if store is not None:
-                _resolve(cfg, store.manifest, num_classes, location, setting, flag)
-    shared = {k: v for k, v in dataclasses.asdict(base).items() if k not in (*RESUMABLE_KEYS, *space)}
+                resolved, _ = _resolve(cfg, store.manifest, num_classes, location, setting, flag)
+        if kind == "grid":  # a run folder holds its resolved config: a sweep run again resumes it
+            check_run_dir(resolved)
+    shared = {k: v for k, v in base.flat().items() if k not in (*RESUMABLE_KEYS, *space)}
     study = Study(search, space, {**shared, "cache": cache, "val": val}, out)  # the first thing written
     at_once = search.at_once or (TPE_AT_ONCE if kind == "tpe" else study.limit)
     train_data = val_data = None
@@ -207,7 +206,7 @@ def pruned_summary(run: Path, history: list[dict], has_val: bool, why: str) -> d
     config = json.loads((run / "config.json").read_text())
     best = max(history, key=lambda row: row["val/acc/top1"]) if has_val else history[-1]
     last = history[-1]
-    return {"run": str(run), "arch": config["train"]["arch"], "parameters": config["parameters"],
+    return {"run": str(run), "arch": config["model"]["arch"], "parameters": config["parameters"],
             "epochs": last["epoch"], "best_epoch": best["epoch"],
             "seconds": sum(row["epoch_seconds"] for row in history),
             "train/loss": last["train/loss"], "train/acc": last["train/acc"],

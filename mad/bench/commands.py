@@ -45,7 +45,7 @@ def bench_memory(
     model: str = typer.Option("ViT-B-16", help="open_clip model name or config .json (random weights)."),
     frames: int = typer.Option(8, help="Frames per clip (T)."),
     batch: int = typer.Option(8, help="Clips per training step."),
-    layers: str = typer.Option("4,8,12", help="Blocks tapped for the M-adapter (1-based)."),
+    layers: str = typer.Option("4,8,12", help="Blocks tapped for the branch (1-based)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     precision: str = typer.Option("bf16", help="Backbone weight dtype (every mode); on CUDA also the autocast "
                                   "dtype: bf16, fp16, fp32."),
@@ -54,10 +54,10 @@ def bench_memory(
                                               help="Also find each mode's largest batch within this many GiB."),
     out: Path = typer.Option(Path("benchmarks/results"), help="Folder for the JSON and PNG."),
     classes: int = typer.Option(174, help="Classes of the linear heads (174: SSv2)."),
-    branch_width: int = typer.Option(384, help="M-adapter branch width."),
+    branch_width: int = typer.Option(384, help="Branch width (d)."),
     threads: int = typer.Option(0, help="torch CPU threads per mode process (0: torch's default)."),
     cell_size: str = typer.Option(TRAIN.cell_size, "--cell-size", "--grid-pool",
-                                  help="M-adapter cells, as `mad train --cell-size`: auto, 1, 2, ..."),
+                                  help="The branch's cells, as `mad train --cell-size`: auto, 1, 2, ..."),
     modes: str = typer.Option(",".join(MODES), help="Modes to run, comma-separated (default: all)."),
 ):
     """Peak training memory and step time: full fine-tuning, in-backbone adapter, M-adapter and EVL online and
@@ -81,7 +81,7 @@ def bench_train(
     frames: int = typer.Option(8),
     batch_size: int = typer.Option(8, help="Clips per training step (every mode)."),
     epochs: int = typer.Option(2, help="Cached epochs to time (the first warms up when there are more)."),
-    width: int = typer.Option(384, help="M-adapter branch width."),
+    width: int = typer.Option(384, help="Branch width (d)."),
     online_steps: int = typer.Option(3, help="Online steps to time (after one warm-up), extrapolated to an epoch."),
     workers: int = typer.Option(2, help="Reader processes for the streamed mode."),
     decode_workers: int = typer.Option(2, help="DataLoader processes decoding videos in the online mode."),

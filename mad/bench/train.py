@@ -285,7 +285,7 @@ def _print(r: dict) -> None:
     spread = lambda d, f="{:.3f}": " / ".join(f.format(d[k]) for k in ("min", "median", "max"))  # noqa: E731
     table = Table(title=f"mad bench train: {s['clips']} clips, {s['model']} ({s['precision']}, random weights), "
                         f"T={s['frames']}, batch {s['batch_size']}, {r['steps_per_epoch']} steps / epoch, "
-                        f"{s['store']} store, M-adapter width {s['branch_width']}, cells of {s['branch_cell_size']}x"
+                        f"{s['store']} store, branch width {s['branch_width']}, cells of {s['branch_cell_size']}x"
                         f"{s['branch_cell_size']} patches{' (bf16 autocast)' if s['branch_bf16_autocast'] else ''}, "
                         f"{s['device']}; min / median / max over {s['repeats']} repeats")
     table.add_column("mode")

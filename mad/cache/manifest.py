@@ -23,8 +23,6 @@ IDENTITY_KEYS = ("model", "pretrained", "pretrained_sha256", "layers", "frames",
 TRAINING_KEYS = ("model", "pretrained", "pretrained_sha256", "layers", "frames", "image_size", "grid_downsample",
                  "tokens", "width", "storage", "compact")
 STORAGE = ("full", "compact")
-# The --branches entry of a store made before --branches existed: it holds --layers only (data, as the names are).
-LAYERS_ONLY = {"madapter": {}}
 _RENAMED = {"pool": "grid_downsample"}  # format 1 names
 _DROPPED = ("dtype",)  # format 1 wrote "dtype": "float16" (every layer is float16)
 
@@ -57,7 +55,7 @@ class Manifest:
     versions: dict = field(default_factory=dict)
     storage: str = "full"           # full: every token, float16; compact: what the branch reads, 8-bit
     compact: dict | None = None     # compact stores: what the store fixed (`mad.cache.compact`)
-    branches: dict = field(default_factory=lambda: dict(LAYERS_ONLY))  # --branches name -> what is stored for it
+    branches: dict = field(default_factory=dict)  # --branches name -> what is stored for it beyond --layers
     train_views: int = 0            # augmented views per video in place of clips x crops (0: none)
     augment: dict | None = None     # train views: how they were drawn (`mad.extract.views.ViewSettings.record`)
     format_version: int = FORMAT_VERSION
@@ -92,14 +90,16 @@ class Manifest:
             levels |= set(need.get("levels", ()))
         return sorted(levels)
 
-    def check_serves(self, stored_as: str, arch: str, location: str) -> None:
+    def check_serves(self, stored_as: str, arch: str, location: str, layers_only: bool = False) -> None:
         """Refuse, in one line that says what to re-run, a store that holds no inputs stored for `stored_as`
-        (the --branches name whose inputs --arch `arch` reads)."""
-        if stored_as not in self.branches:
+        (the --branches name whose inputs --arch `arch` reads). `layers_only`: it reads --layers alone, which
+        every store holds (a store made before --branches records no entry)."""
+        if stored_as not in self.branches and not layers_only:
             held = ",".join(self.branches)
-            raise MadError(f"{location}: holds no inputs for --arch {arch} (extracted with --branches {held}); "
-                           f"re-run mad extract --videos {self.videos_root or 'VIDEOS'} with --branches {held},"
-                           f"{stored_as} and --overwrite (or another --out)")
+            made = f"extracted with --branches {held}" if held else "extracted for --layers only"
+            raise MadError(f"{location}: holds no inputs for --arch {arch} ({made}); "
+                           f"re-run mad extract --videos {self.videos_root or 'VIDEOS'} with --branches "
+                           f"{','.join([*self.branches, stored_as])} and --overwrite (or another --out)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,21 +123,27 @@ class Manifest:
         by those options, not by what follows from them (the record layout follows from --layers, ...)."""
         found = []
         for key in keys:
-            ours, theirs = getattr(self, key), getattr(other, key)
+            ours, theirs = self._compared(key), other._compared(key)
             if ours == theirs or (key == "sampling" and self.train_views != other.train_views):  # --train-views says it
                 continue
             if key == "compact":
                 if self.storage == other.storage:  # else --store says it all
                     found += _compact_differences(ours or {}, theirs or {})
             elif key == "branches":
-                found += _branch_differences(ours, theirs)
+                found += _branch_differences(self.branches, other.branches)
             elif key == "augment":
                 found += _augment_differences(ours or {}, theirs or {})
             else:
                 found.append((OPTION_OF.get(key, key), _brief(ours), _brief(theirs)))
-        if not found and any(getattr(self, k) != getattr(other, k) for k in keys):  # only derived values differ
+        if not found and any(self._compared(k) != other._compared(k) for k in keys):  # only derived values differ
             found.append(("the compact record layout", "stored", "another"))
         return found
+
+    def _compared(self, key: str):
+        """The value of `key` two stores are compared by: of `branches`, the entries that store something beyond
+        --layers (a store made before --branches records none, one made since records every name asked for)."""
+        value = getattr(self, key)
+        return {k: v for k, v in value.items() if v} if key == "branches" else value
 
     def check_pair(self, other: "Manifest", other_location: str, reference: str, keys=TRAINING_KEYS) -> None:
         """Refuse, in one line, a second cache that one model cannot read beside this one (described by
@@ -196,11 +202,13 @@ def _augment_differences(ours: dict, theirs: dict) -> list[tuple[str, str, str]]
 
 
 def _branch_differences(ours: dict, theirs: dict) -> list[tuple[str, str, str]]:
-    """--branches when the families differ; else --evl-layers (the blocks EVL reads) when those do."""
-    if set(ours) != set(theirs):
-        return [("--branches", ",".join(ours), ",".join(theirs))]
+    """--branches when the names storing something beyond --layers differ (`Manifest._compared` leaves out the
+    entries storing nothing); else --<name>-layers (the blocks a family reads) when those do."""
+    stored = [{k for k, v in branches.items() if v} for branches in (ours, theirs)]
+    if stored[0] != stored[1]:
+        return [("--branches", ",".join(ours) or "none", ",".join(theirs) or "none")]
     found = []
-    for family in ours:
+    for family in stored[0]:
         blocks = [(ours[family] or {}).get("blocks"), (theirs[family] or {}).get("blocks")]
         if blocks[0] != blocks[1]:
             found.append((f"--{family}-layers (blocks)", _brief(blocks[0]), _brief(blocks[1])))

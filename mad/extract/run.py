@@ -21,7 +21,7 @@ import torch
 from mad.cache import compact
 from mad.cache.inputs import branch_inputs, resolve_cell_size
 from mad.cache.locks import StoreLocks
-from mad.cache.manifest import IDENTITY_KEYS, LAYERS_ONLY, STORAGE, Manifest, StoreNeed
+from mad.cache.manifest import IDENTITY_KEYS, STORAGE, Manifest, StoreNeed
 from mad.cache.store import FAILED, PENDING, IncompleteStoreError, Store, StoreError, VideoResult, is_url
 from mad.errors import MadError
 from mad.extract.annotations import FORMATS
@@ -113,7 +113,7 @@ class ExtractConfig:
 
 
 def _needs(needs: dict[str, StoreNeed] | None) -> dict[str, StoreNeed]:
-    return {name: StoreNeed() for name in LAYERS_ONLY} if needs is None else needs
+    return {} if needs is None else needs  # None: nothing beyond --layers
 
 
 def _records(needs: dict[str, StoreNeed], depth: int, heads: int = 0, ln_eps: float = 0.0) -> dict:
@@ -222,8 +222,8 @@ def _open_or_create(cfg: ExtractConfig, manifest: Manifest, video_list, frozen: 
     return store
 
 
-def _load_backbone(cfg: ExtractConfig, device, needs: dict[str, StoreNeed]):
-    """The model, tapping --layers and the levels the branch families read beyond them."""
+def load_tapping_backbone(cfg: ExtractConfig, device, needs: dict[str, StoreNeed]):
+    """The model, tapping --layers and the levels the branch families read beyond them (`mad plan` probes it)."""
     def extra(depth: int) -> list[int]:
         return sorted({n for entry in _records(needs, depth).values() for n in entry.get("levels", ())})
 
@@ -251,7 +251,7 @@ def extract(cfg: ExtractConfig, needs: dict[str, StoreNeed] | None = None) -> di
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:  # torchrun: a GPU each
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    backbone = _load_backbone(cfg, device, needs)
+    backbone = load_tapping_backbone(cfg, device, needs)
     manifest = manifest_for(cfg, backbone, video_list.class_names, video_list.labelled_by, needs)
     locks = StoreLocks(cfg.out, index, count)
     try:

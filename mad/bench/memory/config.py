@@ -1,6 +1,7 @@
 """What a run of `mad bench memory` is: its modes, its settings, and the settings checked once by the parent.
 
-Imported by the mode processes too, so only torch and the standard library at the top.
+Imported by the mode processes too, so only torch, the standard library and the family registry (torch
+modules) at the top.
 """
 
 from __future__ import annotations
@@ -8,26 +9,26 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from mad.adapt.families import family, names
 from mad.errors import MadError
 from mad.options import at_least, check_number
 from mad.runtime import DTYPES
 
-MODES = ("full-finetune", "in-backbone-adapter", "madapter-online", "madapter-cached", "evl-online", "evl-cached")
-# the static baselines (`mad train --arch meanpool|linear`), for the demo comparison; not in `mad bench memory`'s run
-BASELINE_MODES = ("meanpool-online", "meanpool-cached", "linear-online", "linear-cached")
+IN_BACKBONE_MODES = ("full-finetune", "in-backbone-adapter")
+WHERE = {"online": "backbone no_grad", "cached": "no backbone"}  # a branch family's two modes: <arch>-<where>
+
+
+def branch_modes(benchmarked: bool) -> tuple[str, ...]:
+    """<arch>-online and <arch>-cached of every registered family that is (or is not) `benchmarked`."""
+    return tuple(f"{name}-{where}" for name in names() if family(name).benchmarked == benchmarked for where in WHERE)
+
+
+MODES = IN_BACKBONE_MODES + branch_modes(True)
+# the other families (the static baselines), for the demo comparison; not in `mad bench memory`'s run
+BASELINE_MODES = branch_modes(False)
 REFERENCE_MODE = "in-backbone-adapter"  # ratios are to this: the family M-adapter is an alternative to
-TRAINS = {
-    "full-finetune": "backbone + head",
-    "in-backbone-adapter": "adapters in the blocks + head",
-    "madapter-online": "branch (backbone no_grad)",
-    "madapter-cached": "branch (no backbone)",
-    "evl-online": "EVL decoder (backbone no_grad)",
-    "evl-cached": "EVL decoder (no backbone)",
-    "meanpool-online": "meanpool head (backbone no_grad)",
-    "meanpool-cached": "meanpool head (no backbone)",
-    "linear-online": "linear probe (backbone no_grad)",
-    "linear-cached": "linear probe (no backbone)",
-}
+TRAINS = {"full-finetune": "backbone + head", "in-backbone-adapter": "adapters in the blocks + head",
+          **{f"{name}-{where}": f"{family(name).trains} ({what})" for name in names() for where, what in WHERE.items()}}
 GIB = 2**30
 # every mode's optimizer: `mad.adapt.step.make_optimizer` with `mad train`'s defaults (the values do
 # not change memory or time; they are here so the step is the one `mad train` runs)
@@ -46,17 +47,17 @@ class BenchConfig:
     model: str  # open_clip name or model-config .json path
     frames: int  # T
     batch: int  # clips per step (B); the backbone sees B*T images
-    layers: list[int]  # 1-based blocks tapped for the M-adapter (the deepest one feeds the heads)
+    layers: list[int]  # 1-based blocks tapped for the branch (the deepest one feeds the heads)
     device: str  # cpu, cuda, cuda:N (resolved, never "auto")
     precision: str  # backbone weights: fp32, bf16, fp16
     steps: int  # timed steps, after one warm-up step
     classes: int
-    branch_width: int  # M-adapter width d
+    branch_width: int  # the branch's width d
     in_width: int  # backbone width D
     num_tokens: int  # N = 1 + H*W
     image_size: int
     threads: int = 0  # torch CPU threads in each mode's process (0: torch's default)
-    cell_size: int = 1  # M-adapter cells of n x n patches ("auto" resolved as `mad train` does)
+    cell_size: int = 1  # the branch's cells of n x n patches ("auto" resolved as `mad train` does)
     depth: int = 12  # the backbone's blocks: a family may read the last `last_blocks` and the one before them
     heads: int = 12  # of the backbone's attention (a family may recompute its q, k per head)
     last_blocks: int = 4
@@ -103,7 +104,7 @@ def resolve_config(model: str, frames: int, batch: int, layers: str, device: str
     try:  # the branch's settings, checked here (as `mad train` resolves them) rather than in every mode's process
         _, branch = resolve(TrainConfig(width=branch_width, cell_size=str(cell_size)), manifest, classes, model)
     except MadError as e:
-        raise BenchError(f"M-adapter branch: {e}") from None
+        raise BenchError(f"{family(TrainConfig().arch).label} branch: {e}") from None
     heads = vision["width"] // vision.get("head_width", 64)
     return BenchConfig(model=model, frames=frames, batch=batch, layers=blocks, device=device, precision=precision,
                        steps=steps, classes=classes, branch_width=branch_width, in_width=vision["width"],

@@ -8,16 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mad.bench.memory.config import GIB, REFERENCE_MODE
+from mad.adapt.families import family
+from mad.bench.memory.config import GIB, IN_BACKBONE_MODES, REFERENCE_MODE
 
-LABELS = {  # chart labels
-    "full-finetune": "full\nfine-tune",
-    "in-backbone-adapter": "in-backbone\nadapter",
-    "madapter-online": "M-adapter\nonline",
-    "madapter-cached": "M-adapter\nfrom cache",
-    "evl-online": "EVL\nonline",
-    "evl-cached": "EVL\nfrom cache",
-}
+IN_BACKBONE_LABELS = dict(zip(IN_BACKBONE_MODES, ("full\nfine-tune", "in-backbone\nadapter")))
+
+
+def mode_label(mode: str) -> str:
+    """A mode's chart label: a branch family's by its registry label (`Family.label`)."""
+    if mode in IN_BACKBONE_LABELS:
+        return IN_BACKBONE_LABELS[mode]
+    arch, _, where = mode.rpartition("-")
+    return f"{family(arch).label or arch}\n{'online' if where == 'online' else 'from cache'}"
 
 
 def model_name(model: str) -> str:
@@ -78,7 +80,7 @@ def plot_chart(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = report["modes"]
-    names = [LABELS[row["mode"]] for row in rows]
+    names = [mode_label(row["mode"]) for row in rows]
     colours = ["#b0413e", "#d08c3a", "#4a7fb0", "#2e8b57", "#7a5ba6", "#3f9e9a"][: len(rows)]
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     peaks = [row["peak_bytes"] / GIB for row in rows]
