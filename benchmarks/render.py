@@ -34,7 +34,8 @@ PAGES = {
     "storage": ("Storage: compact vs full store, and the plan", ("storage_", "plan_")),
     "demo": ("The demo's task: time, families, ablation", ("demo_", "ablation_")),
     "evl": ("EVL on the same cache", ("evl_",)),
-    "sweep": ("Sweeps: measured (mad bench sweep) and predicted (mad plan --sweep)", ("bench_sweep_", "plan_sweep_")),
+    "sweep": ("Sweeps: measured (mad bench sweep) and predicted (mad plan --sweep)", ("bench_sweep_", "plan_sweep_",
+                                                                                   "stack_")),
     "views": ("Augmented train views", ("views_",)),
 }
 

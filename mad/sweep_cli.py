@@ -28,6 +28,9 @@ def sweep_command(
     storage: Optional[str] = typer.Option(None, "--storage", help="Where the study lives: a journal file (on a "
                                           "shared disk for several processes) or an Optuna RDB URL (default: "
                                           "<out>/study.journal)."),
+    max_stack: Optional[int] = typer.Option(None, "--max-stack", help="At most this many same-shape "
+                                            "configurations step as one stacked model (1: one after another; "
+                                            "default: as many as half the free memory holds)."),
     cache: str = typer.Option("cache", "--cache", help="Training cache."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation cache (ranks the runs)."),
     out: str = typer.Option("runs/sweep", "--out", help="Folder for the runs and leaderboard.csv."),
@@ -46,4 +49,4 @@ def sweep_command(
     base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram, log=log)
     run_sweep(cache, val, grid, out, base, search=SearchConfig(
         grid=grid, space=space, trials=trials, sampler=sampler, pruner=pruner, at_once=at_once,
-        study_name=study_name, storage=storage))
+        study_name=study_name, storage=storage, max_stack=max_stack))

@@ -3,6 +3,7 @@ and train / eval / sweep / predict on a store extracted with --branches madapter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -244,6 +245,30 @@ def test_train_eval_predict_and_sweep_evl_next_to_the_others(stores, tmp_path):
     assert json.loads((tmp_path / "sweep" / evl_run.split("/")[-1] / "config.json").read_text())["train"]["lr"] == 4e-4
     assert json.loads((tmp_path / "sweep" / madapter_run.split("/")[-1] / "config.json").read_text())["train"][
         "lr"] == TrainConfig().lr
+
+
+def test_evl_members_stack_and_each_matches_its_run_alone(stores, tmp_path):
+    """Two EVL configurations (dropout 0.5) step as one stacked model; each writes its run alone's numbers."""
+    from mad.adapt.lockstep import train_lockstep
+    from mad.adapt.train import count_classes
+    from mad.cache.dataset import open_tokens
+
+    tmp, _ = stores
+    configs = [evl_config(cache=str(tmp / "compact"), val=str(tmp / "val"), out=str(tmp_path / f"s{i}"), lr=lr,
+                          epochs=1, batch_size=4, in_ram="yes", workers=0) for i, lr in enumerate((4e-4, 1e-3))]
+    train_store, val_store = Store.open(tmp / "compact"), Store.open(tmp / "val")
+    classes = count_classes(train_store, val_store)
+    members = [resolve(cfg, train_store.manifest, classes, cfg.cache) for cfg in configs]
+    train_data, val_data = open_tokens(train_store, "yes", 0), open_tokens(val_store, "yes", 0)
+    try:
+        train_lockstep(members, train_data, val_data, quiet=True)
+    finally:
+        train_data.close()
+        val_data.close()
+    train(dataclasses.replace(configs[1], out=str(tmp_path / "alone")), quiet=True)
+    rows = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("s1", "alone")]
+    assert rows[0]["train/loss"] == pytest.approx(rows[1]["train/loss"], rel=1e-3)
+    assert rows[0]["val/acc/top1"] == pytest.approx(rows[1]["val/acc/top1"], abs=1.5 / 6)
 
 
 def test_evl_reads_only_its_levels_and_its_depth_takes_the_deepest_blocks():

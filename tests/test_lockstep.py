@@ -53,16 +53,33 @@ def assert_same_rows(alone, together):
         assert a["lr"] == pytest.approx(b["lr"])
 
 
-def test_grid_in_lockstep_matches_each_member_alone(caches, tmp_path):
-    grid = [dict(lr=lr, weight_decay=wd) for lr in (3e-3, 1e-3) for wd in (0.0, 0.1)] + [dict(dropout=0.2)]
+@pytest.fixture
+def stack_sizes(monkeypatch):
+    """The size of every stacked model a lockstep builds."""
+    import mad.adapt.lockstep as lockstep_module
+    sizes = []
+
+    class Counted(lockstep_module.Stack):
+        def __init__(self, members):
+            super().__init__(members)
+            sizes.append(len(members))
+    monkeypatch.setattr(lockstep_module, "Stack", Counted)
+    return sizes
+
+
+def test_grid_in_lockstep_matches_each_member_alone(caches, tmp_path, stack_sizes):
+    """2 lr x 2 weight decays with dropout, and a mate without: one stack of 5, each member as alone."""
+    grid = [dict(lr=lr, weight_decay=wd, dropout=0.2) for lr in (3e-3, 1e-3) for wd in (0.0, 0.1)] + [dict(dropout=0.0)]
     configs = [config(caches, tmp_path / "lock" / str(i), **g) for i, g in enumerate(grid)]
     summaries, _ = lockstep(caches, configs)
+    assert stack_sizes == [5, 5]  # one stacked model per epoch
     for i, g in enumerate(grid):
         train(config(caches, tmp_path / "alone" / str(i), **g), quiet=True)
         assert_same_rows(metric_rows(tmp_path / "alone" / str(i)), metric_rows(tmp_path / "lock" / str(i)))
         assert summaries[i]["run"] == str(tmp_path / "lock" / str(i))
     # the settings did change the numbers: the test can fail
     assert metric_rows(tmp_path / "lock" / "0") != metric_rows(tmp_path / "lock" / "2")
+    assert metric_rows(tmp_path / "lock" / "0") != metric_rows(tmp_path / "lock" / "4")
 
 
 def test_dropout_member_does_not_depend_on_its_mates(caches, tmp_path):
@@ -124,17 +141,29 @@ def test_pruned_member_stops_and_says_when(caches, tmp_path):
     assert "pruned_at_epoch" not in summaries[0] and len(metric_rows(tmp_path / "0")) == 3
 
 
-def test_stack_size_follows_free_memory(caches, tmp_path, monkeypatch):
+def test_max_stack_and_free_memory_set_the_stacks(caches, tmp_path, monkeypatch, stack_sizes):
     import mad.adapt.lockstep as lockstep_module
-    configs = [config(caches, tmp_path / str(i), lr=lr, epochs=1) for i, lr in enumerate((3e-3, 1e-3, 2e-3))]
+    configs = [config(caches, tmp_path / "a" / str(i), lr=lr, epochs=1) for i, lr in enumerate((3e-3, 1e-3, 2e-3))]
+    lockstep(caches, configs, max_stack=2)
+    assert stack_sizes == [2]  # a stack of 2, the third alone
     train_store = Store.open(caches["train"])
     members = [resolve(cfg, train_store.manifest, 2, cfg.cache) for cfg in configs]
     data = open_tokens(train_store, "yes", 0)
     try:
-        assert lockstep_module.memory_stack_size(members, data) >= 3  # a tiny branch: all fit
+        assert lockstep_module.members_at_once(members, data) == 3  # a tiny branch: all fit
         monkeypatch.setattr(lockstep_module, "available_memory", lambda: 0)
-        assert lockstep_module.memory_stack_size(members, data) == 1
+        assert lockstep_module.members_at_once(members, data) == 1
     finally:
         data.close()
-    summaries, _ = lockstep(caches, configs)  # one at a time: still every member trained
-    assert [len(metric_rows(tmp_path / str(i))) for i in range(3)] == [1, 1, 1] and len(summaries) == 3
+    configs = [config(caches, tmp_path / "b" / str(i), lr=lr, epochs=1) for i, lr in enumerate((3e-3, 1e-3, 2e-3))]
+    summaries, _ = lockstep(caches, configs)  # no memory: one at a time, unstacked; still every member trained
+    assert stack_sizes == [2]
+    assert [len(metric_rows(tmp_path / "b" / str(i))) for i in range(3)] == [1, 1, 1] and len(summaries) == 3
+
+
+def test_stacked_equals_one_after_another(caches, tmp_path):
+    grid = [dict(lr=3e-3, dropout=0.3), dict(lr=1e-3, label_smoothing=0.0, clip_grad=0.05)]
+    lockstep(caches, [config(caches, tmp_path / "s" / str(i), **g) for i, g in enumerate(grid)])
+    lockstep(caches, [config(caches, tmp_path / "q" / str(i), **g) for i, g in enumerate(grid)], max_stack=1)
+    for i in range(2):
+        assert_same_rows(metric_rows(tmp_path / "q" / str(i)), metric_rows(tmp_path / "s" / str(i)))

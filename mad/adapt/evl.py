@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mad.adapt.branch import BranchConfig, Family, check_positive, register
+from mad.adapt.layers import Dropout, remember_autocast, scaled_dot_product
 from mad.cache.manifest import TRAINING_KEYS, Manifest, StoreNeed
 
 
@@ -105,12 +106,18 @@ class _RelativeMix(torch.autograd.Function):
     `attn` is a constant (a function of the frozen backbone): only the table gets a gradient.
     """
 
+    generate_vmap_rule = True  # plain torch ops: a stacked sweep (vmap) runs them as they are
+
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, attn, table, index):  # [n, P, P], [R, C], [P, P] long -> [n, P, C]
+    def forward(attn, table, index):  # [n, P, P], [R, C], [P, P] long -> [n, P, C]
+        return _scatter(attn, index, table.shape[0]) @ table
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        attn, table, index = inputs
         ctx.save_for_backward(attn, index)
         ctx.table_rows = table.shape[0]
-        return _scatter(attn, index, table.shape[0]) @ table
+        remember_autocast(ctx)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -185,7 +192,7 @@ class Attention(nn.Module):
         q = self.q_proj(q).view(B, Lq, h, -1).transpose(1, 2)  # [B, h, Lq, c]
         k = self.k_proj(k).view(B, Lk, h, -1).transpose(1, 2)
         v = self.v_proj(v).view(B, Lk, h, -1).transpose(1, 2)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c)) v
+        x = scaled_dot_product(q, k, v)  # softmax(q k^T / sqrt(c)) v
         return self.out_proj(x.transpose(1, 2).reshape(B, Lq, -1))
 
 
@@ -199,7 +206,7 @@ class DecoderLayer(nn.Module):
         self.mlp = nn.Sequential(OrderedDict([
             ("fc1", nn.Linear(width, hidden)),
             ("act", QuickGELU()),
-            ("dropout", nn.Dropout(dropout)),
+            ("dropout", Dropout(dropout)),
             ("fc2", nn.Linear(hidden, width)),
         ]))
         for m in (self.mlp.fc1, self.mlp.fc2):
@@ -254,7 +261,7 @@ class EVL(nn.Module):
         self.qk = FrozenQK(cfg.depth, cfg.in_width, cfg.qk_heads, cfg.qk_eps)
         self.decoder = EVLDecoder(cfg.num_frames, side, cfg.depth, cfg.in_width, cfg.width, cfg.heads, cfg.mlp_ratio,
                                   cfg.dropout, cfg.kernel_size)
-        self.proj = nn.Sequential(nn.LayerNorm(cfg.in_width), nn.Dropout(cfg.dropout),
+        self.proj = nn.Sequential(nn.LayerNorm(cfg.in_width), Dropout(cfg.dropout),
                                   nn.Linear(cfg.in_width, cfg.num_classes))
 
     def load_frozen(self, frozen: dict[str, torch.Tensor]) -> None:

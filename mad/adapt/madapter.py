@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mad.adapt.branch import BranchConfig, ConfigError, Family, check_positive, register
-from mad.adapt.layers import Attention, GatedFusion, Head, LevelProjection, Mlp
+from mad.adapt.layers import Attention, Dropout, GatedFusion, Head, LevelProjection, Mlp
 from mad.cache import compact
 from mad.cache.inputs import BranchInputs, average_cells, branch_inputs, match_similarity, resolve_cell_size
 from mad.cache.manifest import Manifest
@@ -186,7 +186,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attn_dropout = Dropout(dropout)
         if temporal == "conv":
             self.temporal = TemporalConv(width, kernel_size)
         elif temporal == "conv3d":

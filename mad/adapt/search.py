@@ -56,6 +56,7 @@ class SearchConfig:
     at_once: int | None = None  # trials trained together (one read of each batch); default: all, tpe 4
     study_name: str | None = None  # default: the sweep folder's name
     storage: str | None = None  # a journal file path or an RDB URL; default: <out>/study.journal
+    max_stack: int | None = None  # same-shape trials stepping as one stacked model; default: free memory
 
     def check(self) -> dict[str, BaseDistribution]:
         """The search space; refuses, in one line naming the option, what cannot be searched."""
@@ -67,6 +68,8 @@ class SearchConfig:
             raise TrainError(f"--pruner {self.pruner!r}: use {', '.join(PRUNERS)}")
         if self.at_once is not None and self.at_once < 1:
             raise TrainError(f"--at-once {self.at_once}: must be an integer >= 1")
+        if self.max_stack is not None and self.max_stack < 1:
+            raise TrainError(f"--max-stack {self.max_stack}: must be an integer >= 1")
         if self.study_name is not None and not self.study_name.strip():
             raise TrainError(f"--study-name {self.study_name!r}: give a name")
         grid = parse_space(self.grid, grid=True) if self.grid is not None else None

@@ -82,7 +82,8 @@ def sweep(cache: str, val: str | None, grid: str | None, out: str, base: TrainCo
                                 arrays=reads(archs, val_store.manifest, val), pin_memory=pin) if val_store else None)
         console.print(f"study {study.name!r} ({kind}, {study.limit} configurations, pruner {search.pruner}) in "
                       f"{search.storage or out / 'study.journal'}")
-        Sweep(study, base, cache, val, out, train_data, val_data, num_classes, console, quiet).run(at_once)
+        Sweep(study, base, cache, val, out, train_data, val_data, num_classes, console, quiet,
+              search.max_stack).run(at_once)
     finally:
         study.close()
         for data in (train_data, val_data):
@@ -98,8 +99,10 @@ def sweep(cache: str, val: str | None, grid: str | None, out: str, base: TrainCo
 class Sweep:
     """Takes trials from the study and trains each batch of them in lockstep, until none is left."""
 
-    def __init__(self, study: Study, base, cache, val, out, train_data, val_data, num_classes, console, quiet):
+    def __init__(self, study: Study, base, cache, val, out, train_data, val_data, num_classes, console, quiet,
+                 max_stack: int | None = None):
         self.study, self.base, self.cache, self.val, self.out = study, base, cache, val, out
+        self.max_stack = max_stack  # same-shape trials stepping as one stacked model (None: free memory)
         self.train_data, self.val_data, self.num_classes = train_data, val_data, num_classes
         self.console, self.quiet = console, quiet
         self.key = "val/acc/top1" if val_data is not None else "train/acc"  # reported each epoch, told at the end
@@ -150,7 +153,7 @@ class Sweep:
         if not members:
             return
         self.console.print(f"trials {', '.join(str(r.trial.number) for r in runs)} in lockstep")
-        summaries = train_lockstep(members, self.train_data, self.val_data, quiet=self.quiet,
+        summaries = train_lockstep(members, self.train_data, self.val_data, quiet=self.quiet, max_stack=self.max_stack,
                                    on_epoch_end=lambda i, row: self.epoch_end(runs[i], row))
         for run, summary in zip(runs, summaries):
             if run.pruned is None:
