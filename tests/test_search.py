@@ -144,6 +144,16 @@ def board(folder: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k not in ("seconds", "run")} for row in csv.DictReader(f)]
 
 
+def same_board(a: list[dict], b: list[dict]) -> bool:
+    """Equal leaderboards; losses to 1e-5 relative (#22's bar is 1e-3): a member resumed without its
+    stack-mates steps in a stack of another size, and summation order moves the last digits."""
+    def parsed(rows):
+        return [{k: (float(v) if k.endswith("loss") else v) for k, v in row.items()} for row in rows]
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(x[k] == (pytest.approx(y[k], rel=1e-5) if k.endswith("loss") else y[k]) for k in x)
+        for x, y in zip(parsed(a), parsed(b)))
+
+
 def study_trials(folder: Path, name: str | None = None):
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / "study.journal")))
     return optuna.load_study(study_name=name or folder.name, storage=storage).get_trials()
@@ -365,7 +375,7 @@ def test_a_sweep_killed_mid_epoch_and_rerun_ends_as_if_never_killed(small_caches
     assert any(len(epochs) < 3 for epochs in before.values()), before  # it was killed before the end
     output = run_to_end(command, tmp_path / "resumed.log")
     assert "taken up again" in output
-    assert board(killed) == board(tmp_path / "whole")
+    assert same_board(board(killed), board(tmp_path / "whole")), (board(killed), board(tmp_path / "whole"))
     assert epochs_of(killed) == epochs_of(tmp_path / "whole")  # each epoch once: none trained twice
 
 
