@@ -17,6 +17,10 @@ starting steps once its own budget, --budget seconds (460), is spent):
 
 A step that fails or runs out of time is recorded (status, exit code, the end of its output), never fatal:
 DIR/gpu_check.json is rewritten after every step, so even a check cut off leaves what it measured.
+
+--smoke runs the same steps' code at the smallest sizes that still take each path (the tiny test ViT for
+ViT-B/16 and ViT-L/14, 2 frames, batch 2, 4 clips, a K=2 sweep of 1 epoch, the CUDA tests' extraction and
+DDP tests on the CPU), in two lanes side by side, within 540 s: about 1.5 minutes on an idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -37,14 +42,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = str(ROOT / "tests" / "configs" / "mad-tiny-vit.json")
 MEMORY_MODES = ("in-backbone-adapter", "madapter-online", "madapter-cached", "evl-online", "evl-cached")
 # Side4Video (Yao et al. 2023), Table: training memory at 8 frames, ViT-B/16, batch 32 (GB)
+# --smoke's synthetic clips for extract and train_streamed: (count, drawn); the rest are copies
+SMOKE_VIDEOS = (4, 4)
 PUBLISHED_GB = {"AIM": 35.2, "ST-Adapter": 28.8, "EVL": 17.9, "DiST": 12.7, "Side4Video-light": 8.9}
 
 
 class Check:
     """Runs the steps, each as subprocesses with a timeout, and keeps DIR/gpu_check.json up to date."""
 
-    def __init__(self, out: Path, smoke: bool, budget: float, device: str):
-        self.out, self.smoke, self.device = out, smoke, device
+    def __init__(self, out: Path, smoke: bool, budget: float, device: str, order: list[str], parallel: bool = False):
+        self.out, self.smoke, self.device, self.order, self.parallel = out, smoke, device, order, parallel
+        self.lock = threading.Lock()  # --smoke runs two steps at a time, each saving the report
         self.started = time.monotonic()
         self.deadline = self.started + budget
         self.report = {"check": "gpu_check", "smoke": smoke, "device": device, "budget_seconds": budget,
@@ -56,20 +64,25 @@ class Check:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def save(self) -> None:
-        self.report["seconds"] = round(time.monotonic() - self.started, 1)
-        (self.out / "gpu_check.json").write_text(json.dumps(self.report, indent=2) + "\n")
+    def save(self, name: str | None = None, record: dict | None = None) -> None:
+        """Rewrite the JSON, with a copy of `record` as step `name`'s (the steps in order, whichever lane ran them)."""
+        with self.lock:
+            steps = {**self.report["steps"], **({name: dict(record)} if name else {})}
+            self.report["steps"] = {n: steps[n] for n in self.order if n in steps}
+            self.report["seconds"] = round(time.monotonic() - self.started, 1)
+            (self.out / "gpu_check.json").write_text(json.dumps(self.report, indent=2) + "\n")
 
     def run(self, name: str, budget: float, step) -> None:
         """One step: `step(timeout)` returns its figures; an exception or a timeout is recorded as its result."""
         timeout = min(budget, self.left())
-        record = self.report["steps"][name] = {"status": "running", "budget_seconds": budget}
+        record = {"status": "running", "budget_seconds": budget}
         if timeout < 5:
             record.update(status="skipped", reason=f"the check's budget is spent ({self.left():.0f} s left)")
-            self.save()
+            self.save(name, record)
             return
+        self.save(name, record)
         print(f"== {name} (up to {timeout:.0f} s)", flush=True)
-        started = time.monotonic()
+        started, cpu = time.monotonic(), _children_cpu_seconds()
         try:
             record.update(step(timeout))
             record["status"] = "ok" if record.get("status", "running") == "running" else record["status"]
@@ -78,8 +91,10 @@ class Check:
         except Exception as e:  # a bug in this script's own step: recorded, the check goes on
             record.update({"status": "failed", "error": f"{type(e).__name__}: {e}"})
         record["seconds"] = round(time.monotonic() - started, 1)
+        if not self.parallel:  # its subprocesses' CPU time (side by side, the other step's would count too)
+            record["cpu_seconds"] = round(_children_cpu_seconds() - cpu, 1)
         print(f"   {name}: {record['status']} in {record['seconds']} s", flush=True)
-        self.save()
+        self.save(name, record)
 
     def command(self, args: list[str], timeout: float, log: str, env: dict | None = None) -> str:
         """Run `args` (python -m ... or a program) with a timeout; its stdout; StepFailed with the output's end."""
@@ -108,6 +123,11 @@ class StepFailed(Exception):
     def __init__(self, **details):
         super().__init__(details.get("output_tail", ""))
         self.details = details
+
+
+def _children_cpu_seconds() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
 
 
 def _text(value) -> str:
@@ -148,7 +168,7 @@ def memory(check: Check, timeout: float, model: str, batch: int, modes: tuple[st
            one_by_one: bool = False) -> dict:
     """`mad bench memory` with all `modes` in one command; if it fails (or `one_by_one`: a mode is expected not
     to fit), each mode alone."""
-    frames, layers = (8, "4,8,12") if not check.smoke else (4, "2,4")
+    frames, layers = (8, "4,8,12") if not check.smoke else (2, "2,4")
     if check.smoke:
         model, batch = TINY_MODEL, 2
     if "L-14" in model:
@@ -235,9 +255,13 @@ def make_videos(check: Check, count: int, distinct: int) -> Path:
     root = check.out / "work" / "videos"
     if root.exists():
         return root
-    size, frames = (64, 16) if check.smoke else (160, 32)
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        drawn = list(pool.map(_draw_video, [(str(root), i, frames, size) for i in range(distinct)]))
+    size, frames = (64, 8) if check.smoke else (160, 32)
+    jobs = [(str(root), i, frames, size) for i in range(distinct)]
+    if check.parallel:  # a smoke run's few tiny clips: drawn here (no fork beside the other lane's thread)
+        drawn = [_draw_video(job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            drawn = list(pool.map(_draw_video, jobs))
     for i in range(distinct, count):
         source = Path(drawn[i % distinct])
         shutil.copy(source, source.with_name(f"{source.stem}_copy{i}.mp4"))
@@ -259,11 +283,12 @@ def _draw_video(job) -> str:
 
 def extract(check: Check, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
-    videos = make_videos(check, 24 if check.smoke else 256, 12 if check.smoke else 48)
+    videos = make_videos(check, *SMOKE_VIDEOS) if check.smoke else make_videos(check, 256, 48)
     cores = os.cpu_count() or 1
-    model, layers, limit, batch = ((TINY_MODEL, "2,4", 12, 4) if check.smoke else ("ViT-B-16", "4,8,12", 192, 16))
+    model, layers, limit, batch, frames = ((TINY_MODEL, "2,4", 4, 2, 2) if check.smoke
+                                           else ("ViT-B-16", "4,8,12", 192, 16, 8))
     out = check.out / "extract"
-    check.mad(["bench", "extract", "--videos", videos, "--model", model, "--layers", layers, "--frames", 8,
+    check.mad(["bench", "extract", "--videos", videos, "--model", model, "--layers", layers, "--frames", frames,
                "--limit", limit, "--repeats", 1, "--batch-size", batch, "--workers", cores, "--device",
                check.device, "--precision", "bf16", "--out", out], deadline - time.monotonic(), "extract")
     figures = json.loads(next(out.glob("extract_*.json")).read_text())
@@ -278,20 +303,20 @@ def extract(check: Check, timeout: float) -> dict:
 def train_streamed(check: Check, timeout: float) -> dict:
     """Extract a compact store of the clips, then `mad train` streaming it (--in-ram no) with GPU sampling."""
     deadline = time.monotonic() + timeout
-    videos = make_videos(check, 24 if check.smoke else 256, 12 if check.smoke else 48)
-    model, layers = (TINY_MODEL, "2,4") if check.smoke else ("ViT-B-16", "4,8,12")
+    videos = make_videos(check, *SMOKE_VIDEOS) if check.smoke else make_videos(check, 256, 48)
+    model, layers, frames = (TINY_MODEL, "2,4", 2) if check.smoke else ("ViT-B-16", "4,8,12", 8)
     store, run = check.out / "work" / "store", check.out / "work" / "run"
     workers = 1 if check.smoke else min(8, os.cpu_count() or 1)
     started = time.monotonic()
     check.mad(["extract", "--videos", videos, "--out", store, "--model", model, "--pretrained", "none", "--layers",
-               layers, "--frames", 8, "--store", "compact", "--batch-size", 4 if check.smoke else 32, "--device",
+               layers, "--frames", frames, "--store", "compact", "--batch-size", 2 if check.smoke else 32, "--device",
                check.device, "--precision", "bf16", "--overwrite", "--no-progress"], deadline - time.monotonic(),
               "train_extract")
     extract_seconds = time.monotonic() - started
     sampler = GpuSampler(check.device)
     with sampler:
         check.mad(["train", "--cache", store, "--in-ram", "no", "--workers", workers, "--epochs", 3, "--batch-size",
-                   32 if not check.smoke else 4, "--device", check.device, "--out", run, "--overwrite"]
+                   32 if not check.smoke else 2, "--device", check.device, "--out", run, "--overwrite"]
                   + (["--width", "32", "--heads", "2"] if check.smoke else []), deadline - time.monotonic(),
                   "train_streamed")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -355,9 +380,11 @@ class GpuSampler:
 def sweep(check: Check, timeout: float) -> dict:
     out = check.out / "sweep"
     args = ["bench", "sweep", "--device", check.device, "--out", out]
-    # smoke: K=1 alone (6 processes; --smoke's K=1,2 starts 11, each a fresh interpreter: 10 minutes on a busy CPU)
-    args += ["--ks", "1" if check.smoke else "4", "--repeats", "1", "--epochs", "1"]
-    args += ["--videos-per-class", "2"] if check.smoke else []
+    args += ["--ks", "2" if check.smoke else "4", "--repeats", "1", "--epochs", "1"]
+    # smoke: K=2 (stacked, as K=4 is) starts 7 runs; each reads in its own process (--workers 0: two spawned
+    # readers a run cost ~13 s of start-up on 2 cores) from a store of 6 videos, with a small branch
+    args += (["--videos-per-class", "1", "--val-per-class", "1", "--workers", "0", "--width", "32", "--heads", "2",
+              "--batch-size", "4"] if check.smoke else [])
     check.mad(args, timeout, "sweep")
     figures = json.loads(next(out.glob("bench_sweep_*.json")).read_text())
     rows = {}
@@ -372,12 +399,31 @@ def sweep(check: Check, timeout: float) -> dict:
 # --------------------------------------------------------------------------- main
 
 
+# name -> (budget on a GPU, budget in a smoke run, step); a smoke run's budgets are a few times what an idle
+# 2-core machine takes (5-30 s a step): it checks the plumbing on whatever CPU it gets, and a step that runs
+# over is recorded rather than the whole check cut off by its caller's timeout
+STEPS = {
+    "environment": (20, 30, environment),
+    "memory_vit_b16": (100, 120, lambda c, t: memory(c, t, "ViT-B-16", 32, MEMORY_MODES, "memory_vit_b16")),
+    "cuda_tests": (150, 180, cuda_tests),
+    # the in-backbone adapter may not fit an 80 GB H100 at batch 32 (~3.5x ViT-B/16's activations): alone
+    "memory_vit_l14": (80, 90, lambda c, t: memory(c, t, "ViT-L-14", 32, ("in-backbone-adapter",
+                                                                           "madapter-cached"), "memory_vit_l14",
+                                                    one_by_one=True)),
+    "extract": (45, 90, extract),
+    "train_streamed": (60, 90, train_streamed),
+    "sweep": (90, 240, sweep),
+}
+# --smoke's lanes: these steps one after another, beside the others (cuda_tests, sweep): about as long each
+SMOKE_LANE = ("environment", "memory_vit_b16", "memory_vit_l14", "extract", "train_streamed")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for gpu_check.json, logs and each step's files")
     parser.add_argument("--smoke", action="store_true", help="every step on the CPU at tiny sizes (no GPU needed)")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the whole check (default 460 on a GPU, 3600 for --smoke)")
+                        help="seconds for the whole check (default 460 on a GPU, 540 for --smoke)")
     parser.add_argument("--steps", default=None, help="only these steps, comma-separated (default: all)")
     args = parser.parse_args(argv)
     import torch
@@ -387,29 +433,29 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    check = Check(args.out, args.smoke, args.budget or (3600.0 if args.smoke else 460.0),
-                  "cpu" if args.smoke else "cuda")
-    # name -> (budget on a GPU, budget in a smoke run, step); a smoke run's budgets are generous: it checks the
-    # plumbing on whatever CPU it gets (a shared 2-core machine took 100-150 s for most steps)
-    steps = {
-        "environment": (20, 60, environment),
-        "memory_vit_b16": (100, 600, lambda c, t: memory(c, t, "ViT-B-16", 32, MEMORY_MODES, "memory_vit_b16")),
-        "cuda_tests": (150, 600, cuda_tests),
-        # the in-backbone adapter may not fit an 80 GB H100 at batch 32 (~3.5x ViT-B/16's activations): alone
-        "memory_vit_l14": (80, 600, lambda c, t: memory(c, t, "ViT-L-14", 32, ("in-backbone-adapter",
-                                                                               "madapter-cached"), "memory_vit_l14",
-                                                        one_by_one=True)),
-        "extract": (45, 600, extract),
-        "train_streamed": (60, 600, train_streamed),
-        "sweep": (90, 600, sweep),
-    }
-    chosen = args.steps.split(",") if args.steps else list(steps)
-    unknown = [s for s in chosen if s not in steps]
+    chosen = args.steps.split(",") if args.steps else list(STEPS)
+    unknown = [s for s in chosen if s not in STEPS]
     if unknown:
-        parser.error(f"--steps: unknown {', '.join(unknown)}; choose from {', '.join(steps)}")
-    for name in chosen:
-        gpu_budget, smoke_budget, step = steps[name]
-        check.run(name, smoke_budget if args.smoke else gpu_budget, lambda t, step=step: step(check, t))
+        parser.error(f"--steps: unknown {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    # a smoke run measures nothing to quote: its steps run in two lanes side by side, since most of their time is
+    # starting Python processes (one core each); on a GPU, one step at a time (its figures must not share the machine)
+    parallel = args.smoke and (os.cpu_count() or 1) > 1
+    check = Check(args.out, args.smoke, args.budget or (540.0 if args.smoke else 460.0),
+                  "cpu" if args.smoke else "cuda", chosen, parallel)
+
+    def run(names: list[str]) -> None:
+        for name in names:
+            gpu_budget, smoke_budget, step = STEPS[name]
+            check.run(name, smoke_budget if args.smoke else gpu_budget, lambda t, step=step: step(check, t))
+
+    if parallel:
+        from concurrent.futures import ThreadPoolExecutor
+
+        lanes = [[n for n in chosen if n in SMOKE_LANE], [n for n in chosen if n not in SMOKE_LANE]]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(run, lanes))
+    else:
+        run(chosen)
     shutil.rmtree(args.out / "work", ignore_errors=True)  # videos and stores: not results
     statuses = {name: s["status"] for name, s in check.report["steps"].items()}
     check.report["statuses"] = statuses

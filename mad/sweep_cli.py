@@ -39,6 +39,8 @@ def sweep_command(
     device: str = typer.Option(TRAIN.device),
     seed: int = typer.Option(TRAIN.seed),
     in_ram: str = typer.Option(TRAIN.in_ram, "--in-ram", help="auto, yes or no."),
+    workers: int = typer.Option(TRAIN.workers, "--workers", help="Reader processes when the cache is streamed "
+                                "(0: read in this process)."),
     log: str = typer.Option(TRAIN.log, "--log", help="Also log metrics.jsonl's numbers to: none or tensorboard "
                             "(<run>/tensorboard; pip install tensorboard)."),
 ):
@@ -46,7 +48,8 @@ def sweep_command(
     from mad.adapt.search import SearchConfig
     from mad.adapt.sweep import sweep as run_sweep
 
-    base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram, log=log)
+    base = TrainConfig(epochs=epochs, batch_size=batch_size, device=device, seed=seed, in_ram=in_ram, workers=workers,
+                       log=log)
     run_sweep(cache, val, grid, out, base, search=SearchConfig(
         grid=grid, space=space, trials=trials, sampler=sampler, pruner=pruner, at_once=at_once,
         study_name=study_name, storage=storage, max_stack=max_stack))

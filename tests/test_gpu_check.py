@@ -42,7 +42,7 @@ def test_one_step_writes_the_json(tmp_path):
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_smoke_runs_every_step_on_the_cpu(tmp_path):
-    done = gpu_check("--smoke", "--out", str(tmp_path), timeout=3700)
+    done = gpu_check("--smoke", "--out", str(tmp_path), timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
@@ -61,6 +61,6 @@ def test_smoke_runs_every_step_on_the_cpu(tmp_path):
     train = steps["train_streamed"]
     assert len(train["clips_per_second_by_epoch"]) == 3 and train["clips_per_second_after_first_epoch"] > 0
     assert train["gpu_utilisation"]["source"].startswith("none")
-    assert set(steps["sweep"]["by_k"]) == {"1"}
+    assert set(steps["sweep"]["by_k"]) == {"2"}
     assert not (tmp_path / "work").exists()  # videos and stores are removed; results and logs stay
     assert (tmp_path / "logs" / "train_streamed.log").exists()
