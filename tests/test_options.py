@@ -129,7 +129,8 @@ COMMANDS = {
     # folders or models: checked when used)
     "train": (lambda i: ["--cache", i["cache"]], TRAIN, {"--cache", "--val", "--out", "--init"}),
     "sweep": (lambda i: ["--grid", "lr=1e-3", "--cache", i["cache"]],
-              {**{k: TRAIN[k] for k in ("--epochs", "--batch-size", "--device", "--seed", "--in-ram", "--log")},
+              {**{k: TRAIN[k] for k in ("--epochs", "--batch-size", "--device", "--seed", "--in-ram", "--workers",
+                                         "--log")},
                "--grid": bad_grid(), "--space": bad_space(), "--trials": st.sampled_from(["0", "-3", "abc", "1.5"]),
                "--sampler": st.sampled_from(["cmaes", "grid", "", "TPE"]),
                "--pruner": st.sampled_from(["median", "", "halving,hyperband"]),
