@@ -1,6 +1,9 @@
 """8-bit token-cache quantiser study (numbers only): why compact stores use int8 with channel x token scales.
 
-    python benchmarks/bench_quantisers.py | tee benchmarks/results/quantisers.txt   # ~2 min on 2 cores
+    python benchmarks/bench_quantisers.py --json benchmarks/results/quantisers.json   # ~2 min on 2 cores
+
+Prints the tables (benchmarks/results/quantisers.md keeps them as printed); --json also writes every figure
+(docs/cache.md quotes them from there).
 
 Synthetic CLIP-ViT-B/16-like tokens: [T=8, 197, 768] per level, 3 levels.
   * 2 fixed "massive" channels x80 in every token
@@ -10,6 +13,11 @@ Stored form: LayerNorm (no affine, fp32) -> 2x2 cell mean of the 14x14 patches
 (49 cells) + CLS -> [8, 50, 768]. Raw forms: full raw tokens [8,197,768] and
 raw CLS + raw per-frame token mean [8, 2, 768].
 """
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
 import time
 import numpy as np
 import torch
@@ -22,6 +30,7 @@ T, N, D, G = 8, 197, 768, 14
 MASSIVE = [77, 496]          # fixed massive channels
 HN_CH = [11, 222, 333, 600]  # variant B: channels that carry high-norm-token energy
 FP8_MAX = 448.0
+RESULT = {"accuracy": [], "speed": {}, "similarities": [], "lossless": {}, "entropy": {}}  # what --json writes
 
 
 # ----------------------------------------------------------------------------- data
@@ -221,6 +230,10 @@ def accuracy():
                             agg = [min(agg[0], m[0]), min(agg[1], m[1]), min(agg[2], m[2]),
                                    min(agg[3], m[3]), max(agg[4], m[4])]
                 ok = "YES" if min(agg[0], agg[2]) >= 0.999 else "no"
+                RESULT["accuracy"].append({"data": label, "form": form, "quantiser": name, "cos_all_min": agg[0],
+                                           "cos_all_mean": agg[1], "cos_rest_min": agg[2], "cos_rest_mean": agg[3],
+                                           "max_error_over_std": agg[4], "side_bytes_per_level": sb,
+                                           "ok": ok == "YES"})
                 print(f"{label + ' ' + form:<22}{name:<18}{agg[0]:>10.5f}{agg[1]:>11.6f}{agg[2]:>10.5f}"
                       f"{agg[3]:>11.6f}{agg[4]:>11.4f}{sb:>11d}  {ok}")
 
@@ -244,6 +257,8 @@ def speed():
             t0 = time.perf_counter(); q, side = enc(x); te.append(time.perf_counter() - t0)
             t0 = time.perf_counter(); y = dec(q, side); td.append(time.perf_counter() - t0)
         e, d = min(te), min(td)
+        RESULT["speed"][name] = {"encode_ms_per_chunk": e * 1e3 / 32, "decode_ms_per_chunk": d * 1e3 / 32,
+                                 "decode_gb_per_s_out": y.numel() * 4 / d / 1e9}
         print(f"{name:<24}{e*1e3:>13.1f}{d*1e3:>13.1f}{e*1e3/32:>13.2f}{d*1e3/32:>13.2f}{y.numel()*4/d/1e9:>13.2f}")
 
 
@@ -271,6 +286,10 @@ def cos_uint8():
                 ph9 = (sh * temp).reshape(8, 196, 4, 9).softmax(-1)
                 big = p > 0.05
                 rel = ((p - ph).abs()[big] / p[big]).max().item() if big.any() else float("nan")
+                RESULT["similarities"].append({"sims": cname, "storage": mode, "max_error": err, "temperature": temp,
+                                               "max_dp_softmax36": (p - ph).abs().max().item(),
+                                               "max_dp_softmax9x4": (p9 - ph9).abs().max().item(),
+                                               "max_relative_dp": rel})
                 print(f"{cname:<18}{mode:<15}{err:>10.5f}{temp:>4}{(p - ph).abs().max().item():>14.5f}"
                       f"{(p9 - ph9).abs().max().item():>15.5f}{rel:>19.4f}")
 
@@ -320,6 +339,8 @@ def lossless():
             for _ in range(7):
                 t0 = time.perf_counter(); c.decode(z); ts.append(time.perf_counter() - t0)
             cells.append(f"{len(buf)/len(z):6.3f}x {len(buf)/min(ts)/1e6:6.0f}MB/s")
+            RESULT["lossless"].setdefault(pname, {})[cname] = {"ratio": len(buf) / len(z),
+                                                               "decode_mb_per_s": len(buf) / min(ts) / 1e6}
         print(f"{pname:<34}" + "".join(f"{c:>19}" for c in cells))
     # byte entropy of best payloads (bound for order-0 coders)
     for pname in ("int8/ch*tok iid A", "int8/ch*tok smooth A", "int8/ch*tok smooth A +tdelta",
@@ -327,13 +348,27 @@ def lossless():
         h = np.bincount(np.frombuffer(payloads[pname], np.uint8), minlength=256) / len(payloads[pname])
         h = h[h > 0]
         H = -(h * np.log2(h)).sum()
+        RESULT["entropy"][pname] = {"bits_per_byte": float(H), "best_case_ratio": float(8 / H)}
         print(f"  order-0 entropy {pname:<30}: {H:.3f} bits/byte -> best-case ratio {8/H:.3f}x")
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="Also write every figure to this JSON file.")
+    args = parser.parse_args()
     t0 = time.time()
     accuracy()
     speed()
     cos_uint8()
     lossless()
     print(f"\ntotal {time.time() - t0:.1f}s")
+    if args.json:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from mad.runtime import machine_info
+
+        command = "python benchmarks/bench_quantisers.py " + " ".join(sys.argv[1:])
+        report = {"command": command.strip(), "date": datetime.date.today().isoformat(),
+                  "machine": {**machine_info("cpu"), "torch": torch.__version__, "numcodecs": numcodecs.__version__},
+                  "seconds": time.time() - t0, **RESULT}
+        with open(args.json, "w") as f:
+            f.write(json.dumps(report, indent=2) + "\n")

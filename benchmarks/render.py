@@ -31,7 +31,7 @@ PAGES = {
     "extract": ("Extraction throughput", ("extract_",)),
     "train": ("Training from the cache vs online", ("train_", "branch_step_")),
     "memory": ("Training memory", ("memory_",)),
-    "storage": ("Storage: compact vs full store, and the plan", ("storage_", "plan_")),
+    "storage": ("Storage: compact vs full store, the plan, quantisers", ("storage_", "plan_", "quantisers")),
     "demo": ("The demo's task: time, families, ablation", ("demo_", "ablation_")),
     "evl": ("EVL on the same cache", ("evl_",)),
     "sweep": ("Sweeps: measured (mad bench sweep) and predicted (mad plan --sweep)", ("bench_sweep_", "plan_sweep_",

@@ -11,7 +11,9 @@ names the command-line option and what it accepts:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from mad.errors import MadError
 
@@ -21,6 +23,15 @@ SEED_MAX = 2**32 - 1  # the data order seeds torch with seed * 100003 + epoch: a
 def option(name: str) -> str:
     """'batch_size' -> '--batch-size'."""
     return "--" + name.replace("_", "-")
+
+
+def path_or_name(value):
+    """A setting that names a file or folder (or a hub name, a URL) as a resumed run compares it with the saved
+    one: an existing file or folder by its resolved path, so a relative and an absolute spelling of it agree;
+    anything else as given (ViT-B-16, hf-hub:..., s3://...)."""
+    if isinstance(value, str) and value and os.path.exists(value):
+        return str(Path(value).resolve())
+    return value
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import av
 import numpy as np
@@ -215,6 +216,22 @@ def test_resume_with_different_settings_is_refused(tmp_path, change):
             return  # a ViT-B-32 extraction is too slow for the test suite
         summary = extract(extract_config(videos, tmp_path / "cache", overwrite=True, **change))
         assert summary["done_total"] == 6
+
+
+def test_resume_with_the_model_config_spelled_another_way(tmp_path, monkeypatch):
+    """--model names a config file: relative or absolute, it is the same model; another file is refused in one line."""
+    videos = _demo_videos(tmp_path, per_class=1)
+    extract(extract_config(videos, tmp_path / "cache"))  # TINY_MODEL: an absolute path
+    monkeypatch.chdir(Path(TINY_MODEL).parent)
+    assert extract(extract_config(videos, tmp_path / "cache", model=Path(TINY_MODEL).name))["scheduled"] == 0
+    narrow = json.loads(Path(TINY_MODEL).read_text())
+    narrow["vision_cfg"]["width"] = 32
+    (tmp_path / "mad-tiny-vit-narrow.json").write_text(json.dumps(narrow))
+    with pytest.raises(MadError) as error:
+        extract(extract_config(videos, tmp_path / "cache", model=str(tmp_path / "mad-tiny-vit-narrow.json")))
+    message = str(error.value)
+    assert "\n" not in message and f"--model: {TINY_MODEL} in the store" in message
+    assert message.startswith(f"{tmp_path / 'cache'} was made with different settings")
 
 
 def test_out_of_range_layer_fails_before_any_work(tmp_path):

@@ -194,6 +194,23 @@ def test_without_a_pruner_every_point_trains_every_epoch_and_a_rerun_trains_noth
     assert again.calls == [] and board(tmp_path / "sweep") == rows
 
 
+def test_a_sweep_resumed_with_relative_cache_paths_goes_on_and_another_cache_is_refused(caches, tmp_path,
+                                                                                         monkeypatch):
+    """The study and each run folder hold --cache and --val as first given (absolute here): the same folders
+    spelled relative are the same sweep; another folder is refused in one line naming --cache."""
+    search = SearchConfig(grid="lr=1e-3,2e-3")
+    fake_sweep(caches, tmp_path / "sweep", monkeypatch, FakeLockstep(), search)
+    rows = board(tmp_path / "sweep")
+    monkeypatch.chdir(Path(caches["train"]).parent)
+    again = FakeLockstep()
+    fake_sweep({"train": "train", "val": "./val"}, tmp_path / "sweep", monkeypatch, again, search)
+    assert again.calls == [] and board(tmp_path / "sweep") == rows
+    with pytest.raises(MadError) as error:
+        fake_sweep({"train": "val", "val": "./val"}, tmp_path / "sweep", monkeypatch, FakeLockstep(), search)
+    assert "\n" not in str(error.value)
+    assert f"cannot resume with different settings (--cache '{caches['train']}' -> 'val')" in str(error.value)
+
+
 def test_an_rdb_storage_holds_the_study_and_optuna_opens_it(caches, tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'studies.db'}"
     search = SearchConfig(grid="lr=1e-3,2e-3", storage=url, study_name="lrs")

@@ -23,11 +23,13 @@ from mad.adapt.step import CLIP_GRAD, LABEL_SMOOTHING
 from mad.adapt.tracking import check_log
 from mad.cache.manifest import Manifest
 from mad.options import (FRACTION, NON_NEGATIVE, SEED, Range, at_least, check_choices, check_device,
-                         check_ranges, nest)
+                         check_ranges, nest, path_or_name)
 
 _BRANCH = BranchConfig()
 # The branch's settings a run sets, by the names the command line (--width) and a sweep's grid (width=) use.
 # They live in `TrainConfig.model` only: TrainConfig(width=256) sets model.width and cfg.width reads it.
+# Settings naming a file or folder: a relative and an absolute spelling of one are the same setting on resume.
+PATH_SETTINGS = ("cache", "val", "init")
 BRANCH_SETTINGS = ("arch", "width", "depth", "heads", "temporal", "motion", "correlation", "cell_size", "dropout")
 
 
@@ -159,6 +161,13 @@ def resolve(cfg: TrainConfig, manifest: Manifest, num_classes: int, location: st
             raise TrainError(f"--{name.replace('_', '-')} {rest}") from None
         raise TrainError(f"{location}: {e}") from None
     return dataclasses.replace(cfg, model=branch), branch
+
+
+def same_setting(name: str, saved, given) -> bool:
+    """Whether a resumed run's (or sweep's) setting `name` is the saved one: PATH_SETTINGS as resolved paths."""
+    if name in PATH_SETTINGS:
+        return path_or_name(saved) == path_or_name(given)
+    return saved == given
 
 
 def config_from_run(run) -> TrainConfig:

@@ -19,7 +19,7 @@ import torch
 
 from mad.adapt.branch import count_parameters
 from mad.adapt.checkpoint import load_model
-from mad.adapt.config import TrainConfig, TrainError, config_from_run
+from mad.adapt.config import TrainConfig, TrainError, config_from_run, same_setting
 from mad.adapt.evaluate import accuracy, confusion_matrix, predict_probs
 from mad.adapt.plots import plot_confusion, plot_curves
 from mad.cache.dataset import CachedTokens
@@ -76,7 +76,7 @@ def check_run_dir(cfg: TrainConfig) -> None:
                          f"--overwrite to replace it, or another --out")
     saved, given = _flat(config_from_run(run)), _flat(cfg)
     changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in given.items()
-               if k not in RESUMABLE_KEYS and saved.get(k) != v]
+               if k not in RESUMABLE_KEYS and not same_setting(k, saved.get(k), v)]
     if changed:
         raise TrainError(f"{run}/config.json: cannot resume with different settings ({'; '.join(changed)})")
 

@@ -32,7 +32,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from mad.adapt.config import TrainError
+from mad.adapt.config import TrainError, same_setting
 from mad.adapt.space import grid_points, is_grid, parse_space, suggest
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # a study's "created" lines are not the sweep's log
@@ -157,8 +157,9 @@ class Study:
         signature, saved = cfg.signature(space, training), self.study.user_attrs.get(SEARCH)
         if saved is None:
             self.study.set_user_attr(SEARCH, signature)
-        elif saved != signature:
-            changed = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in signature.items() if saved.get(k) != v)
+        elif saved.keys() != signature.keys() or not all(same_setting(k, saved[k], v) for k, v in signature.items()):
+            changed = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in signature.items()
+                                if not same_setting(k, saved.get(k), v))
             raise TrainError(f"--study-name {self.name}: the study in {cfg.storage or out / 'study.journal'} holds "
                              f"another sweep ({changed}); use another --out or --study-name")
         self.limit = len(grid_points(space)) if self.kind == "grid" else cfg.trials

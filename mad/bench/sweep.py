@@ -234,8 +234,12 @@ def summarise(runs: list[dict], k_values: list[int], cache: str, val: str, epoch
 
 
 def _sweep_kind() -> str:
-    """Which sweep this checkout's `mad sweep` is: lockstep when mad.adapt.lockstep exists."""
-    return "lockstep" if (Path(mad.__file__).parent / "adapt" / "lockstep.py").exists() else "sequential"
+    """Which sweep this checkout's `mad sweep` is: lockstep when mad.adapt.lockstep exists, its same-shape
+    configurations stacked into one model when mad.adapt.stacked does."""
+    adapt = Path(mad.__file__).parent / "adapt"
+    if not (adapt / "lockstep.py").exists():
+        return "sequential"
+    return "lockstep, stacked" if (adapt / "stacked.py").exists() else "lockstep"
 
 
 def _mb(n: float) -> str:

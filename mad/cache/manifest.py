@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from mad.errors import MadError
+from mad.options import path_or_name
 
 FORMAT_VERSION = 2  # 2: paths as UTF-8 bytes (uint8), `grid_downsample` (was `pool`), storage modes
 READABLE_VERSIONS = (1, 2)
@@ -134,15 +135,18 @@ class Manifest:
             elif key == "augment":
                 found += _augment_differences(ours or {}, theirs or {})
             else:
-                found.append((OPTION_OF.get(key, key), _brief(ours), _brief(theirs)))
+                found.append((OPTION_OF.get(key, key), _brief(getattr(self, key)), _brief(getattr(other, key))))
         if not found and any(self._compared(k) != other._compared(k) for k in keys):  # only derived values differ
             found.append(("the compact record layout", "stored", "another"))
         return found
 
     def _compared(self, key: str):
         """The value of `key` two stores are compared by: of `branches`, the entries that store something beyond
-        --layers (a store made before --branches records none, one made since records every name asked for)."""
+        --layers (a store made before --branches records none, one made since records every name asked for); of
+        `model`, a config file's resolved path (an open_clip name as it is)."""
         value = getattr(self, key)
+        if key == "model":  # a model-config .json: the same file however --model spelled it
+            return path_or_name(value)
         return {k: v for k, v in value.items() if v} if key == "branches" else value
 
     def check_pair(self, other: "Manifest", other_location: str, reference: str, keys=TRAINING_KEYS) -> None:
