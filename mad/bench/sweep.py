@@ -146,6 +146,9 @@ def bench_sweep(ks: str = "1,2,4,8", repeats: int = 3, epochs: int = 2, cache: s
 
     if smoke:  # the harness end to end in about a minute: not figures to quote
         ks, repeats, epochs, videos_per_class, val_per_class = "1,2", 1, 1, 2, 1
+        width, batch_size = 32, 4
+        if sweep_accepts("--workers"):  # spawning readers costs more than the whole tiny epoch on 2 cores
+            workers = 0
     k_values = parse_ks(ks)
     check_counts(repeats=repeats, epochs=epochs, videos_per_class=videos_per_class, val_per_class=val_per_class,
                  width=width, heads=heads, batch_size=batch_size)
