@@ -79,6 +79,10 @@ HEADLINES = [
     ("Kinetics-400 train + val store, compact / full (TB)", "plan_ViT-B-16_k400.json",
      lambda d: f"{d['total']['compact']['bytes_on_disk'] / 1e12:.2f} / {d['total']['full']['bytes_on_disk'] / 1e12:.2f}",
      "storage"),
+    ("`mad sweep` of 4 configurations (stacked) / 4 `mad train` runs, CPU: store bytes read; time (min / median / max)",
+     "bench_sweep_cpu.json", lambda d: (f"{d['results']['4']['lockstep_over_sequential']['store_bytes']['median']:.2f}x; "
+                                        f"{_spread(d['results']['4']['lockstep_over_sequential']['seconds'], 2)}x"),
+     "sweep"),
     ("*predicted* by `mad plan --sweep` at its assumed H100 and disk rates, not measured: Kinetics-400, 100 configurations "
      "x 30 epochs, extraction included, "
      "lockstep / one by one (h)", "plan_sweep_k400.json",
